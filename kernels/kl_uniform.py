@@ -1,0 +1,343 @@
+"""Fused KL(U || softmax(z)) and the confidence loss, with gradients.
+
+Math
+----
+For a row of logits z in R^K let p = softmax(z) and U the uniform
+distribution over the K classes. Then
+
+    KL(U || p) = sum_k (1/K) * (log(1/K) - log p_k)
+               = -log K - (1/K) * sum_k (z_k - logsumexp(z))
+               = logsumexp(z) - mean(z) - log K.
+
+Gradient: d logsumexp(z) / d z_k = p_k and d mean(z) / d z_k = 1/K, so
+
+    d KL / d z_k = p_k - 1/K.
+
+Cross-entropy of an in-distribution row with label y is
+CE = logsumexp(z) - z_y with gradient p - onehot(y).
+
+The confidence loss of Lee et al. (ICLR 2018) for a batch that mixes
+in-distribution rows (targets[i] >= 0) and out-of-distribution rows
+(targets[i] == -1) is
+
+    L = (1/n_in) * sum_{in} CE_i + beta * (1/n_out) * sum_{ood} KL_i,
+
+with each mean taken over its own row count (an empty group contributes 0),
+so dL/dz_i = (p_i - onehot(y_i)) / n_in for in rows and
+beta * (p_i - 1/K) / n_out for OOD rows.
+
+Kernel
+------
+One program per row. The row is read in blocks of BLOCK columns,
+BLOCK = next_power_of_2(K) capped at MAX_BLOCK. If the row fits in one block
+it is loaded once and everything (max, logsumexp, mean, gradient) is computed
+from registers. Otherwise a first pass keeps an online max and a running
+sum of exp(z - max) (rescaled whenever the max grows) plus the plain sum of z,
+and a second pass writes p - 1/K = exp(z - lse) - 1/K. Masked lanes load -inf
+so that they vanish in max and exp; they are zeroed explicitly for the sum.
+To avoid cancellation for large logits the sum is taken of shifted values,
+z - max(z) in one block or z - z_0 across blocks, and
+KL = (max - shift) + log(sum exp(z - max)) - mean(z - shift) - log K
+(CE = (max - z_y) + log(sum exp(z - max))), so a constant row gives 0 exactly
+even at |z| = 1e4.
+All arithmetic is fp32 whatever the input dtype; the gradient is stored in the
+input dtype.
+
+The gradient is computed in the forward launch and saved; backward only
+scales it by the upstream gradient (and skips even that for a scalar
+upstream gradient of exactly 1.0, the usual ``loss.backward()`` case).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK = 8192
+
+
+def _launch_config(n_cols):
+    block = min(triton.next_power_of_2(n_cols), MAX_BLOCK)
+    num_blocks = triton.cdiv(n_cols, block)
+    num_warps = max(1, min(16, block // 256))
+    return block, num_blocks, num_warps
+
+
+def _rows_2d(logits, name="logits"):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, K), got {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name} needs at least one class, got K={logits.shape[1]}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return logits
+
+
+def _is_one(grad_output):
+    """True for a scalar upstream gradient equal to 1.0 (reads one number)."""
+    return grad_output.numel() == 1 and float(grad_output) == 1.0
+
+
+@triton.jit
+def _kl_uniform_kernel(
+    X_ptr,
+    X_stride,
+    G_ptr,
+    G_stride,
+    L_ptr,
+    n_cols,
+    inv_n,
+    log_n,
+    BLOCK: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X_ptr + row * X_stride
+    g_row = G_ptr + row * G_stride
+
+    if NUM_BLOCKS == 1:
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        e = tl.exp(x - m)
+        d = tl.sum(e, axis=0)
+        s = tl.sum(tl.where(mask, x - m, 0.0), axis=0)
+        tl.store(L_ptr + row, tl.log(d) - s * inv_n - log_n)
+        if WRITE_GRAD:
+            g = e / d - inv_n
+            tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=mask)
+    else:
+        c = tl.load(x_row).to(tl.float32)
+        m = float("-inf")
+        d = 0.0
+        s = 0.0
+        for start in range(0, n_cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            s += tl.sum(tl.where(mask, x - c, 0.0), axis=0)
+            m = m_new
+        log_d = tl.log(d)
+        lse = m + log_d
+        tl.store(L_ptr + row, (m - c) + log_d - s * inv_n - log_n)
+        if WRITE_GRAD:
+            for start in range(0, n_cols, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < n_cols
+                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                g = tl.exp(x - lse) - inv_n
+                tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _confidence_loss_kernel(
+    X_ptr,
+    X_stride,
+    T_ptr,
+    N_ptr,
+    G_ptr,
+    G_stride,
+    L_ptr,
+    n_cols,
+    inv_n,
+    log_n,
+    beta,
+    BLOCK: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X_ptr + row * X_stride
+    g_row = G_ptr + row * G_stride
+
+    y = tl.load(T_ptr + row).to(tl.int32)
+    is_in = y >= 0
+    # Per-group row counts live on the device (no host sync); empty groups
+    # have no rows, so clamping their count to 1 never changes the result.
+    n_in = tl.maximum(tl.load(N_ptr).to(tl.float32), 1.0)
+    n_out = tl.maximum(tl.load(N_ptr + 1).to(tl.float32), 1.0)
+    scale = tl.where(is_in, 1.0 / n_in, beta / n_out)
+    x_y = tl.load(x_row + tl.maximum(y, 0)).to(tl.float32)
+
+    if NUM_BLOCKS == 1:
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        e = tl.exp(x - m)
+        d = tl.sum(e, axis=0)
+        s = tl.sum(tl.where(mask, x - m, 0.0), axis=0)
+        log_d = tl.log(d)
+        loss = tl.where(is_in, (m - x_y) + log_d, log_d - s * inv_n - log_n)
+        tl.store(L_ptr + row, loss * scale)
+        if WRITE_GRAD:
+            target = tl.where(is_in, tl.where(offs == y, 1.0, 0.0), inv_n)
+            g = (e / d - target) * scale
+            tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=mask)
+    else:
+        c = tl.load(x_row).to(tl.float32)
+        m = float("-inf")
+        d = 0.0
+        s = 0.0
+        for start in range(0, n_cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            s += tl.sum(tl.where(mask, x - c, 0.0), axis=0)
+            m = m_new
+        log_d = tl.log(d)
+        lse = m + log_d
+        loss = tl.where(is_in, (m - x_y) + log_d, (m - c) + log_d - s * inv_n - log_n)
+        tl.store(L_ptr + row, loss * scale)
+        if WRITE_GRAD:
+            for start in range(0, n_cols, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < n_cols
+                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                target = tl.where(is_in, tl.where(offs == y, 1.0, 0.0), inv_n)
+                g = (tl.exp(x - lse) - target) * scale
+                tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=mask)
+
+
+def kl_uniform_forward(logits, write_grad=True):
+    """Launch the KL kernel. Returns (loss (B,) fp32, grad (B, K) or None)."""
+    logits = _rows_2d(logits)
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
+    if n_rows == 0:
+        return loss, grad
+    block, num_blocks, num_warps = _launch_config(n_cols)
+    g_arg = grad if write_grad else logits  # never written when WRITE_GRAD is False
+    _kl_uniform_kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        g_arg,
+        g_arg.stride(0),
+        loss,
+        n_cols,
+        1.0 / n_cols,
+        math.log(n_cols),
+        BLOCK=block,
+        NUM_BLOCKS=num_blocks,
+        WRITE_GRAD=write_grad,
+        num_warps=num_warps,
+    )
+    return loss, grad
+
+
+def confidence_loss_forward(logits, targets, beta, write_grad=True):
+    """Launch the confidence-loss kernel. Returns (loss () fp32, grad or None)."""
+    logits = _rows_2d(logits)
+    n_rows, n_cols = logits.shape
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dim() != 1 or targets.shape[0] != n_rows:
+        raise ValueError(
+            f"targets must have shape (B,) = ({n_rows},) to match logits {tuple(logits.shape)}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets are on {targets.device} but logits are on {logits.device}")
+    if isinstance(beta, torch.Tensor):
+        beta = float(beta)
+    beta = float(beta)
+    if not (beta >= 0.0) or math.isinf(beta):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    if n_rows > 0 and bool(((targets < -1) | (targets >= n_cols)).any()):
+        lo, hi = int(targets.min()), int(targets.max())
+        raise ValueError(
+            f"targets must be class indices in [0, {n_cols}) or -1 for OOD rows, "
+            f"got values in [{lo}, {hi}]"
+        )
+
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
+    if n_rows == 0:
+        return torch.zeros((), dtype=torch.float32, device=logits.device), grad
+    targets = targets.contiguous()
+    is_in = targets >= 0
+    counts = torch.stack([is_in.sum(), (~is_in).sum()]).to(torch.float32)
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    block, num_blocks, num_warps = _launch_config(n_cols)
+    g_arg = grad if write_grad else logits
+    _confidence_loss_kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        targets,
+        counts,
+        g_arg,
+        g_arg.stride(0),
+        row_loss,
+        n_cols,
+        1.0 / n_cols,
+        math.log(n_cols),
+        beta,
+        BLOCK=block,
+        NUM_BLOCKS=num_blocks,
+        WRITE_GRAD=write_grad,
+        num_warps=num_warps,
+    )
+    return row_loss.sum(), grad
+
+
+class KLUniformFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits):
+        loss, grad = kl_uniform_forward(logits, write_grad=logits.requires_grad)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.in_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        grad_logits = (grad_output[:, None] * grad).to(ctx.in_dtype)
+        return grad_logits
+
+
+class ConfidenceLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, beta):
+        loss, grad = confidence_loss_forward(logits, targets, beta, write_grad=logits.requires_grad)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if not _is_one(grad_output):
+            grad = (grad_output * grad).to(grad.dtype)
+        return grad, None, None
+
+
+def kl_uniform_rows(logits):
+    """Per-row KL(U || softmax(logits)) as a (B,) float32 tensor, differentiable.
+
+    logits: (B, K) float32/float16/bfloat16 on a CUDA device (or any device
+    under TRITON_INTERPRET=1). Rows may be strided (row stride != K).
+    """
+    return KLUniformFunction.apply(logits)
+
+
+def confidence_loss(logits, targets, beta):
+    """Confidence loss of Lee et al. as a scalar float32 tensor, differentiable.
+
+    mean CE over rows with targets >= 0 plus beta * mean KL(U || softmax) over
+    rows with targets == -1; an empty group contributes 0.
+    """
+    return ConfidenceLossFunction.apply(logits, targets, beta)
