@@ -400,8 +400,17 @@ class TinyNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+@pytest.fixture
+def no_tf32():
+    # on GPUs cuDNN convolutions default to TF32; the 1e-5 comparison needs fp32
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.mark.parametrize("use_std", [False, True])
-def test_odin_end_to_end(use_std):
+def test_odin_end_to_end(use_std, no_tf32):
     net = TinyNet().to(DEVICE).eval()
     net.fc.weight.data *= 5.0  # spread the logits so temperatures matter
     x = torch.randn(6, 3, 16, 16, device=DEVICE)
