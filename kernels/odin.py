@@ -68,8 +68,8 @@ def _odin_grad_kernel(
     G_ptr,
     n_rows,
     n_cols,
-    n_temps,
     temp_stride,
+    N_TEMPS: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
 ):
@@ -87,7 +87,7 @@ def _odin_grad_kernel(
         m = tl.max(x, axis=0)
         arg = tl.min(tl.where(x == m, offs, n_cols), axis=0)
         onehot = tl.where(offs == arg, 1.0, 0.0)
-        for t in range(0, n_temps):
+        for t in range(N_TEMPS):
             temp = tl.load(T_ptr + t)
             e = tl.exp((x - m) / temp)
             d = tl.sum(e, axis=0)
@@ -99,7 +99,8 @@ def _odin_grad_kernel(
     else:
         m = float("-inf")
         arg = 0
-        for start in range(0, n_cols, BLOCK):
+        for b in range(NUM_BLOCKS):
+            start = b * BLOCK
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols
             x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -107,16 +108,18 @@ def _odin_grad_kernel(
             barg = tl.min(tl.where(x == bm, offs, n_cols), axis=0)
             arg = tl.where(bm > m, barg, arg)
             m = tl.maximum(m, bm)
-        for t in range(0, n_temps):
+        for t in range(N_TEMPS):
             temp = tl.load(T_ptr + t)
             d = 0.0
-            for start in range(0, n_cols, BLOCK):
+            for b in range(NUM_BLOCKS):
+                start = b * BLOCK
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < n_cols
                 x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 d += tl.sum(tl.exp((x - m) / temp), axis=0)
             tl.store(s_ptr, 1.0 / d)
-            for start in range(0, n_cols, BLOCK):
+            for b in range(NUM_BLOCKS):
+                start = b * BLOCK
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < n_cols
                 x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -137,7 +140,7 @@ def _odin_perturb_kernel(
     n_elements,
     inner,
     n_channels,
-    n_eps,
+    N_EPS: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_STD: tl.constexpr,
 ):
@@ -153,7 +156,7 @@ def _odin_perturb_kernel(
     else:
         sd = tl.full((BLOCK,), 1.0, tl.float32)
     o_ptrs = O_ptr + offs
-    for e in range(0, n_eps):
+    for e in range(N_EPS):
         eps = tl.load(E_ptr + e)
         out = x - eps * sgn / sd
         tl.store(o_ptrs, out.to(O_ptr.dtype.element_ty), mask=mask)
@@ -202,8 +205,8 @@ def odin_logit_grads(logits, temperatures):
         grads,
         n_rows,
         n_cols,
-        n_temps,
         n_rows * n_cols,
+        N_TEMPS=n_temps,
         BLOCK=block,
         NUM_BLOCKS=num_blocks,
         num_warps=max(1, min(16, block // 256)),
@@ -258,7 +261,7 @@ def odin_perturb(x, grad, epsilons, std=None):
         n,
         max(inner, 1),
         n_channels,
-        n_eps,
+        N_EPS=n_eps,
         BLOCK=PERTURB_BLOCK,
         HAS_STD=std is not None,
         num_warps=4,
