@@ -1,0 +1,132 @@
+"""Models: output shapes, the VGG-13 parameter count and initialisation, the DCGAN generator/discriminator,
+the 2-D MLPs and the K+1-class classifier."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import confident
+from confident import (Discriminator, Generator, MLPGenerator, build_classifier, mlp, mlp_discriminator,
+                       vgg13)
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", ["vgg13", "alexnet", "simple_cnn"])
+@pytest.mark.parametrize("width", [1.0, 0.0625])
+@pytest.mark.parametrize("K", [10, 3])
+def test_classifier_output_shape(name, width, K):
+    model = build_classifier(name, K, width).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, K) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert model.ood_class is False
+
+
+@pytest.mark.parametrize("name", ["vgg13", "alexnet", "simple_cnn"])
+def test_build_classifier_ood_class_gives_k_plus_1_outputs(name):
+    model = build_classifier(name, 10, 0.0625, ood_class=True)
+    assert model.ood_class is True
+    assert model(torch.rand(3, 3, 32, 32)).shape == (3, 11)
+
+
+def test_vgg13_parameter_count_by_hand():
+    # convs: 3x3 kernels with bias, channels 3-64-64 | 128-128 | 256-256 | 512-512 | 512-512 (REFERENCE.md)
+    chans = [3, 64, 64, 128, 128, 256, 256, 512, 512, 512, 512]
+    conv = sum(9 * cin * cout + cout for cin, cout in zip(chans[:-1], chans[1:]))
+    assert conv == 1792 + 36928 + 73856 + 147584 + 295168 + 590080 + 1180160 + 3 * 2359808
+    head = (512 * 512 + 512) * 2 + (512 * 10 + 10)          # Linear 512-512, 512-512, 512-K
+    assert conv + head == 9_935_434
+    model = vgg13(10, 1.0)
+    assert _n_params(model) == 9_935_434
+    assert round(_n_params(model) / 1e6, 1) == 9.9
+    n_conv = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))
+    n_pool = sum(1 for m in model.modules() if isinstance(m, nn.MaxPool2d))
+    assert (n_conv, n_pool) == (10, 5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    drops = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops == [0.5, 0.5]
+
+
+def test_vgg13_features_are_512x1x1_at_32x32():
+    model = vgg13(10, 1.0)
+    with torch.no_grad():
+        f = model.features(torch.rand(1, 3, 32, 32))
+    assert f.shape == (1, 512, 1, 1)
+
+
+def test_vgg13_width_scales_every_layer():
+    model = vgg13(10, 0.25)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32, 64, 64, 128, 128, 128, 128]
+    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in lins] == [(128, 128), (128, 128), (128, 10)]
+
+
+def test_vgg13_init_stds():
+    torch.manual_seed(1)
+    model = vgg13(10, 1.0)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            want = math.sqrt(2.0 / (9 * m.out_channels))
+            assert float(m.weight.std()) == pytest.approx(want, rel=0.05 if m.weight.numel() > 30_000 else 0.15)
+            assert float(m.weight.mean()) == pytest.approx(0.0, abs=3 * want / math.sqrt(m.weight.numel()) + 1e-9)
+            assert torch.count_nonzero(m.bias) == 0
+        elif isinstance(m, nn.Linear):
+            assert float(m.weight.std()) == pytest.approx(0.01, rel=0.05)
+            assert torch.count_nonzero(m.bias) == 0
+
+
+def test_generator_maps_noise_to_images_in_unit_interval():
+    for width in (1.0, 0.0625):
+        G = Generator(100, width=width)
+        z = torch.randn(4, 100) * 5                         # large inputs: the Sigmoid still bounds the output
+        x = G(z)
+        assert x.shape == (4, 3, 32, 32)
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    # the layer sizes of DCGAN (ngf=64): 100 -> 512 -> 256 -> 128 -> 3, no biases
+    G = Generator(100)
+    tconvs = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [(t.in_channels, t.out_channels) for t in tconvs] == [(100, 512), (512, 256), (256, 128), (128, 3)]
+    assert all(t.bias is None for t in tconvs)
+    assert isinstance(G.net[-1], nn.Sigmoid)
+
+
+def test_discriminator_returns_logits_per_image():
+    for width in (1.0, 0.0625):
+        D = Discriminator(width=width)
+        out = D(torch.rand(5, 3, 32, 32))
+        assert out.shape == (5,)
+    D = Discriminator()
+    convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 128), (128, 256), (256, 512), (512, 1)]
+    assert not isinstance(list(D.net)[-1], nn.Sigmoid)      # logits: the Sigmoid lives in the BCE-with-logits loss
+
+
+def test_dcgan_init():
+    torch.manual_seed(2)
+    G, D = Generator(100), Discriminator()
+    for m in list(G.modules()) + list(D.modules()):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.weight.numel() > 10_000:
+            assert float(m.weight.std()) == pytest.approx(0.02, rel=0.05)
+        elif isinstance(m, nn.BatchNorm2d):
+            assert float(m.weight.mean()) == pytest.approx(1.0, abs=0.01)
+            assert torch.count_nonzero(m.bias) == 0
+
+
+def test_mlp_shapes():
+    net = mlp(2, 2)
+    assert net(torch.randn(7, 2)).shape == (7, 2)
+    assert [l.out_features for l in net if isinstance(l, nn.Linear)] == [500, 500, 2]
+    G = MLPGenerator(100, 2)
+    assert G(torch.randn(9, 100)).shape == (9, 2)
+    D = mlp_discriminator(2)
+    assert D(torch.randn(6, 2)).shape == (6,)
+
+
+def test_unknown_model_name_is_a_config_error():
+    with pytest.raises(confident.ConfidentError, match="resnet"):
+        confident.resolve(confident.Config(model="resnet", in_data="mnist", out_data="gaussian"))
