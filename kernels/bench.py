@@ -99,6 +99,15 @@ def perturb_ref(x, g, eps, std):
 
 def try_compile(fn, dynamic=None):
     try:
+        import torch._dynamo
+
+        # one compiled graph per (shape, dtype, grad mode) is expected here
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 64)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
         return torch.compile(fn, dynamic=dynamic)
     except Exception as exc:  # noqa: BLE001
         print(f"torch.compile unavailable: {type(exc).__name__}: {exc}".splitlines()[0])
