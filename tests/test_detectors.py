@@ -1,0 +1,191 @@
+"""Detectors: the max-softmax baseline, ODIN against a one-image-at-a-time reference, the batched ODIN grid
+against ODIN point by point, the K+1-class score, bad (T, eps) and the model's train/eval mode."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import confident
+from confident import ConfidentError, baseline_scores, build_classifier, odin_grid, odin_scores
+
+PAPER_TS = [1, 10, 100, 500, 1000]
+PAPER_ES = [0, 0.0001, 0.001, 0.01]
+
+
+@pytest.fixture
+def images():
+    return torch.rand(20, 3, 32, 32)
+
+
+def _model(name="vgg13", ood_class=False, K=10):
+    torch.manual_seed(3)
+    m = build_classifier(name, K, 0.0625 if name == "vgg13" else 0.125, ood_class=ood_class)
+    if name == "vgg13":
+        # the authors' init leaves a tiny VGG nearly constant in its logits: spread them so that ODIN's
+        # max-softmax actually depends on the input and the sign of its gradient
+        with torch.no_grad():
+            for p in m.head.parameters():
+                if p.ndim == 2:
+                    p.mul_(30)
+    return m.eval()
+
+
+def _odin_reference(model, x, T, eps):
+    """The ODIN authors' loop: one image at a time; CE(f(x)/T, argmax) summed, backward, x' = x - eps * sign
+    (grad >= 0 -> +1), score = max softmax(f(x')/T)."""
+    model.eval()
+    out = []
+    for i in range(len(x)):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        logits = model(xi)
+        y_hat = logits.detach().argmax(1)
+        loss = F.cross_entropy(logits / T, y_hat, reduction="sum")
+        loss.backward()
+        sign = torch.where(xi.grad >= 0, torch.tensor(1.0), torch.tensor(-1.0))
+        with torch.no_grad():
+            out.append(torch.softmax(model(xi.detach() - eps * sign) / T, 1).max(1).values[0])
+    return torch.stack(out)
+
+
+def test_baseline_scores_equal_max_softmax(images):
+    model = _model()
+    with torch.no_grad():
+        want = torch.softmax(model(images), 1).max(1).values
+    got = baseline_scores(model, images, batch_size=7)
+    assert got.shape == (20,) and got.device.type == "cpu"
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert float(got.min()) >= 0.1 - 1e-6 and float(got.max()) <= 1.0
+
+
+def test_baseline_scores_on_uint8_and_grayscale_match_float_rgb():
+    model = _model()
+    x8 = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
+    xf = (x8.float() / 255).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(baseline_scores(model, x8), baseline_scores(model, xf), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("T,eps", [(1, 0.0), (1, 0.001), (10, 0.01), (1000, 0.0014), (1000, 0.0)])
+def test_odin_scores_match_per_image_reference(images, T, eps):
+    model = _model()
+    want = _odin_reference(model, images, T, eps)
+    got = odin_scores(model, images, T, eps, batch_size=8)
+    assert got.shape == (20,)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_odin_perturbation_matters(images):
+    """Guard against a vacuous comparison: with eps > 0 the scores move, and by more for larger eps."""
+    model = _model()
+    s0 = odin_scores(model, images, 1, 0.0)
+    s1 = odin_scores(model, images, 1, 0.01)
+    assert float((s1 - s0).abs().max()) > 1e-3
+    # the perturbation raises the predicted class's softmax (a step against the CE gradient)
+    assert float((s1 - s0).mean()) > 0
+    # at eps = 0 ODIN is the temperature-scaled max softmax
+    with torch.no_grad():
+        want = torch.softmax(model(images) / 10, 1).max(1).values
+    torch.testing.assert_close(odin_scores(model, images, 10, 0.0), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vgg13", "simple_cnn"])
+def test_odin_grid_equals_odin_scores_on_paper_grid(images, name):
+    model = _model(name)
+    grid = odin_grid(model, images, PAPER_TS, PAPER_ES, batch_size=8, impl="torch")
+    assert grid.shape == (len(PAPER_TS), len(PAPER_ES), 20)
+    for t, T in enumerate(PAPER_TS):
+        for j, e in enumerate(PAPER_ES):
+            torch.testing.assert_close(grid[t, j], odin_scores(model, images, T, e, batch_size=6),
+                                       atol=1e-5, rtol=0, msg=f"T={T} eps={e}")
+    # and the grid is not degenerate: different settings give different scores
+    assert float((grid[0, 3] - grid[0, 0]).abs().max()) > 1e-4
+    assert float((grid[4, 0] - grid[0, 0]).abs().max()) > 1e-3
+
+
+def test_odin_grid_single_point_and_unordered_lists(images):
+    model = _model()
+    g = odin_grid(model, images, [500, 1], [0.01, 0], batch_size=20, impl="torch")
+    torch.testing.assert_close(g[1, 0], _odin_reference(model, images, 1, 0.01), atol=1e-5, rtol=0)
+    torch.testing.assert_close(g[0, 1], _odin_reference(model, images, 500, 0.0), atol=1e-5, rtol=0)
+    g1 = odin_grid(model, images[:3], [1], [0.001], impl="torch")
+    assert g1.shape == (1, 1, 3)
+    torch.testing.assert_close(g1[0, 0], _odin_reference(model, images[:3], 1, 0.001), atol=1e-5, rtol=0)
+
+
+def test_kplus1_model_score_is_one_minus_last_class(images):
+    model = _model("simple_cnn", ood_class=True)
+    with torch.no_grad():
+        p = torch.softmax(model(images), 1)
+    assert p.shape == (20, 11)
+    torch.testing.assert_close(baseline_scores(model, images), 1 - p[:, -1], atol=1e-6, rtol=1e-6)
+    # ODIN on the K+1 model: eps = 0 gives 1 - p(K+1 | x; T); the grid equals the point-by-point version
+    with torch.no_grad():
+        pT = torch.softmax(model(images) / 10, 1)
+    torch.testing.assert_close(odin_scores(model, images, 10, 0.0), 1 - pT[:, -1], atol=1e-6, rtol=1e-6)
+    grid = odin_grid(model, images, [1, 10], [0, 0.001], batch_size=7, impl="torch")
+    for t, T in enumerate([1, 10]):
+        for j, e in enumerate([0, 0.001]):
+            torch.testing.assert_close(grid[t, j], odin_scores(model, images, T, e), atol=1e-5, rtol=0)
+
+
+def test_kplus1_odin_perturbs_towards_predicted_real_class(images):
+    """The predicted label of the K+1 model is the argmax over the K real classes only."""
+    model = _model("simple_cnn", ood_class=True)
+    with torch.no_grad():
+        logits = model(images)
+        logits_real = logits[:, :-1]
+    x = images[:4].clone().requires_grad_(True)
+    out = model(x)
+    loss = F.cross_entropy(out, logits_real[:4].argmax(1), reduction="sum")
+    (g,) = torch.autograd.grad(loss, x)
+    sign = torch.where(g >= 0, 1.0, -1.0)
+    with torch.no_grad():
+        want = 1 - torch.softmax(model(images[:4] - 0.01 * sign), 1)[:, -1]
+    torch.testing.assert_close(odin_scores(model, images[:4], 1, 0.01), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("T,eps", [(0, 0.0), (-1, 0.001), (1, -0.001), (float("nan"), 0.0)])
+def test_odin_invalid_settings_raise(images, T, eps):
+    model = _model()
+    with pytest.raises(ConfidentError, match="ODIN"):
+        odin_scores(model, images, T, eps)
+    with pytest.raises(ConfidentError, match="ODIN"):
+        odin_grid(model, images, [1, T], [0, eps], impl="torch")
+
+
+def test_detectors_reject_bad_image_tensors():
+    model = _model()
+    for bad in (torch.rand(3, 32, 32), torch.rand(2, 2, 32, 32), torch.rand(0, 3, 32, 32)):
+        for fn in (lambda x: baseline_scores(model, x), lambda x: odin_scores(model, x, 1, 0.0),
+                   lambda x: odin_grid(model, x, [1], [0], impl="torch")):
+            with pytest.raises(ConfidentError):
+                fn(bad)
+
+
+def test_detectors_use_eval_mode_and_restore_train_mode(images):
+    torch.manual_seed(4)
+    model = build_classifier("alexnet", 10, 0.125)         # dropout in the head: train mode would be random
+    model.train()
+    with torch.no_grad():
+        model.eval()
+        want = torch.softmax(model(images), 1).max(1).values
+        model.train()
+    for _ in range(2):
+        torch.testing.assert_close(baseline_scores(model, images), want, atol=1e-6, rtol=1e-6)
+        assert model.training
+    a = odin_scores(model, images, 10, 0.001)
+    assert model.training
+    b = odin_grid(model, images, [10], [0.001], impl="torch")
+    assert model.training
+    torch.testing.assert_close(a, b[0, 0], atol=1e-5, rtol=0)
+    model.eval()
+    odin_scores(model, images, 10, 0.001)
+    odin_grid(model, images, [10], [0.001], impl="torch")
+    baseline_scores(model, images)
+    assert not model.training
+    assert all(not m.training for m in model.modules())
+
+
+def test_odin_does_not_touch_parameter_gradients(images):
+    model = _model()
+    odin_scores(model, images, 1000, 0.001)
+    odin_grid(model, images, [1000], [0.001], impl="torch")
+    assert all(p.grad is None for p in model.parameters())
