@@ -131,8 +131,6 @@ def bench_odin(args, dev, rows, notes):
     # equality of scores: ours vs per-point, on the same inputs (fp32 unless --amp)
     diff = float((ours() - per_point()).abs().max())
     if args.amp:
-        with torch.no_grad():
-            pass
         model32 = C.vgg13(10, args.width).to(dev).eval()
         model32.load_state_dict(model.state_dict())
         ref = C.odin_grid(model32, x, Ts, Es, bs, impl="torch")

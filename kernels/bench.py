@@ -123,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--out", default="kernels_bench.csv")
     ap.add_argument("--quick", action="store_true", help="small grid, for a smoke test")
+    ap.add_argument("--batches", default="", help="comma list of batch sizes (overrides the default grid)")
+    ap.add_argument("--ks", default="", help="comma list of K (overrides the default grid)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -150,6 +152,10 @@ def main(argv=None):
         batches, ks = ((64,), (10, 1000)) if tiny else ((4096,), (10, 1000, 32000))
     else:
         batches, ks = ((256, 1024), (10, 100, 1000)) if tiny else ((4096, 16384), (10, 100, 1000, 32000))
+    if args.batches:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    if args.ks:
+        ks = tuple(int(k) for k in args.ks.split(","))
     if tiny and run_triton:  # interpreter: keep it to seconds
         batches = tuple(min(b, 64) for b in batches)
 
