@@ -1,0 +1,759 @@
+"""Reliability and security (issue #6): bad data, faults and hostile files lose nothing and run nothing.
+
+1. Data integrity: idx files are checked (size, magic, shape, label range, md5 of the decompressed bytes);
+   downloads from a local HTTP server on 127.0.0.1 (good, truncated, wrong, slow, missing) either leave the
+   right bytes at `dest` or raise ConfidentError and leave no file and no temporary file behind.
+2. Hostile files: a CIFAR batch whose pickle would run code is refused and the code does not run; tar
+   members with absolute paths, '..' or links are refused and nothing lands outside the target folder;
+   a training checkpoint holding an arbitrary pickled object is refused on --resume.
+3. Faults: a run killed with SIGKILL mid-epoch and resumed with --resume ends bit-identical (weights and
+   metrics) to an uninterrupted run; a NaN loss stops training with exit code 2, naming loss, step and
+   regime, and keeps the last good checkpoint.
+4. Bad input at the API and CLI: wrong shapes, empty sets, NaN scores, bad labels, negative beta or eps,
+   T <= 0 raise ConfidentError instead of returning a wrong number.
+"""
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import pickle
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import confident  # noqa: E402
+from confident import ConfidentError  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------
+# Small fixture helpers (self-contained: the formats are written here byte by byte)
+
+def _idx(arr: np.ndarray, kind: str) -> bytes:
+    arr = np.asarray(arr, dtype=np.uint8)
+    magic = 2051 if kind == "images" else 2049
+    return struct.pack(">i", magic) + b"".join(struct.pack(">i", d) for d in arr.shape) + arr.tobytes()
+
+
+def _synthetic_digits(n: int, seed: int):
+    """28x28 uint8 images whose class (0..9) is a bright 6x6 block at one of ten positions, plus noise:
+    learnable in a few steps, so a short run moves the weights a lot."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n).astype(np.uint8)
+    x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(y):
+        r, col = 2 + 12 * (c // 5), 1 + 5 * (c % 5)
+        x[i, r:r + 6, col:col + 6] = 220
+    return x, y
+
+
+def _idx_set_files(n_train=384, n_test=150) -> dict:
+    """{file name: raw idx bytes} for a tiny MNIST-layout set."""
+    xtr, ytr = _synthetic_digits(n_train, 1)
+    xte, yte = _synthetic_digits(n_test, 2)
+    return {"train-images-idx3-ubyte": _idx(xtr, "images"), "train-labels-idx1-ubyte": _idx(ytr, "labels"),
+            "t10k-images-idx3-ubyte": _idx(xte, "images"), "t10k-labels-idx1-ubyte": _idx(yte, "labels")}
+
+
+def _write_idx_root(root: Path, name: str, files: dict, gz: bool = False) -> dict:
+    """root/name/<file>[.gz]; returns the md5 table (of the decompressed bytes) keyed as confident.MD5 is."""
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    for fn, raw in files.items():
+        (d / (fn + (".gz" if gz else ""))).write_bytes(gzip.compress(raw) if gz else raw)
+    return {(name, fn): hashlib.md5(raw).hexdigest() for fn, raw in files.items()}
+
+
+class _Marker:
+    """Unpickling this object opens (creates) `path` for writing: the stand-in for hostile code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class _SystemCall:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _files_under(d: Path) -> list:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------------------
+# A local HTTP server: good, truncated, wrong, slow and missing files. Bounded: it shuts itself down
+# after 120 s whatever happens, and the fixture stops it at the end of the module.
+
+GOOD = os.urandom(50_000)
+WRONG = GOOD[:-1] + bytes([GOOD[-1] ^ 0xFF])
+SLOW_S = 1.5                     # the server's delay before answering /slow; downloads use timeout 0.3 s
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict = {}
+
+    def log_message(self, *args):          # keep pytest output clean
+        pass
+
+    def _send(self, body: bytes, length: int | None = None):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path == "/good":
+            self._send(GOOD)
+        elif path == "/wrong":
+            self._send(WRONG)
+        elif path == "/truncated":           # announces more than it sends, then closes the connection
+            self._send(GOOD[:20_000], length=len(GOOD))
+            self.close_connection = True
+        elif path == "/slow":
+            time.sleep(SLOW_S)
+            try:
+                self._send(GOOD)
+            except OSError:
+                pass
+        elif path in self.routes:
+            self._send(self.routes[path])
+        else:
+            self.send_error(404)
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.block_on_close = False
+    t = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    stopper = threading.Timer(120, httpd.shutdown)
+    stopper.daemon = True
+    stopper.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    stopper.cancel()
+    httpd.shutdown()
+    httpd.server_close()
+    _Handler.routes = {}
+
+
+def test_download_good_file_lands_with_right_bytes(server, tmp_path):
+    dest = tmp_path / "dl" / "file.bin"
+    out = confident.download(server + "/good", dest, md5=hashlib.md5(GOOD).hexdigest(), timeout=5)
+    assert out == dest and dest.read_bytes() == GOOD
+    assert _files_under(tmp_path / "dl") == ["file.bin"]                  # no temporary file left
+
+
+@pytest.mark.parametrize("route,md5,match", [
+    ("/truncated", None, "truncat|download failed"),                     # Content-Length check alone
+    ("/truncated", hashlib.md5(GOOD).hexdigest(), "truncat|download failed"),
+    ("/wrong", hashlib.md5(GOOD).hexdigest(), "checksum"),
+    ("/slow", None, "download failed"),                                  # timed out
+    ("/missing", None, "download failed"),                               # HTTP 404
+])
+def test_download_bad_leaves_nothing(server, tmp_path, route, md5, match):
+    dest = tmp_path / "dl" / "file.bin"
+    t0 = time.time()
+    with pytest.raises(ConfidentError, match=match):
+        confident.download(server + route, dest, md5=md5, timeout=0.3)
+    assert time.time() - t0 < SLOW_S + 1                                 # the timeout, not the server, ended it
+    assert not dest.exists()
+    assert _files_under(tmp_path / "dl") == []                           # and no .part file either
+
+
+def test_download_check_hook_rejects_before_rename(server, tmp_path):
+    dest = tmp_path / "file.bin"
+
+    def check(p):
+        assert p != dest and p.read_bytes() == GOOD                      # runs on the temporary file
+        raise ConfidentError("rejected by check")
+    with pytest.raises(ConfidentError, match="rejected"):
+        confident.download(server + "/good", dest, check=check, timeout=5)
+    assert _files_under(tmp_path) == []
+
+
+@pytest.fixture
+def mnist_server(server, monkeypatch, tmp_path):
+    """URLS['mnist'] -> the local server, which serves the tiny set as .gz files; MD5 of the fixture."""
+    files = _idx_set_files(n_train=40, n_test=30)
+    _Handler.routes = {f"/mnist/{fn}.gz": gzip.compress(raw) for fn, raw in files.items()}
+    bad = dict(files)
+    bad["t10k-images-idx3-ubyte"] = bad["t10k-images-idx3-ubyte"][:-1] + b"\x07"   # right size, wrong bytes
+    _Handler.routes.update({f"/mnist-bad/{fn}.gz": gzip.compress(raw) for fn, raw in bad.items()})
+    _Handler.routes["/mnist-notidx/t10k-images-idx3-ubyte.gz"] = gzip.compress(b"<html>not found</html>")
+    monkeypatch.setitem(confident.URLS, "mnist", server + "/mnist/")
+    monkeypatch.setitem(confident.OFFLINE_DIRS, "mnist", [])
+    for (name, fn), h in _write_idx_root(tmp_path / "unused", "mnist", files).items():
+        monkeypatch.setitem(confident.MD5, (name, fn), h)
+    monkeypatch.chdir(tmp_path)
+    yield server, files
+    _Handler.routes = {}
+
+
+def test_loader_downloads_missing_idx_set_and_verifies_it(mnist_server, tmp_path):
+    _, files = mnist_server
+    root = tmp_path / "data"
+    with pytest.raises(ConfidentError, match="not found"):              # no download unless allowed
+        confident.load_uint8("mnist", "test", root, download_ok=False)
+    x, y = confident.load_uint8("mnist", "test", root, download_ok=True)
+    assert x.shape == (30, 1, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(y, torch.from_numpy(np.frombuffer(files["t10k-labels-idx1-ubyte"][8:], np.uint8).astype(np.int64)))
+    assert _files_under(root / "mnist") == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    x2, y2 = confident.load_uint8("mnist", "test", root, download_ok=False)      # now found locally
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("prefix,verify,match", [("/mnist-bad/", True, "checksum"),
+                                                  ("/mnist-notidx/", True, "checksum"),
+                                                  ("/mnist-notidx/", False, "magic")])   # structure checked too
+def test_loader_wrong_download_leaves_no_complete_looking_file(mnist_server, monkeypatch, tmp_path, prefix,
+                                                               verify, match):
+    server, _ = mnist_server
+    monkeypatch.setitem(confident.URLS, "mnist", server + prefix)
+    root = tmp_path / "data"
+    with pytest.raises(ConfidentError, match=match):
+        confident.load_uint8("mnist", "test", root, verify=verify, download_ok=True)
+    assert _files_under(root / "mnist") == []                           # the bad images file was never renamed in
+
+
+# ------------------------------------------------------------------------------------------------
+# Data integrity of local idx files
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda f: f.update({"t10k-images-idx3-ubyte": f["t10k-images-idx3-ubyte"][:-5]}), "truncated"),
+    (lambda f: f.update({"t10k-images-idx3-ubyte": f["t10k-images-idx3-ubyte"] + b"\0"}), "oversized"),
+    (lambda f: f.update({"t10k-images-idx3-ubyte": f["t10k-labels-idx1-ubyte"]}), "magic"),
+    (lambda f: f.update({"t10k-labels-idx1-ubyte": f["t10k-labels-idx1-ubyte"][:6]}), "header"),
+    (lambda f: f.update({"t10k-labels-idx1-ubyte": _idx(np.full(30, 10), "labels")}), r"outside \[0, 10\)"),
+    (lambda f: f.update({"t10k-labels-idx1-ubyte": _idx(np.zeros(29), "labels")}), "labels"),
+    (lambda f: f.update({"t10k-images-idx3-ubyte": _idx(np.zeros((30, 20, 20)), "images")}), "size"),
+])
+def test_corrupt_idx_files_are_refused(tmp_path, mutate, match):
+    files = _idx_set_files(n_train=10, n_test=30)
+    mutate(files)
+    _write_idx_root(tmp_path, "mnist", files)
+    with pytest.raises(ConfidentError, match=match):
+        confident.load_uint8("mnist", "test", tmp_path, verify=False)
+
+
+def test_corrupt_gzip_and_checksum_mismatch(tmp_path, monkeypatch):
+    files = _idx_set_files(n_train=10, n_test=30)
+    md5 = _write_idx_root(tmp_path, "mnist", files, gz=True)
+    for k, v in md5.items():
+        monkeypatch.setitem(confident.MD5, k, v)
+    x, _ = confident.load_uint8("mnist", "test", tmp_path)             # verified: passes
+    assert len(x) == 30
+    p = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
+    raw = bytearray(files["t10k-images-idx3-ubyte"])
+    raw[100] ^= 1                                                      # one flipped bit, same size
+    p.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(ConfidentError, match="checksum"):
+        confident.load_uint8("mnist", "test", tmp_path)
+    p.write_bytes(gzip.compress(bytes(raw))[:-20])                     # cut-off gzip stream
+    with pytest.raises(ConfidentError, match="gzip"):
+        confident.load_uint8("mnist", "test", tmp_path)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FASHION / "t10k-labels-idx1-ubyte.gz").exists(), reason="Fashion-MNIST not installed")
+def test_real_fashion_mnist_checksum_of_decompressed_bytes(tmp_path):
+    """The Debian .gz files are recompressed: the check is on the decompressed bytes, so they pass, and a
+    one-byte change in the decompressed labels fails."""
+    for fn in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / "fashion-mnist").mkdir(exist_ok=True)
+        (tmp_path / "fashion-mnist" / fn).write_bytes((FASHION / fn).read_bytes())
+    x, y = confident.load_uint8("fashion-mnist", "test", tmp_path)
+    assert x.shape == (10000, 1, 32, 32) and int(y.max()) == 9
+    p = tmp_path / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(p.read_bytes()))
+    raw[-1] = (raw[-1] + 1) % 10                                        # still a valid label
+    p.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(ConfidentError, match="checksum"):
+        confident.load_uint8("fashion-mnist", "test", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile files: pickles, archives, checkpoints
+
+def _cifar_dict(data, labels):
+    return {b"batch_label": b"test", b"labels": labels, b"data": data, b"filenames": [b"a.png"] * len(labels)}
+
+
+def test_cifar_plain_batch_loads(tmp_path):
+    base = tmp_path / "cifar10" / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    data = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8)
+    (base / "test_batch").write_bytes(pickle.dumps(_cifar_dict(data, [0, 3, 9, 1]), protocol=4))
+    x, y = confident.load_uint8("cifar10", "test", tmp_path)
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 3, 9, 1]
+    assert torch.equal(x[1, 2].reshape(-1), torch.from_numpy(data[1, 2048:]))   # blue plane
+
+
+@pytest.mark.parametrize("evil", [_Marker, _SystemCall])
+@pytest.mark.parametrize("where", ["top", "labels", "object_array"])
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path, evil, where):
+    marker = tmp_path / "pwned"
+    payload = evil(marker)
+    data = np.zeros((1, 3072), np.uint8)
+    obj = {"top": payload, "labels": _cifar_dict(data, [payload]),
+           "object_array": _cifar_dict(np.array([payload], dtype=object), [0])}[where]
+    base = tmp_path / "cifar10" / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    (base / "test_batch").write_bytes(pickle.dumps(obj, protocol=4))     # bytes as BINBYTES: no other global
+    assert not marker.exists()
+    refused = r"refused to load (io\.open|builtins\.open|posix\.system|nt\.system|os\.system)"
+    with pytest.raises(ConfidentError, match=refused):
+        confident.load_uint8("cifar10", "test", tmp_path)
+    with pytest.raises(ConfidentError, match=refused):
+        confident.read_cifar_batch(base / "test_batch")
+    assert not marker.exists()                                           # the code did not run
+
+
+def _tar(path: Path, members: list) -> Path:
+    """members: (name, bytes) files, (name, 'symlink'|'hardlink', target), (name, 'dir'), (name, 'chr')."""
+    import io
+    with tarfile.open(path, "w:gz") as tf:
+        for m in members:
+            info = tarfile.TarInfo(m[0])
+            if len(m) == 3:
+                info.type = tarfile.SYMTYPE if m[1] == "symlink" else tarfile.LNKTYPE
+                info.linkname = m[2]
+                tf.addfile(info)
+            elif m[1] == "dir":
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            elif m[1] == "chr":
+                info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+                tf.addfile(info)
+            else:
+                info.size = len(m[1])
+                tf.addfile(info, io.BytesIO(m[1]))
+    return path
+
+
+def test_safe_extract_good_archive(tmp_path):
+    arc = _tar(tmp_path / "ok.tar.gz", [("set", "dir"), ("set/a.txt", b"a"), ("set/sub/b.txt", b"bb")])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    confident.safe_extract(arc, dest)
+    assert (dest / "set" / "a.txt").read_bytes() == b"a" and (dest / "set" / "sub" / "b.txt").read_bytes() == b"bb"
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "dotdot_nested", "symlink_out", "symlink_then_write",
+                                  "symlink_abs", "hardlink_out", "device"])
+def test_safe_extract_refuses_escapes(tmp_path, kind):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "work" / "dest"
+    dest.mkdir(parents=True)
+    (outside / "secret.txt").write_bytes(b"keep me")
+    abs_target = str(outside / "abs_written.txt")
+    members = {
+        "absolute": [("ok.txt", b"fine"), (abs_target, b"evil")],
+        "dotdot": [("ok.txt", b"fine"), ("../../outside/evil.txt", b"evil")],
+        "dotdot_nested": [("a/b/../../../escape.txt", b"evil")],
+        "symlink_out": [("ok.txt", b"fine"), ("link", "symlink", "../../outside")],
+        "symlink_then_write": [("link", "symlink", str(outside)), ("link/evil.txt", b"evil")],
+        "symlink_abs": [("passwd", "symlink", "/etc/passwd")],
+        "hardlink_out": [("secret_link", "hardlink", str(outside / "secret.txt"))],
+        "device": [("null", "chr")],
+    }[kind]
+    arc = _tar(tmp_path / "work" / "evil.tar.gz", members)
+    before_outside, before_work = _files_under(outside), _files_under(tmp_path / "work")
+    with pytest.raises(ConfidentError, match="refused"):
+        confident.safe_extract(arc, dest)
+    assert _files_under(outside) == before_outside and (outside / "secret.txt").read_bytes() == b"keep me"
+    assert _files_under(tmp_path / "work") == before_work                # not even the harmless members
+    assert not Path(abs_target).exists()
+
+
+def test_corrupt_archive_is_a_clear_error(tmp_path):
+    arc = tmp_path / "x.tar.gz"
+    arc.write_bytes(gzip.compress(b"definitely not a tar file" * 40))
+    with pytest.raises(ConfidentError, match="corrupt archive"):
+        confident.safe_extract(arc, tmp_path / "d")
+
+
+def _tiny_cfg(tmp_path, **kw):
+    base = dict(in_data="mnist", out_data="gaussian", method="ce", model="simple_cnn", width=0.0625, epochs=1,
+                batch_size=16, output_dir=str(tmp_path / "run"), device="cpu", log_every=1000)
+    base.update(kw)
+    return confident.resolve(confident.Config(**base))
+
+
+def _tiny_data(n=32):
+    x, y = _synthetic_digits(n, 5)
+    return confident.resize_uint8(torch.from_numpy(x).unsqueeze(1), 32), torch.from_numpy(y.astype(np.int64))
+
+
+@pytest.mark.parametrize("content", ["pickled_object", "wrong_structure", "garbage"])
+def test_resume_refuses_hostile_or_broken_checkpoint(tmp_path, content):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    out.mkdir()
+    state = out / "train_state.pt"
+    if content == "pickled_object":
+        torch.save({"epoch": 1, "models": {}, "extra": _Marker(marker)}, state)
+    elif content == "wrong_structure":
+        torch.save({"epoch": 1, "models": {"net": {"w": torch.zeros(3)}}}, state)
+    else:
+        state.write_bytes(b"\x80\x02not a checkpoint at all")
+    x, y = _tiny_data()
+    cfg = _tiny_cfg(tmp_path, resume=True)
+    with pytest.raises(ConfidentError, match="--resume"):
+        confident.train(cfg, x, y, None, out, log=lambda *a: None)
+    assert not marker.exists()
+
+
+def test_train_state_is_weights_only_loadable(tmp_path):
+    """What train() writes loads with weights_only=True (so --resume never needs a full unpickler)."""
+    x, y = _tiny_data()
+    out = tmp_path / "run"
+    confident.train(_tiny_cfg(tmp_path), x, y, None, out, log=lambda *a: None)
+    sd = torch.load(out / "train_state.pt", weights_only=True)
+    assert sd["epoch"] == 1 and set(sd) >= {"models", "opts", "scheds", "rng", "epoch"}
+    assert [p.name for p in out.iterdir()] == ["train_state.pt"]          # no temporary files left
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults: SIGKILL mid-epoch + --resume is bit-identical; NaN stops training and keeps the last checkpoint
+
+WRAPPER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+import confident
+for key, value in {md5!r}.items():          # checksums of the test's tiny fixture set
+    confident.MD5[tuple(key.split("/"))] = value
+confident.main(sys.argv[2:])
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    """A data root with a tiny MNIST-layout set and a wrapper that runs the real CLI with its checksums."""
+    d = tmp_path_factory.mktemp("cli")
+    md5 = _write_idx_root(d / "data", "mnist", _idx_set_files(n_train=256, n_test=150))
+    wrapper = d / "run_confident.py"
+    wrapper.write_text(WRAPPER.format(md5={"/".join(k): v for k, v in md5.items()}))
+    return d, wrapper, md5
+
+
+def _cli_args(data_root, out_dir, *extra):
+    return ["--in", "mnist", "--out", "gaussian", "--method", "joint", "--model", "vgg13", "--width", "0.0625",
+            "--epochs", "3", "--batch-size", "16", "--eval-limit", "150", "--val-size", "50",
+            "--extra-ood", "none", "--temperatures", "1,100", "--epsilons", "0,0.002", "--log-every", "1",
+            "--seed", "3", "--device", "cpu", "--no-download", "--data-root", str(data_root),
+            "--output-dir", str(out_dir), *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _run_to_end(wrapper, args, timeout=240):
+    p = subprocess.run([sys.executable, str(wrapper), str(REPO), *args], capture_output=True, text=True,
+                       timeout=timeout, env=_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def _run_and_kill(wrapper, args, kill_at: str, state: Path, timeout=240):
+    """Start the CLI, read its log until a line starting with `kill_at`, then SIGKILL it at once."""
+    p = subprocess.Popen([sys.executable, str(wrapper), str(REPO), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=_env())
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in p.stdout] + [lines.put(None)], daemon=True).start()
+    deadline, seen = time.time() + timeout, []
+    try:
+        while True:
+            ln = lines.get(timeout=max(0.1, deadline - time.time()))
+            if ln is None:
+                raise AssertionError("the run ended before it could be killed:\n" + "".join(seen[-30:]))
+            seen.append(ln)
+            if ln.startswith(kill_at):
+                assert state.exists(), "no train_state.pt after epoch 1"   # the epoch-1 checkpoint is there
+                p.send_signal(signal.SIGKILL)
+                break
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+    assert p.returncode == -signal.SIGKILL
+    return seen
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor in a nested dict/list, by path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_tensors(v, f"{prefix}/{i}"))
+    return out
+
+
+def _metrics(res: dict) -> dict:
+    return {k: res[k] for k in ("accuracy", "ece", "ece_temperature_scaled", "calibration_temperature",
+                                "n_in_test", "ood")}
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(cli_env, tmp_path):
+    d, wrapper, _ = cli_env
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    # the uninterrupted run, alongside (one thread each)
+    ref_proc = subprocess.Popen([sys.executable, str(wrapper), str(REPO), *_cli_args(d / "data", ref)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        # kill during epoch 2 (16 steps per epoch), after epoch 1's checkpoint was written
+        seen = _run_and_kill(wrapper, _cli_args(d / "data", killed), "epoch 2/3 step 4/16", killed / "train_state.pt")
+        out, err = ref_proc.communicate(timeout=240)
+    finally:
+        if ref_proc.poll() is None:
+            ref_proc.kill()
+            ref_proc.wait()
+    assert ref_proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert any(ln.startswith("epoch 1/3 step 16/16") for ln in seen)
+    mid = torch.load(killed / "train_state.pt", weights_only=True)
+    assert mid["epoch"] == 1                                             # killed mid-epoch 2
+    assert not (killed / "results.json").exists() and not (killed / "checkpoint.pt").exists()
+    p = _run_to_end(wrapper, _cli_args(d / "data", killed, "--resume"))
+    assert "resumed from" in p.stdout and "at epoch 1" in p.stdout
+    assert "epoch 1/3" not in p.stdout                                   # epoch 1 was not redone
+    # the final weights: every tensor bit-identical
+    a, b = torch.load(ref / "checkpoint.pt", weights_only=True), torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the full training state too: classifier, G, D, the three Adam states, schedulers, RNG, epoch
+    sa, sb = _tensors(torch.load(ref / "train_state.pt", weights_only=True)), \
+        _tensors(torch.load(killed / "train_state.pt", weights_only=True))
+    assert sa.keys() == sb.keys() and any(k.startswith("/models/G/") for k in sa) and \
+        any(k.startswith("/opts/D/") for k in sa)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    # and the metrics
+    ra, rb = json.loads((ref / "results.json").read_text()), json.loads((killed / "results.json").read_text())
+    assert _metrics(ra) == _metrics(rb)
+    # the weights moved from epoch 1's, so the comparison is not vacuous
+    assert not torch.equal(mid["models"]["net"]["head.6.weight"], sa["/models/net/head.6.weight"])
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(cli_env, tmp_path, monkeypatch, capsys):
+    """confidence_loss returns NaN from the 2nd step of epoch 2 on (the model becomes NaN); with --log-every 5
+    the check at step 5 names step 2; exit 2, one 'error:' line, epoch 1's checkpoint kept, no results."""
+    d, _, md5 = cli_env
+    for k, v in md5.items():
+        monkeypatch.setitem(confident.MD5, k, v)
+    steps, calls = 256 // 16, {"n": 0}
+    real = confident.confidence_loss
+
+    def poisoned(logits, targets, beta, impl="auto"):
+        calls["n"] += 1
+        loss = real(logits, targets, beta, impl)
+        return loss * float("nan") if calls["n"] == steps + 2 else loss
+    monkeypatch.setattr(confident, "confidence_loss", poisoned)
+    out = tmp_path / "nan"
+    args = _cli_args(d / "data", out)
+    args[args.index("--log-every") + 1] = "5"
+    args[args.index("--width") + 1] = "0.03125"
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                       # tiny convolutions: one thread is faster on a busy machine
+    try:
+        with pytest.raises(SystemExit) as exc:
+            confident.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert "classifier loss" in err and "nan" in err and "epoch 2 step 2 " in err and "method joint" in err
+    sd = torch.load(out / "train_state.pt", weights_only=True)
+    assert sd["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in _tensors(sd["models"]).values())
+    assert not (out / "results.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_nan_detected_on_a_non_logging_step_of_the_first_epoch(tmp_path, monkeypatch):
+    """log_every larger than the epoch: the end-of-epoch check still catches a NaN at step 1, before any
+    checkpoint is written."""
+    real = confident.F.cross_entropy
+    calls = {"n": 0}
+
+    def ce(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("inf") if calls["n"] == 1 else out
+    monkeypatch.setattr(confident.F, "cross_entropy", ce)
+    x, y = _tiny_data(64)
+    out = tmp_path / "run"
+    with pytest.raises(ConfidentError, match=r"classifier loss \(c\) is (inf|nan) at epoch 1 step 1 \(method ce\)"):
+        confident.train(_tiny_cfg(tmp_path, log_every=10_000), x, y, None, out, log=lambda *a: None)
+    assert not (out / "train_state.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input at the API: a clear ConfidentError, never a silent wrong number
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return confident.build_classifier("simple_cnn", 10, width=0.0625)
+
+
+@pytest.mark.parametrize("x", [torch.rand(4, 2, 32, 32), torch.rand(4, 32, 32), torch.rand(0, 3, 32, 32),
+                               torch.rand(3, 32, 32, 3)[None, 0], np.zeros((2, 3, 32, 32))])
+def test_detectors_refuse_bad_images(tiny_model, x):
+    with pytest.raises(ConfidentError):
+        confident.baseline_scores(tiny_model, x)
+    with pytest.raises(ConfidentError):
+        confident.odin_scores(tiny_model, x, 1000.0, 0.001)
+    with pytest.raises(ConfidentError):
+        confident.odin_grid(tiny_model, x, [1.0], [0.0])
+
+
+@pytest.mark.parametrize("T,eps", [(0.0, 0.0), (-1.0, 0.0), (float("nan"), 0.0), (float("inf"), 0.0),
+                                   (1.0, -1e-3), (1.0, float("nan"))])
+def test_odin_refuses_bad_temperature_or_epsilon(tiny_model, T, eps):
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ConfidentError, match="ODIN"):
+        confident.odin_scores(tiny_model, x, T, eps)
+    with pytest.raises(ConfidentError, match="ODIN"):
+        confident.odin_grid(tiny_model, x, [1.0, T], [0.0, eps])
+
+
+def test_odin_grid_refuses_empty_grids_and_bad_batch(tiny_model):
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ConfidentError):
+        confident.odin_grid(tiny_model, x, [], [0.0])
+    with pytest.raises(ConfidentError):
+        confident.odin_grid(tiny_model, x, [1.0], [])
+    with pytest.raises(ConfidentError, match="batch size"):
+        confident.baseline_scores(tiny_model, x, batch_size=0)
+
+
+@pytest.mark.parametrize("si,so,match", [
+    ([], [0.1, 0.2], "empty"), ([0.1, 0.2], [], "empty"),
+    ([0.1, float("nan")], [0.2], "NaN"), ([0.1], [0.2, float("inf")], "NaN"),
+    (np.random.rand(5, 10), np.random.rand(5), "shape"), (torch.rand(4), torch.rand(4, 2), "shape"),
+    (["a", "b"], [0.1], "numbers"),
+])
+def test_ood_metrics_refuses_bad_scores(si, so, match):
+    with pytest.raises(ConfidentError, match=match):
+        confident.ood_metrics(si, so)
+
+
+@pytest.mark.parametrize("probs,labels,match", [
+    (torch.rand(5), torch.zeros(5, dtype=torch.long), "shape"),
+    (torch.softmax(torch.randn(5, 3), 1), torch.zeros(4, dtype=torch.long), "labels"),
+    (torch.softmax(torch.randn(0, 3), 1), torch.zeros(0, dtype=torch.long), "N > 0"),
+    (torch.randn(5, 3) * 3, torch.zeros(5, dtype=torch.long), "logits"),                    # logits, not probs
+    (torch.full((2, 2), float("nan")), torch.zeros(2, dtype=torch.long), "NaN"),
+    (torch.softmax(torch.randn(3, 3), 1), torch.tensor([0.0, 1.0, 2.0]), "integer"),
+    (torch.softmax(torch.randn(3, 3), 1), torch.tensor([0, 1, 3]), "outside"),
+    (torch.softmax(torch.randn(3, 3), 1), torch.tensor([0, -1, 2]), "outside"),
+])
+def test_ece_refuses_bad_input(probs, labels, match):
+    with pytest.raises(ConfidentError, match=match):
+        confident.expected_calibration_error(probs, labels)
+
+
+@pytest.mark.parametrize("z,match", [(torch.randn(10), "shape"), (torch.randn(2, 3, 4), "shape"),
+                                     (torch.randn(4, 1), "K >= 2"), (torch.randn(0, 10), "empty"),
+                                     (torch.ones(3, 4, dtype=torch.long), "floats")])
+def test_kl_to_uniform_refuses_bad_logits(z, match):
+    with pytest.raises(ConfidentError, match=match):
+        confident.kl_to_uniform(z, impl="torch")
+
+
+@pytest.mark.parametrize("targets,beta,match", [
+    (torch.tensor([0, 1, 10, -1]), 1.0, r"\[0, 10\)"),
+    (torch.tensor([0, 1, -2, -1]), 1.0, r"\[0, 10\)"),                  # -2 must not count as OOD
+    (torch.tensor([0.0, 1.0, 2.0, -1.0]), 1.0, "integers"),
+    (torch.tensor([0, 1, 2]), 1.0, "shape"),
+    (torch.tensor([[0, 1, 2, -1]]), 1.0, "shape"),
+    (torch.tensor([0, 1, 2, -1]), -0.5, "beta"),
+    (torch.tensor([0, 1, 2, -1]), float("nan"), "beta"),
+    (torch.tensor([0, 1, 2, -1]), float("inf"), "beta"),
+])
+def test_confidence_loss_refuses_bad_targets_and_beta(targets, beta, match):
+    with pytest.raises(ConfidentError, match=match):
+        confident.confidence_loss(torch.randn(4, 10), targets, beta, impl="torch")
+
+
+def test_gan_g_loss_refuses_negative_beta():
+    with pytest.raises(ConfidentError, match="beta"):
+        confident.gan_g_loss(torch.randn(4), torch.randn(4, 10), -1.0, impl="torch")
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_training_refuses_labels_outside_range(tmp_path, bad):
+    x, y = _tiny_data()
+    y[3] = bad
+    with pytest.raises(ConfidentError, match=r"labels in \[.*expected \[0, 10\)"):
+        confident.train(_tiny_cfg(tmp_path), x, y, None, tmp_path / "run", log=lambda *a: None)
+    assert not (tmp_path / "run" / "train_state.pt").exists()
+
+
+def test_training_refuses_empty_ood_set_and_mismatched_data(tmp_path):
+    x, y = _tiny_data()
+    with pytest.raises(ConfidentError, match="OOD"):
+        confident.train(_tiny_cfg(tmp_path, method="conf"), x, y, x[:0], None, log=lambda *a: None)
+    with pytest.raises(ConfidentError, match="shape"):
+        confident.train(_tiny_cfg(tmp_path), x, y[:-1], None, None, log=lambda *a: None)
+    with pytest.raises(ConfidentError, match="shape"):                  # 28x28: the models take 32x32
+        confident.train(_tiny_cfg(tmp_path), x[:, :, 2:-2, 2:-2], y, None, None, log=lambda *a: None)
+
+
+def test_evaluate_refuses_empty_or_too_small_ood_set(tiny_model, tmp_path):
+    cfg = _tiny_cfg(tmp_path, val_size=5, temperatures="1", epsilons="0")
+    x, y = _tiny_data(20)
+    with pytest.raises(ConfidentError, match="OOD set"):
+        confident.evaluate(tiny_model, x, y, {"empty": x[:0]}, cfg, log=lambda *a: None)
+    with pytest.raises(ConfidentError, match="no images"):
+        confident.load_uint8(f"folder:{tmp_path}", "test")              # an empty folder is not an OOD set
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--beta", "-0.5"], "--beta"), (["--temperatures", "0,1"], "temperatures"),
+    (["--temperatures", "nan"], "temperatures"), (["--epsilons=-0.1"], "epsilons"),
+    (["--lr", "nan"], "--lr"), (["--log-every", "0"], "--log-every"), (["--batch-size", "1"], "--batch-size"),
+    (["--in", "gaussian"], "no labels"), (["--method", "magic"], "unknown method"),
+])
+def test_cli_bad_flags_exit_2_with_one_line(flags, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        confident.main(["--epochs", "0", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
