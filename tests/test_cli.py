@@ -268,3 +268,38 @@ def test_cli_bad_input_exits_2_with_one_line(bad_cli_runs, key):
     assert lines[0].startswith("error: ") and BAD_CLI[key][1] in lines[0]
     assert "Traceback" not in stderr + stdout
     assert not (out / "results.json").exists()
+
+
+def _lrs(tr):
+    return {k: o.param_groups[0]["lr"] for k, o in tr.opts.items()}
+
+
+def test_learning_rates_drop_after_lr_drop_epoch():
+    cfg = confident.resolve(Config(in_data="fashion-mnist", out_data="mnist", method="joint", width=0.0625,
+                                   epochs=3, lr_drop_epoch=2, impl="torch"))
+    tr = confident.Trainer(cfg, 10, torch.device("cpu"), log=_quiet)
+    seen = []
+    for _ in range(3):
+        seen.append(_lrs(tr))
+        for o in tr.opts.values():
+            o.step()                                        # no gradients: a no-op step, keeps the schedulers quiet
+        tr.end_epoch()
+    assert [s["net"] for s in seen] == pytest.approx([2e-4, 2e-4, 2e-5])
+    assert [s["G"] for s in seen] == [s["D"] for s in seen] == pytest.approx([2e-4, 2e-4, 2e-5])
+
+
+def test_conf_gan_schedules_count_each_networks_own_epochs():
+    """conf-gan: gan_epochs of GAN training, then `epochs` of classifier training. The classifier's rate drops
+    after *its own* lr_drop_epoch epochs, not after lr_drop_epoch epochs of someone else's training."""
+    cfg = confident.resolve(Config(in_data="fashion-mnist", out_data="mnist", method="conf-gan", width=0.0625,
+                                   epochs=3, gan_epochs=3, lr_drop_epoch=2, impl="torch"))
+    tr = confident.Trainer(cfg, 10, torch.device("cpu"), log=_quiet)
+    assert tr.total_epochs == 6
+    seen = []
+    for _ in range(6):
+        seen.append(_lrs(tr))
+        for o in tr.opts.values():
+            o.step()
+        tr.end_epoch()
+    assert [s["G"] for s in seen[:3]] == pytest.approx([2e-4, 2e-4, 2e-5])       # GAN epochs 1-3
+    assert [s["net"] for s in seen[3:]] == pytest.approx([2e-4, 2e-4, 2e-5])     # classifier epochs 1-3
