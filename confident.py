@@ -39,6 +39,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def resolve(cfg: Config) -> Config:
               ("pt_weight", cfg.pt_weight >= 0, ">= 0"), ("val_size", cfg.val_size >= 0, ">= 0"),
               ("eval_batch_size", cfg.eval_batch_size >= 1, ">= 1"), ("nz", cfg.nz >= 1, ">= 1"),
               ("train_limit", cfg.train_limit >= 0, ">= 0"), ("eval_limit", cfg.eval_limit >= 0, ">= 0"),
-              ("impl", cfg.impl in ("auto", "torch", "triton"), "auto, torch or triton")]
+              ("impl", cfg.impl in ("auto", "torch", "triton"), "auto, torch or triton"),
+              ("log_every", cfg.log_every >= 1, ">= 1"), ("lr_drop_epoch", cfg.lr_drop_epoch >= 0, ">= 0")]
     for name, ok, want in checks:
         if not ok:
             raise ConfidentError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected {want}")
@@ -213,9 +215,10 @@ def _check_md5(what, data_or_path, want, verify):
                                  "the file is corrupt or not the published one: delete it and fetch it again")
 
 
-def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0) -> Path:
+def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0, check=None) -> Path:
     """Download to a temporary file next to `dest`, verify, then rename: an interrupted or wrong download
-    never leaves a file that looks complete."""
+    never leaves a file that looks complete. `check(tmp_path)`, if given, runs before the rename and raises
+    ConfidentError for a bad file (e.g. the idx sets, whose checksums are of the decompressed bytes)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
@@ -229,6 +232,8 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
             raise ConfidentError(f"{url}: download truncated ({n} of {want} bytes)")
         if md5 is not None and md5_of(tmp) != md5:
             raise ConfidentError(f"{url}: checksum mismatch after download (expected md5 {md5})")
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, dest)
     except ConfidentError:
         raise
@@ -262,7 +267,7 @@ def read_idx(path: Path, kind: str, what: str = "") -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ConfidentError(f"{what}: corrupt gzip ({e})") from None
     return parse_idx(raw, kind, what)
 
@@ -282,6 +287,19 @@ def parse_idx(raw: bytes, kind: str, what: str) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
+def _read_idx_checked(path: Path, name: str, n: str, kind: str, verify: bool, what: str = "") -> np.ndarray:
+    """One idx file (raw or .gz): md5 of the decompressed bytes where known, then magic and shape."""
+    what = what or str(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ConfidentError(f"{what}: corrupt gzip ({e})") from None
+    _check_md5(what, raw, MD5.get((name, n)), verify)
+    return parse_idx(raw, kind, what)
+
+
 def _load_idx_set(name: str, split: str, root: Path, verify: bool, download_ok: bool):
     img_name, lab_name = IDX_FILES[split]
     dirs = [root / name, root] + [Path(d.format(root=root)) for d in OFFLINE_DIRS.get(name, [])]
@@ -298,18 +316,13 @@ def _load_idx_set(name: str, split: str, root: Path, verify: bool, download_ok: 
         if not download_ok:
             raise _missing(name, f"{img_name}[.gz] and {lab_name}[.gz]", root,
                            "see README 'Data' for the offline packages")
-        found = tuple(download(URLS[name] + n + ".gz", root / name / (n + ".gz")) for n in (img_name, lab_name))
-    arrays = []
-    for path, n, kind in ((found[0], img_name, "images"), (found[1], lab_name, "labels")):
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            try:
-                raw = gzip.decompress(raw)
-            except (OSError, EOFError) as e:
-                raise ConfidentError(f"{path}: corrupt gzip ({e})") from None
-        _check_md5(str(path), raw, MD5.get((name, n)), verify)
-        arrays.append(parse_idx(raw, kind, str(path)))
-    x, y = arrays
+        # verified before the rename (decompressed md5, magic, shape): a wrong download leaves no file behind
+        found = tuple(download(URLS[name] + n + ".gz", root / name / (n + ".gz"),
+                               check=lambda tmp, n=n, kind=kind, url=URLS[name] + n + ".gz":
+                               _read_idx_checked(tmp, name, n, kind, verify, url))
+                      for n, kind in ((img_name, "images"), (lab_name, "labels")))
+    x, y = (_read_idx_checked(path, name, n, kind, verify)
+            for path, n, kind in ((found[0], img_name, "images"), (found[1], lab_name, "labels")))
     if len(x) != len(y):
         raise ConfidentError(f"{found[0]}: {len(x)} images but {found[1]} has {len(y)} labels")
     if y.size and y.max() >= 10:
@@ -410,7 +423,7 @@ def safe_extract(archive: Path, dest: Path) -> None:
             for m in members:
                 tf.extract(m, dest, set_attrs=False, **({"filter": "data"} if hasattr(tarfile, "data_filter")
                                                       else {}))
-    except tarfile.TarError as e:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:   # truncated / corrupt .gz too
         raise ConfidentError(f"{archive}: corrupt archive ({e})") from None
 
 
@@ -760,21 +773,54 @@ def _use_triton(t: torch.Tensor, impl: str) -> bool:
     return ok
 
 
+def _check_logits(logits, what: str) -> tuple[int, int]:
+    """Logits must be (B, K) floats with B >= 1 and K >= 2 (with one class every KL and CE is 0)."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfidentError(f"{what}: logits of shape {shape}, expected floats of shape (B, K)")
+    B, K = logits.shape
+    if B == 0:
+        raise ConfidentError(f"{what}: an empty batch (0 rows of logits)")
+    if K < 2:
+        raise ConfidentError(f"{what}: logits with K = {K} classes, expected K >= 2")
+    return B, K
+
+
+def _check_beta(beta, what: str) -> None:
+    try:
+        b = float(beta)
+    except (TypeError, ValueError, RuntimeError):
+        b = float("nan")
+    if not math.isfinite(b) or b < 0:
+        raise ConfidentError(f"{what}: beta {beta!r}, expected a finite number >= 0")
+
+
 def kl_to_uniform(logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Eq. (1)'s KL term: batch mean of KL(U || softmax(logits)) = logsumexp(z) - mean(z) - log K.
     Equal to the authors' `F.kl_div(F.log_softmax(z), U) * K`; gradient (softmax(z) - 1/K) / B."""
-    B, K = logits.shape
+    B, K = _check_logits(logits, "kl_to_uniform")
     if _use_triton(logits, impl):
         return _kernels().kl_uniform_rows(logits).mean()
-    z = logits.float()
+    z = logits if logits.dtype == torch.float64 else logits.float()      # fp32 at least; keep fp64 exact
     return (torch.logsumexp(z, dim=1) - z.mean(dim=1)).mean() - math.log(K)
 
 
 def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, impl: str = "auto"):
     """Eq. (1) on one batch: rows with target >= 0 are in-distribution (cross-entropy), rows with
     target -1 are OOD (KL to uniform). Mean CE over in rows + beta * mean KL over OOD rows."""
+    B, K = _check_logits(logits, "confidence_loss")
+    _check_beta(beta, "confidence_loss")
+    if not isinstance(targets, torch.Tensor) or targets.shape != (B,) or targets.is_floating_point() \
+            or targets.dtype == torch.bool or targets.is_complex():
+        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ConfidentError(f"confidence_loss: targets of shape {shape}"
+                             f"{'' if not isinstance(targets, torch.Tensor) else ' and type ' + str(targets.dtype)}"
+                             f", expected integers of shape ({B},): a class in [0, {K}) or -1 for OOD")
     if _use_triton(logits, impl):
         return _kernels().confidence_loss(logits, targets, beta)
+    if bool(((targets < -1) | (targets >= K)).any()):             # -2 would silently count as OOD
+        raise ConfidentError(f"confidence_loss: targets in [{int(targets.min())}, {int(targets.max())}], "
+                             f"expected a class in [0, {K}) or -1 for OOD")
     is_in = targets >= 0
     loss = logits.new_zeros((), dtype=torch.float32)
     if is_in.any():
@@ -795,6 +841,7 @@ def gan_g_loss(d_fake: torch.Tensor, cls_logits_fake: torch.Tensor | None = None
                impl: str = "auto") -> torch.Tensor:
     """Eq. (3), generator side: the non-saturating GAN loss BCE(D(G(z)), 1) (authors' code) plus
     beta * KL(U || p(y|G(z))) (term (a)); without classifier logits it is the original GAN's loss."""
+    _check_beta(beta, "gan_g_loss")
     d_fake = d_fake.float()
     loss = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
     if cls_logits_fake is not None and beta > 0:
@@ -832,6 +879,8 @@ def _predicted(logits: torch.Tensor, ood_class: bool) -> torch.Tensor:
 
 
 def _batches(n: int, bs: int):
+    if not isinstance(bs, (int, np.integer)) or bs < 1:
+        raise ConfidentError(f"batch size {bs!r}: expected an integer >= 1")
     for i in range(0, n, bs):
         yield slice(i, min(i + bs, n))
 
@@ -877,10 +926,10 @@ def odin_scores(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: 
     backward, forward. x' = x - eps * sign(grad_x CE(f(x)/T, y_hat)); score = max softmax(f(x')/T).
     Summed loss (no underflow at T = 1000), no clamping of x', model in eval mode. Returns (N,) on CPU."""
     _check_images(x)
-    if not temperature > 0:
-        raise ConfidentError(f"ODIN temperature {temperature!r}: expected > 0")
-    if not epsilon >= 0:
-        raise ConfidentError(f"ODIN epsilon {epsilon!r}: expected >= 0")
+    if not (math.isfinite(float(temperature)) and temperature > 0):
+        raise ConfidentError(f"ODIN temperature {temperature!r}: expected a finite value > 0")
+    if not (math.isfinite(float(epsilon)) and epsilon >= 0):
+        raise ConfidentError(f"ODIN epsilon {epsilon!r}: expected a finite value >= 0")
     was, dev = model.training, _device_of(model)
     model.eval()
     ood_class = getattr(model, "ood_class", False)
@@ -905,9 +954,9 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
     forward-images, against 3 * nT * nE passes done point by point. Equal to `odin_scores` per point."""
     _check_images(x)
     Ts, Es = [float(t) for t in temperatures], [float(e) for e in epsilons]
-    if not Ts or min(Ts) <= 0:
+    if not Ts or not all(math.isfinite(t) and t > 0 for t in Ts):
         raise ConfidentError(f"ODIN temperatures {Ts}: expected a non-empty list of values > 0")
-    if not Es or min(Es) < 0:
+    if not Es or not all(math.isfinite(e) and e >= 0 for e in Es):
         raise ConfidentError(f"ODIN epsilons {Es}: expected a non-empty list of values >= 0")
     was, dev = model.training, _device_of(model)
     model.eval()
@@ -960,8 +1009,13 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
 # sees TPR = P(in > u_k) and FPR = P(out > u_k), so one sort gives every metric in O(n log n).
 
 def _check_scores(s, what):
-    s = torch.as_tensor(s).detach().double().cpu().reshape(-1).numpy() if isinstance(s, torch.Tensor) \
-        else np.asarray(s, dtype=np.float64).reshape(-1)
+    try:
+        s = s.detach().double().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ConfidentError(f"{what}: not a sequence of numbers ({e})") from None
+    if s.ndim > 1:   # e.g. (N, K) probabilities passed instead of (N,) scores: flattening would be silently wrong
+        raise ConfidentError(f"{what}: scores of shape {s.shape}, expected one score per image, shape (N,)")
+    s = s.reshape(-1)
     if s.size == 0:
         raise ConfidentError(f"{what}: no scores (an empty set)")
     if not np.isfinite(s).all():
@@ -1032,8 +1086,18 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     if probs.ndim != 2 or len(probs) != len(labels) or len(probs) == 0:
         raise ConfidentError(f"ECE: probs of shape {tuple(probs.shape)} and {len(labels)} labels; "
                              "expected (N, K) with N > 0 matching labels")
+    if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ConfidentError(f"ECE: labels of shape {tuple(labels.shape)} and type {labels.dtype}, "
+                             "expected integer class indices of shape (N,)")
     if labels.min() < 0 or labels.max() >= probs.shape[1]:
         raise ConfidentError(f"ECE: labels outside [0, {probs.shape[1]})")
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ConfidentError(f"ECE: n_bins {n_bins!r}, expected an integer >= 1")
+    if not torch.isfinite(probs).all():
+        raise ConfidentError(f"ECE: {int((~torch.isfinite(probs)).sum())} probabilities are NaN or infinite")
+    if probs.min() < 0 or probs.max() > 1 or ((probs.sum(dim=1) - 1).abs() > 1e-2).any():
+        raise ConfidentError("ECE: rows of probs must be probabilities in [0, 1] summing to 1 "
+                             "(were logits passed? apply softmax first)")
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).float()
     idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
@@ -1086,9 +1150,11 @@ def atomic_save(obj, path: Path):
     """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())                  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1098,9 +1164,15 @@ def atomic_save(obj, path: Path):
 def atomic_write_text(text: str, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class Trainer:
@@ -1202,9 +1274,13 @@ class Trainer:
         return logs
 
     def end_epoch(self):
+        # conf-gan trains the GAN first, then the classifier: each schedule counts only its own network's epochs
+        # (else the classifier would start at lr x 0.1 whenever gan_epochs > lr_drop_epoch)
+        gan_phase = self.cfg.method == "conf-gan" and self.epoch < self.cfg.gan_epochs
         self.epoch += 1
-        for s in self.scheds.values():
-            s.step()
+        for k, s in self.scheds.items():
+            if self.cfg.method != "conf-gan" or (k != "net") == gan_phase:
+                s.step()
 
 
 def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None, log=print,
@@ -1213,13 +1289,27 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation."""
     device = device or torch.device("cpu")
     set_seed(cfg.seed)
+    if x_train.ndim != 4 or x_train.shape[1] not in (1, 3) or x_train.shape[2:] != (32, 32) \
+            or y_train.ndim != 1 or len(x_train) != len(y_train):
+        raise ConfidentError(f"{cfg.in_data}: training images of shape {tuple(x_train.shape)} and labels of shape "
+                             f"{tuple(y_train.shape)}: expected (N, 1 or 3, 32, 32) and (N,)")
+    if len(y_train) == 0:
+        raise ConfidentError(f"{cfg.in_data}: no training images (an empty set)")
     num_classes = NUM_CLASSES.get(cfg.in_data, int(y_train.max()) + 1)
+    if int(y_train.min()) < 0 or int(y_train.max()) >= num_classes:
+        raise ConfidentError(f"{cfg.in_data}: training labels in [{int(y_train.min())}, {int(y_train.max())}], "
+                             f"expected [0, {num_classes})")
     tr = Trainer(cfg, num_classes, device, log)
     state_path = out_dir / "train_state.pt" if out_dir else None
     if cfg.resume:
         if state_path is None or not state_path.exists():
             raise ConfidentError(f"--resume: no checkpoint at {state_path}")
-        tr.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+        try:   # weights_only: a checkpoint is tensors and plain containers; anything else is refused, never run
+            sd = torch.load(state_path, map_location=device, weights_only=True)
+            tr.load_state_dict(sd)
+        except Exception as e:
+            raise ConfidentError(f"--resume: {state_path} is not a training checkpoint of this run "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         log(f"resumed from {state_path} at epoch {tr.epoch}")
     if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
         raise ConfidentError(f"--method {cfg.method} needs OOD training images from --out {cfg.out_data}")
@@ -1237,7 +1327,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
         perm_ood = torch.randperm(len(x_ood), generator=g).to(device) if x_ood is not None else None
         if world > 1:                                         # per-rank GAN noise and dropout
             torch.manual_seed(cfg.seed * 7_919 + e * 101 + rank)
-        t0, seen, sums = time.time(), 0, {}
+        t0, seen, sums, window = time.time(), 0, {}, {}           # window: every step's losses since the last log
         for i in range(steps):
             idx = perm[i * B:(i + 1) * B]
             x = to_float(x_train_dev[idx])
@@ -1252,13 +1342,13 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
             logs = tr.step(x, y_train_dev[idx], x_out)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
+                window.setdefault(k, []).append(v)
             seen += len(idx) * world
+            # checked on every log step and always on the epoch's last step, so before its checkpoint is written
             if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
+                _check_finite(window, i + 1, e + 1, cfg.method, state_path)
+                window = {}
                 vals = {k: float(v) / (i + 1) for k, v in sums.items()}
-                bad = [k for k, v in logs.items() if not math.isfinite(float(v))]
-                if bad:
-                    raise ConfidentError(f"{bad[0]} loss is {float(logs[bad[0]])} at epoch {e + 1} step {i + 1} "
-                                         f"(method {cfg.method}); the last good checkpoint is kept")
                 log(f"epoch {e + 1}/{tr.total_epochs} step {i + 1}/{steps} | "
                     + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                     + f" | {seen / (time.time() - t0):.0f} img/s")
@@ -1267,6 +1357,28 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
             atomic_save(tr.state_dict(), state_path)
     del ddp_models
     return tr
+
+
+LOSS_NAMES = {"d": "discriminator", "g": "generator", "c": "classifier"}
+
+
+def _check_finite(window: dict, last_step: int, epoch: int, method: str, state_path) -> None:
+    """Every step's losses since the last check (one stacked read): the first NaN / inf stops training,
+    naming the step, the loss and the regime; the checkpoint of the last finished epoch is left as it is."""
+    first = None
+    for k, vs in window.items():
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vs]).cpu()
+        bad = (~torch.isfinite(t)).nonzero()
+        if len(bad):
+            j = int(bad[0])
+            step = last_step - len(vs) + j + 1
+            if first is None or step < first[0]:
+                first = (step, k, float(t[j]))
+    if first is not None:
+        step, k, v = first
+        kept = f"{state_path} (epoch {epoch - 1})" if state_path is not None and epoch > 1 else "none"
+        raise ConfidentError(f"{LOSS_NAMES.get(k, k)} loss ({k}) is {v} at epoch {epoch} step {step} "
+                             f"(method {method}): training stopped; last good checkpoint kept: {kept}")
 
 
 def _wrap_ddp(tr: Trainer, device):
