@@ -1186,10 +1186,11 @@ class Trainer:
         self.net = build_classifier(cfg.model, num_classes, cfg.width, ood_class=cfg.method == "kplus1").to(device)
         self.G = Generator(cfg.nz, width=cfg.width).to(device) if uses_gan else None
         self.D = Discriminator(width=cfg.width).to(device) if uses_gan else None
+        # the plain modules (checkpoints, evaluation); self.net / G / D may become DDP wrappers (train())
+        self.raw = {k: v for k, v in (("net", self.net), ("G", self.G), ("D", self.D)) if v is not None}
         if cfg.channels_last and device.type == "cuda":
-            for m in (self.net, self.G, self.D):
-                if m is not None:
-                    m.to(memory_format=torch.channels_last)
+            for m in self.raw.values():
+                m.to(memory_format=torch.channels_last)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.opts = {"net": self.opt}
         if uses_gan:
@@ -1202,7 +1203,11 @@ class Trainer:
         self.total_epochs = cfg.epochs + (cfg.gan_epochs if cfg.method == "conf-gan" else 0)
 
     def modules(self) -> dict:
-        return {k: v for k, v in (("net", self.net), ("G", self.G), ("D", self.D)) if v is not None}
+        return self.raw
+
+    def _amp(self):
+        """bf16 autocast on CUDA when --amp (the BCE terms take logits in fp32, so they are safe under it)."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.amp and self.device.type == "cuda")
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "rng": rng_state(),
@@ -1227,15 +1232,17 @@ class Trainer:
         """Algorithm 1, GAN half: D ascends log D(x) + log(1 - D(G(z))); G descends the non-saturating
         GAN loss + kl_beta * KL(U || p(y|G(z))) (+ pull-away). kl_beta = 0 is the ordinary GAN."""
         B = x.shape[0]
-        fake = self.G(self._noise(B))
-        d_loss = gan_d_loss(self.D(x), self.D(fake.detach()))
+        with self._amp():
+            fake = self.G(self._noise(B))
+            d_loss = gan_d_loss(self.D(x), self.D(fake.detach()))
         self.opts["D"].zero_grad(set_to_none=True)
         d_loss.backward()
         self.opts["D"].step()
         # the same fake batch, scored by the updated D; the classifier stays in train mode (authors' code)
-        g_loss = gan_g_loss(self.D(fake), self.net(fake) if kl_beta > 0 else None, kl_beta, self.cfg.impl)
-        if pt_weight > 0:
-            g_loss = g_loss + pt_weight * pull_away_term(fake)
+        with self._amp():
+            g_loss = gan_g_loss(self.D(fake), self.net(fake) if kl_beta > 0 else None, kl_beta, self.cfg.impl)
+            if pt_weight > 0:
+                g_loss = g_loss + pt_weight * pull_away_term(fake)
         self.opts["G"].zero_grad(set_to_none=True)
         g_loss.backward()
         self.opts["G"].step()
@@ -1252,10 +1259,10 @@ class Trainer:
         if gan_phase:
             return logs
         if m in ("conf-gan", "joint", "joint-pt"):
-            with torch.no_grad():                        # fresh samples; the classifier step does not train G
-                x_out = self.G(self._noise(x.shape[0]))
+            with torch.no_grad(), self._amp():           # fresh samples; the classifier step does not train G
+                x_out = self.G(self._noise(x.shape[0])).float()
         B = x.shape[0]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and self.device.type == "cuda"):
+        with self._amp():
             if m == "ce":
                 logits = self.net(x)
                 loss = F.cross_entropy(logits.float(), y)
@@ -1407,6 +1414,22 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> 
     return torch.cat(out)
 
 
+def _sharded(fn, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """fn(x) computed in shards across torchrun ranks (rank r takes x[r::world]) and gathered once, so every
+    rank holds the whole result; a plain call when not distributed. `dim` is the image axis of fn's output."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn(x)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    part = fn(x[rank::world]).movedim(dim, 0).contiguous()
+    parts = [None] * world
+    dist.all_gather_object(parts, part)
+    out = torch.empty((len(x),) + tuple(part.shape[1:]), dtype=part.dtype)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out.movedim(0, dim)
+
+
 def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=print) -> dict:
     """The paper's protocol: the first `val_size` test images of the in-set and of each OOD set tune ODIN's
     (T, eps) (minimum detection error) and fit temperature scaling; metrics on the rest. The baseline has
@@ -1417,7 +1440,8 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
         raise ConfidentError(f"{cfg.in_data}: {len(x_in)} test images, need more than --val-size {v}")
     ood_class = getattr(model, "ood_class", False)
     t0 = time.time()
-    logits = predict_logits(model, x_in, cfg.eval_batch_size)
+    bs = cfg.eval_batch_size
+    logits = _sharded(lambda x: predict_logits(model, x, bs), x_in)
     K = logits.shape[1] - int(ood_class)
     probs = F.softmax(logits[:, :K], dim=1)
     acc = float((logits[v:, :K].argmax(1) == y_in[v:]).float().mean())
@@ -1428,14 +1452,14 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
            "calibration_temperature": T_cal, "n_in_test": len(x_in) - v, "ood": {}}
     log(f"accuracy {acc:.4f} | ECE {res['ece']:.4f} -> {res['ece_temperature_scaled']:.4f} "
         f"with T = {T_cal:.3f} ({time.time() - t0:.1f}s)")
-    grid_in = odin_grid(model, x_in, Ts, Es, cfg.eval_batch_size, cfg.impl)          # (nT, nE, N_in)
+    grid_in = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_in, dim=2)   # (nT, nE, N_in)
     base_in = _score_from_logits(logits, 1.0, ood_class)
     for name, x_out in ood_sets.items():
         if len(x_out) <= v:
             raise ConfidentError(f"OOD set {name!r}: {len(x_out)} images, need more than --val-size {v}")
         t1 = time.time()
-        grid_out = odin_grid(model, x_out, Ts, Es, cfg.eval_batch_size, cfg.impl)
-        base_out = baseline_scores(model, x_out, cfg.eval_batch_size)
+        grid_out = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_out, dim=2)
+        base_out = _sharded(lambda x: baseline_scores(model, x, bs), x_out)
         # ODIN: (T, eps) with the lowest detection error on the validation images (paper App. C.3)
         best, best_err = (0, 0), 2.0
         for t in range(len(Ts)):
@@ -1568,12 +1592,12 @@ def run(cfg: Config, log=print) -> dict:
             (out_dir / stale).unlink(missing_ok=True)
         atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out_dir / "config.json")
     tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world)
-    res = {}
+    model = tr.raw["net"]
     if master:
-        model = tr.net.module if hasattr(tr.net, "module") else tr.net
         atomic_save(model.state_dict(), out_dir / "checkpoint.pt")
-        seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
-        res = evaluate(model, x_te, y_te, ood_test, cfg, log0)
+    seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
+    res = evaluate(model, x_te, y_te, ood_test, cfg, log0)       # sharded across ranks, gathered once
+    if master:
         res.update(config=dataclasses.asdict(cfg), env=environment(), seconds=time.time() - t0)
         rows = results_rows(res, cfg, seen)
         buf = io.StringIO()
