@@ -1,0 +1,86 @@
+"""torchrun with 2 processes (gloo, CPU) against one process: same training, outputs from rank 0 only,
+and a checkpoint that resumes in a single process.
+
+simple_cnn has no dropout and no BatchNorm, so 2 ranks x batch 32 (DDP averages their gradients) compute the
+same updates as 1 process x batch 64 over the same global batches, up to the order of floating-point sums.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["--in", "fashion-mnist", "--out", "mnist", "--model", "simple_cnn", "--width", "0.125",
+          "--method", "ce", "--train-limit", "512", "--eval-limit", "300", "--val-size", "100",
+          "--extra-ood", "gaussian", "--temperatures", "1,1000", "--epsilons", "0,0.001", "--log-every", "2",
+          "--lr", "0.001", "--eval-batch-size", "64"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _run(args, timeout=300):
+    p = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp")
+    one = _run([sys.executable, "confident.py", *COMMON, "--epochs", "2", "--batch-size", "64", "--output-dir", str(base / "one")])
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", "confident.py", *COMMON, "--epochs", "2", "--batch-size", "32",
+                "--output-dir", str(base / "two")])
+    return base, one, two
+
+
+def test_two_processes_match_one(runs):
+    base, _, _ = runs
+    a = torch.load(base / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(base / "two" / "checkpoint.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, f"weights differ by {worst}"
+    ra = json.loads((base / "one" / "results.json").read_text())
+    rb = json.loads((base / "two" / "results.json").read_text())
+    assert abs(ra["accuracy"] - rb["accuracy"]) <= 0.01
+    for name in ("mnist", "gaussian"):
+        for det in ("baseline", "odin"):
+            for k in ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out"):
+                assert abs(ra["ood"][name][det][k] - rb["ood"][name][det][k]) <= 0.01, (name, det, k)
+
+
+def test_rank_zero_alone_logs_and_writes(runs):
+    base, _, two = runs
+    # one line per log step, rank 1 printed nothing: 512 images / (2 ranks x 32) = 8 steps, 2 epochs, log every 2
+    lines = [ln for ln in two.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 8, two
+    assert two.count("wrote ") == 1
+    files = sorted(p.name for p in (base / "two").iterdir())
+    assert files == ["checkpoint.pt", "config.json", "results.csv", "results.json", "results.md", "train_state.pt"]
+
+
+def test_distributed_checkpoint_resumes_in_one_process(runs):
+    base, _, _ = runs
+    out = _run([sys.executable, "confident.py", *COMMON, "--epochs", "3", "--batch-size", "64", "--resume",
+                "--output-dir", str(base / "two")])
+    assert "resumed from" in out and "at epoch 2" in out
+    assert "epoch 3/3" in out
+    state = torch.load(base / "two" / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 3
