@@ -12,7 +12,8 @@ It times, on the same model (vgg13, K=10, eval mode) and the same inputs:
        batch-1     the ODIN authors' protocol, one image at a time (a subset timed, then extrapolated)
        floor       1 forward + nT backward + nT*(nE-1) forward from single-pass times at the same batch size
   2. `ood_metrics` (one sort) against the authors' threshold grid (200,000 thresholds) on 26,032 + 10,000 scores;
-  3. one training step of `ce` and of `joint` (images/s and their ratio).
+  3. one training step of `ce` and of `joint` (images/s and their ratio);
+  4. training throughput with 1 and 2 processes under torchrun (DistributedDataParallel).
 Medians of repeats after a warm-up. Prints a table; writes JSON with machine, versions and commit.
 """
 from __future__ import annotations
@@ -20,8 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -191,6 +195,52 @@ def bench_train(args, dev, rows):
     return out
 
 
+def ddp_worker(args):
+    """Run under torchrun: time training steps with DistributedDataParallel; rank 0 prints one JSON line."""
+    import torch.distributed as dist
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = C.resolve(C.Config(in_data="fashion-mnist", out_data="mnist", method=args.ddp_method, width=args.width,
+                             batch_size=args.train_batch, impl=args.impl))
+    torch.manual_seed(rank)
+    tr = C.Trainer(cfg, 10, dev, log=lambda *a: None)
+    C._wrap_ddp(tr, dev)
+    B = args.train_batch
+    x = C.to_float(torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)).to(dev)
+    y = torch.randint(0, 10, (B,)).to(dev)
+    t = timeit(lambda: tr.step(x, y), dev, repeats=max(args.repeats, 5), warmup=2)
+    if rank == 0:
+        print("DDP_RESULT " + json.dumps(dict(world=world, seconds=t, images_per_s=world * B / t)), flush=True)
+    dist.destroy_process_group()
+
+
+def bench_ddp(args, rows, notes):
+    """Training throughput with 1 and 2 processes (torchrun), the same per-process batch (weak scaling)."""
+    out = {}
+    threads = max(1, (os.cpu_count() or 2))
+    for world in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+               "--master_addr=127.0.0.1", f"--master_port={29400 + world}", __file__, "--ddp-worker",
+               "--device", args.device, "--width", str(args.width), "--train-batch", str(args.train_batch),
+               "--repeats", str(args.repeats), "--impl", args.impl, "--ddp-method", args.ddp_method]
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // world)))
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("DDP_RESULT ")]
+        if p.returncode != 0 or not line:
+            notes.append(f"DDP with {world} processes failed: {(p.stderr or p.stdout)[-300:]}")
+            continue
+        r = json.loads(line[0][len("DDP_RESULT "):])
+        out[world] = r
+        rows.append(dict(what=f"train {args.ddp_method}: {world} process(es) x batch {args.train_batch} (DDP)",
+                         seconds=r["seconds"], images_per_s=r["images_per_s"],
+                         vs_ours=out[1]["images_per_s"] / r["images_per_s"] if 1 in out else None))
+    notes.append(f"DDP: {threads} cores shared, OMP_NUM_THREADS = cores / processes; gloo on CPU, nccl on CUDA")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -205,8 +255,12 @@ def main():
     p.add_argument("--impl", default="auto", help="auto | torch | triton")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--json", default="bench.json")
-    p.add_argument("--skip", default="", help="comma list of odin,metrics,train to skip")
+    p.add_argument("--skip", default="", help="comma list of odin,metrics,train,ddp to skip")
+    p.add_argument("--ddp-method", default="ce", help="regime timed with 1 and 2 processes")
+    p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.ddp_worker:
+        return ddp_worker(args)
     if args.quick:
         args.n, args.batch_size, args.width, args.repeats = 100, 50, 0.0625, 1
         args.batch1_images, args.metric_thresholds, args.train_batch = 2, 2_000, 32
@@ -219,6 +273,8 @@ def main():
         res["metrics"] = bench_metrics(args, rows, notes)
     if "train" not in skip:
         res["train"] = bench_train(args, dev, rows)
+    if "ddp" not in skip:
+        res["ddp"] = bench_ddp(args, rows, notes)
     env = C.environment()
     env.update(device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
