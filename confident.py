@@ -509,32 +509,30 @@ def _noise(name: str, split: str, n: int = NOISE_SIZE) -> torch.Tensor:
     return torch.rand(n, 3, 32, 32, generator=g)
 
 
+PHOTOS = {"test": ("astronaut", "coffee", "rocket", "hubble_deep_field", "grace_hopper"),
+          "train": ("chelsea", "immunohistochemistry", "retina")}
+
+
 def _photos(split: str, n: int = 2000) -> torch.Tensor:
-    """Colour photographs available offline: random 32x32 crops, at random scales, of the photos that
-    scikit-image ships (and matplotlib's sample photo). Train and test crops come from disjoint photos."""
+    """Colour photographs available offline: random 32x32 crops, at random scales, of the photographs that
+    scikit-image ships (and matplotlib's sample photograph). Train and test crops come from disjoint photos."""
     imgs = []
-    try:
-        import skimage.data as sd
-        for fn in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "colorwheel",
-                   "retina", "cat", "hubble_deep_field"):
-            try:
-                imgs.append(np.asarray(getattr(sd, fn)())[..., :3])
-            except Exception:
-                pass
-    except ImportError:
-        pass
-    try:
-        import matplotlib.cbook
-        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-            from PIL import Image
-            imgs.append(np.asarray(Image.open(f).convert("RGB")))
-    except Exception:
-        pass
+    for fn in PHOTOS[split]:
+        try:
+            if fn == "grace_hopper":
+                import matplotlib.cbook
+                from PIL import Image
+                with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+                    imgs.append(np.array(Image.open(f).convert("RGB")))
+            else:
+                import skimage.data as sd
+                imgs.append(np.array(getattr(sd, fn)())[..., :3])
+        except Exception:      # a package or one of its files missing: use the others
+            pass
     imgs = [im for im in imgs if im.ndim == 3 and im.shape[2] == 3 and min(im.shape[:2]) >= 64]
     if len(imgs) < 2:
-        raise ConfidentError("data set 'photos' needs scikit-image (pip install scikit-image): "
-                             "its bundled photographs are the source")
-    imgs = imgs[1::2] if split == "train" else imgs[0::2]
+        raise ConfidentError("data set 'photos' needs scikit-image and matplotlib (pip install scikit-image "
+                             "matplotlib): the photographs they ship are the source")
     g = torch.Generator().manual_seed(11 if split == "train" else 12)
     out = torch.empty(n, 3, 32, 32, dtype=torch.uint8)
     for i in range(n):
