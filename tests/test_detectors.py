@@ -86,6 +86,43 @@ def test_odin_perturbation_matters(images):
     torch.testing.assert_close(odin_scores(model, images, 10, 0.0), want, atol=1e-6, rtol=1e-6)
 
 
+class _Shift(torch.nn.Module):
+    def __init__(self, t):
+        super().__init__()
+        self.register_buffer("t", t)
+
+    def forward(self, x):
+        return x - self.t
+
+
+def test_odin_sign_of_a_zero_gradient_is_plus_one(images):
+    """Pixels behind a dead ReLU have a gradient of exactly 0. The ODIN code maps it to +1 (x' = x - eps), which
+    keeps them dead; -1 would wake them up (x - t goes from -eps/2 to +eps/2) and change the score."""
+    eps = 0.01
+    x = images[:6]
+    dead = torch.rand(1, 3, 32, 32) < 0.5                                # half the pixels: t = x + eps / 2
+    t = torch.where(dead, x + eps / 2, x - 0.3)
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(_Shift(t), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3072, 10)).eval()
+    with torch.no_grad():
+        model[3].weight.mul_(20)
+    per_image = [_odin_reference(torch.nn.Sequential(_Shift(t[i:i + 1]), *list(model)[1:]), x[i:i + 1], 1, eps)
+                 for i in range(6)]
+    want = torch.cat(per_image)
+    # with the opposite convention the scores would differ: check that the construction is sensitive
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    F.cross_entropy(out, out.detach().argmax(1), reduction="sum").backward()
+    assert (xg.grad[dead.expand_as(xg)] == 0).all()
+    flipped = torch.where(xg.grad > 0, 1.0, -1.0)
+    with torch.no_grad():
+        other = torch.softmax(model(x - eps * flipped), 1).max(1).values
+    assert float((other - want).abs().max()) > 1e-3
+    torch.testing.assert_close(odin_scores(model, x, 1, eps, batch_size=6), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(odin_grid(model, x, [1], [0, eps], batch_size=6, impl="torch")[0, 1], want,
+                               atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["vgg13", "simple_cnn"])
 def test_odin_grid_equals_odin_scores_on_paper_grid(images, name):
     model = _model(name)

@@ -149,7 +149,7 @@ def test_confidence_loss_is_ce_plus_beta_kl(n_in, n_out, beta):
     z1, z2 = z.clone().double().requires_grad_(True), z.clone().requires_grad_(True)
     ref = _confidence_ref(z1, t, beta)
     got = confidence_loss(z2, t, beta, impl="torch")
-    assert float(got) == pytest.approx(float(ref), rel=1e-5, abs=1e-6)
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
     ref.backward()
     got.backward()
     torch.testing.assert_close(z2.grad.double(), z1.grad, atol=1e-6, rtol=1e-4)

@@ -95,6 +95,16 @@ def test_ood_metrics_match_authors_grid_on_a_coarse_lattice(n_in, n_out, shift):
     assert 0 < got["auroc"] < 1 and 0.5 <= got["detection_acc"] <= 1
 
 
+def test_ood_metrics_match_grid_with_ties_at_the_smallest_score():
+    """The first threshold is the smallest score itself: with ties there (in and out), TPR there is 1 while the
+    next interval's TPR is not: the first AUROC rectangle must use TPR = 1."""
+    rng = np.random.default_rng(9)
+    si = np.concatenate([np.zeros(10), rng.integers(1, 101, 290) / 100])      # 3.3%: TPR still meets the band
+    so = np.concatenate([np.zeros(200), rng.integers(1, 80, 300) / 100])
+    got, want = _compare(si, so)
+    assert got["auroc_tie_aware"] == pytest.approx(_mann_whitney(si, so), abs=1e-12)
+
+
 def test_ood_metrics_match_grid_on_continuous_scores():
     rng = np.random.default_rng(1)
     si, so = rng.beta(5, 2, 300), rng.beta(2, 3, 500)

@@ -68,7 +68,7 @@ def test_vgg13_width_scales_every_layer():
 
 def test_vgg13_init_stds():
     torch.manual_seed(1)
-    model = vgg13(10, 1.0)
+    model = vgg13(10, 1.0).requires_grad_(False)
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             want = math.sqrt(2.0 / (9 * m.out_channels))
@@ -108,7 +108,7 @@ def test_discriminator_returns_logits_per_image():
 
 def test_dcgan_init():
     torch.manual_seed(2)
-    G, D = Generator(100), Discriminator()
+    G, D = Generator(100).requires_grad_(False), Discriminator().requires_grad_(False)
     for m in list(G.modules()) + list(D.modules()):
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.weight.numel() > 10_000:
             assert float(m.weight.std()) == pytest.approx(0.02, rel=0.05)
