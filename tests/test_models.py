@@ -84,7 +84,7 @@ def test_generator_maps_noise_to_images_in_unit_interval():
     for width in (1.0, 0.0625):
         G = Generator(100, width=width)
         z = torch.randn(4, 100) * 5                         # large inputs: the Sigmoid still bounds the output
-        x = G(z)
+        x = G(z).detach()
         assert x.shape == (4, 3, 32, 32)
         assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     # the layer sizes of DCGAN (ngf=64): 100 -> 512 -> 256 -> 128 -> 3, no biases
