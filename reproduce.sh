@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Reproduce Tables 1-6 and Figures 1-5, 7 of "Training Confidence-calibrated Classifiers for Detecting
+# Out-of-Distribution Samples" (Lee, Lee, Lee & Shin, ICLR 2018). Everything lands in results/ (README.md there).
+#
+#   bash reproduce.sh               full: the paper's settings. One CUDA GPU (A100/H100 class); roughly a day
+#                                   (3 seeds x {ce, conf, conf-gan, joint, joint-pt, kplus1} VGG-13 + AlexNet
+#                                   runs of 100 epochs on svhn and cifar10; a joint run costs ~4x a ce run).
+#                                   Data: svhn, cifar10, tinyimagenet, lsun, mnist under ./data (checked first;
+#                                   svhn / cifar10 / mnist are downloaded when missing and the network allows).
+#   bash reproduce.sh --quick       offline CPU analogue, ~20 min on 2 cores: fashion-mnist <-> mnist in the
+#                                   roles of svhn <-> cifar10; photos, uniform, gaussian as unseen OOD.
+#   bash reproduce.sh table1        one stage (table1..table6, figure1..figure5, figure7; also check-data, render);
+#   bash reproduce.sh --quick figure1   stages take --quick / --tiny too. Finished runs are never recomputed.
+#   bash reproduce.sh --tiny --results /tmp/r   a one-epoch slice of the quick pipeline (what the test runs).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python}
+MODE=full
+STAGE=all
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) MODE=quick ;;
+    --tiny) MODE=tiny ;;
+    --results) EXTRA+=(--results "$2"); shift ;;
+    --results=*) EXTRA+=(--results "${1#*=}") ;;
+    --jobs) EXTRA+=(--jobs "$2"); shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -*) echo "unknown option $1" >&2; exit 2 ;;
+    *) STAGE=$1 ;;
+  esac
+  shift
+done
+
+stage() { "$PY" reproduce.py "$1" --mode "$MODE" ${EXTRA[@]+"${EXTRA[@]}"}; }
+
+check_data() { stage check-data; }   # says which files are missing, where they go and how to get them
+table1() { stage table1; }   # baseline detector, VGG-13: cross entropy vs confidence loss (seen OOD)
+table2() { stage table2; }   # accuracy per regime: ce, conf-gan, joint, conf
+table3() { stage table3; }   # ECE with / without temperature scaling: ce vs joint
+table4() { stage table4; }   # AlexNet, baseline + ODIN: ce vs conf
+table5() { stage table5; }   # joint without / with the pull-away term
+table6() { stage table6; }   # K+1 class loss vs confidence loss, baseline + ODIN
+figure1() { stage figure1; } # 2-D: confidence loss with OOD from [-50,50]^2 vs [-20,20]^2
+figure2() { stage figure2; } # max-softmax histograms (ce vs conf) and ROC curves per training OOD set
+figure3() { stage figure3; } # original vs proposed GAN: 2-D mixture (a,b) and mnist DCGAN (c,d)
+figure4() { stage figure4; } # baseline detector per regime on unseen OOD sets
+figure5() { stage figure5; } # guided-backprop maps per loss, in- and out-of-distribution inputs
+figure7() { stage figure7; } # baseline vs ODIN, ce vs joint
+all() { stage all; }         # every run in one pool, then every table and figure, then results/README.md
+
+case "$STAGE" in
+  all|check_data|table1|table2|table3|table4|table5|table6|figure1|figure2|figure3|figure4|figure5|figure7) "$STAGE" ;;
+  check-data) check_data ;;
+  render) stage render ;;
+  *) echo "unknown stage $STAGE (all, check-data, render, table1..table6, figure1..figure5, figure7)" >&2; exit 2 ;;
+esac
