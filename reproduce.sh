@@ -11,7 +11,7 @@
 #                                   roles of svhn <-> cifar10; photos, uniform, gaussian as unseen OOD.
 #   bash reproduce.sh table1        one stage (table1..table6, figure1..figure5, figure7; also check-data, render);
 #   bash reproduce.sh --quick figure1   stages take --quick / --tiny too. Finished runs are never recomputed.
-#   bash reproduce.sh --tiny --results /tmp/r   a one-epoch slice of the quick pipeline (what the test runs).
+#   bash reproduce.sh --tiny --results out/tiny  a one-epoch slice of the quick pipeline (what the test runs).
 set -euo pipefail
 cd "$(dirname "$0")"
 
