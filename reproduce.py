@@ -265,7 +265,6 @@ def _load_uint8(name, split="test", root="data", verify=True, download_ok=False)
     return _load_cached(name, split, str(root), verify, download_ok)
 
 
-C.load_uint8 = _load_uint8
 
 
 def _threads(jobs: int):
@@ -275,6 +274,7 @@ def _threads(jobs: int):
 
 def _do_run(run: Run, mode: str, results: str, jobs: int) -> tuple[str, float]:
     _threads(jobs)
+    C.load_uint8 = _load_uint8          # memoised loads in this process (a pool worker, or main() itself)
     out = run_dir(run, mode, Path(results))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -1101,6 +1101,15 @@ FIGURES = {"figure1": lambda mo, re: {"figure1": figure1(mo, re)},
 
 
 def main(argv=None):
+    """The command line; confident.load_uint8 is memoised for the runs of this call only."""
+    orig, C.load_uint8 = C.load_uint8, _load_uint8
+    try:
+        _main(argv)
+    finally:
+        C.load_uint8 = orig
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(description="Reproduce the paper's tables and figures (see reproduce.sh).")
     p.add_argument("stage", choices=("all", "check-data", "render") + STAGES)
     p.add_argument("--mode", choices=tuple(MODES), default="full")
