@@ -956,7 +956,7 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
     The clean logits do not depend on T, so one forward (keeping its graph) gives every eps = 0 score and,
     per T, the logit gradient (softmax(z/T) - onehot(y_hat)) / T of the summed loss; one input-gradient
     backward per T through the kept graph gives sign(grad_x); one forward per T over all eps > 0 at once
-    (a batch of len(eps>0) * B) scores the perturbed inputs. Cost: 1 forward + nT backward + nT*(nE-1)
+    (in batches of `batch_size`) scores the perturbed inputs. Cost: 1 forward + nT backward + nT*(nE-1)
     forward-images, against 3 * nT * nE passes done point by point. Equal to `odin_scores` per point."""
     _check_images(x)
     Ts, Es = [float(t) for t in temperatures], [float(e) for e in epsilons]
@@ -1001,7 +1001,9 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
                 else:
                     sign = torch.where(gx >= 0, 1.0, -1.0)
                     xp = xb.detach()[None] - eps_pos.view(-1, 1, 1, 1, 1) * sign[None]
-                sp = _score_from_logits(model(xp.reshape(-1, *xb.shape[1:])), T, ood_class)
+                xp = xp.reshape(-1, *xb.shape[1:])                  # (nE+ * B, 3, 32, 32), in batches:
+                sp = torch.cat([_score_from_logits(model(xp[c]), T, ood_class)    # larger ones fall out of
+                                for c in _batches(len(xp), batch_size)])          # cache on a CPU
                 out[t, pos, s] = sp.view(len(pos), B).cpu()
         del logits
     model.train(was)
@@ -1030,12 +1032,19 @@ def _check_scores(s, what):
 
 
 def _rate_curves(score_in, score_out):
-    """Distinct sorted scores u (m+1,), and for each interval k: TPR_k = P(in > u_k), FPR_k = P(out > u_k)."""
-    u = np.unique(np.concatenate([score_in, score_out]))
-    si, so = np.sort(score_in), np.sort(score_out)
-    tpr = 1.0 - np.searchsorted(si, u[:-1], side="right") / len(si)
-    fpr = 1.0 - np.searchsorted(so, u[:-1], side="right") / len(so)
-    return u, tpr, fpr
+    """One sort of both sets: the distinct scores u (m+1,), how many in-/out-scores equal each (n_in_g,
+    n_out_g), and for each interval k between u_k and u_{k+1}: TPR_k = P(in > u_k), FPR_k = P(out > u_k)."""
+    s = np.concatenate([score_in, score_out])
+    is_in = np.zeros(len(s), dtype=np.int64)
+    is_in[:len(score_in)] = 1
+    order = np.argsort(s)                                                   # ties: any order
+    ss, cin = s[order], np.cumsum(is_in[order])                             # in-scores up to each position
+    last = np.flatnonzero(np.append(ss[1:] != ss[:-1], True))              # last position of each value
+    in_le = cin[last]                                                       # in-scores <= u_k
+    out_le = last + 1 - in_le                                               # out-scores <= u_k
+    tpr = 1.0 - in_le[:-1] / len(score_in)
+    fpr = 1.0 - out_le[:-1] / len(score_out)
+    return ss[last], tpr, fpr, np.diff(in_le, prepend=0), np.diff(out_le, prepend=0)
 
 
 def _aupr(recall: np.ndarray, precision: np.ndarray) -> float:
@@ -1051,7 +1060,7 @@ def ood_metrics(score_in, score_out) -> dict:
     """TNR at TPR 95%, AUROC, detection accuracy, AUPR-in and AUPR-out (fractions) with the authors'
     conventions (README: "Metric conventions"); plus `auroc_tie_aware` (Mann-Whitney, ties count half)."""
     si, so = _check_scores(score_in, "in-distribution scores"), _check_scores(score_out, "OOD scores")
-    u, tpr, fpr = _rate_curves(si, so)
+    u, tpr, fpr, n_in_g, n_out_g = _rate_curves(si, so)
     if len(u) < 2:   # every score equal: no threshold separates anything
         return dict(tnr_at_tpr95=0.0, auroc=0.5, detection_acc=0.5, aupr_in=0.5, aupr_out=0.5,
                     auroc_tie_aware=0.5)
@@ -1077,10 +1086,8 @@ def ood_metrics(score_in, score_out) -> dict:
     keep = np.cumprod(keep).astype(bool)                                      # the sweep stops at the first 0
     aupr_out = _aupr(r_out[keep], r_out[keep] / (r_out[keep] + f_out[keep]))
     # tie-aware AUROC = P(s_in > s_out) + P(s_in = s_out) / 2
-    so_sorted = np.sort(so)
-    less = np.searchsorted(so_sorted, si, side="left")
-    leq = np.searchsorted(so_sorted, si, side="right")
-    auroc_mw = float(np.sum(less + 0.5 * (leq - less)) / (len(si) * len(so)))
+    out_below = np.cumsum(n_out_g) - n_out_g                                  # out-scores below each value
+    auroc_mw = float(np.sum(n_in_g * (out_below + 0.5 * n_out_g)) / (len(si) * len(so)))
     return dict(tnr_at_tpr95=1.0 - fpr95, auroc=auroc, detection_acc=1.0 - det_err, aupr_in=aupr_in,
                 aupr_out=aupr_out, auroc_tie_aware=auroc_mw)
 
