@@ -260,16 +260,21 @@ def _missing(name: str, files: str, root: Path, how: str) -> ConfidentError:
 
 # --- idx (MNIST, Fashion-MNIST)
 
-def read_idx(path: Path, kind: str, what: str = "") -> np.ndarray:
-    """Parse an idx file (raw or .gz): magic 2051 images (N, rows, cols) or 2049 labels (N,)."""
-    what = what or str(path)
+def _idx_bytes(path: Path, what: str) -> bytes:
+    """An idx file's bytes, decompressed when it is gzipped."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
             raise ConfidentError(f"{what}: corrupt gzip ({e})") from None
-    return parse_idx(raw, kind, what)
+    return raw
+
+
+def read_idx(path: Path, kind: str, what: str = "") -> np.ndarray:
+    """Parse an idx file (raw or .gz): magic 2051 images (N, rows, cols) or 2049 labels (N,)."""
+    what = what or str(path)
+    return parse_idx(_idx_bytes(path, what), kind, what)
 
 
 def parse_idx(raw: bytes, kind: str, what: str) -> np.ndarray:
@@ -290,12 +295,7 @@ def parse_idx(raw: bytes, kind: str, what: str) -> np.ndarray:
 def _read_idx_checked(path: Path, name: str, n: str, kind: str, verify: bool, what: str = "") -> np.ndarray:
     """One idx file (raw or .gz): md5 of the decompressed bytes where known, then magic and shape."""
     what = what or str(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ConfidentError(f"{what}: corrupt gzip ({e})") from None
+    raw = _idx_bytes(path, what)
     _check_md5(what, raw, MD5.get((name, n)), verify)
     return parse_idx(raw, kind, what)
 

@@ -1005,7 +1005,8 @@ def claims(mode, results, figstats) -> list[tuple[str, str, str]]:
         out.append((f"Figure 2: the confidence loss separates {A} from {B} better than cross entropy "
                     "(ROC, any training OOD set)", ", ".join(f"{k2}: {100 * v:.1f}" for k2, v in a.items()),
                     verdict(better == len(a) - 1)))
-        near = [v for k2, v in a.items() if k2.endswith(f"({U[0]})") or k2.endswith(f"({U[1]})")]
+        real = [u for u in U[:2] if u not in ("uniform", "gaussian")]      # uniform noise is not "realistic"
+        near = [v for k2, v in a.items() if any(k2.endswith(f"({u})") for u in real)]
         gauss = a.get("Confidence loss (gaussian)")
         if near and gauss is not None:
             out.append(("Figure 2(c): realistic images are more useful training OOD than Gaussian noise",
