@@ -32,7 +32,6 @@ import math
 import os
 import pickle
 import platform
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -40,7 +39,7 @@ import tempfile
 import time
 import urllib.request
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -1114,7 +1113,6 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).float()
     idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
-    n = torch.bincount(idx, minlength=n_bins).float()
     acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
     conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
     return float(torch.sum((acc_sum - conf_sum).abs()) / len(probs))

@@ -5,7 +5,6 @@ import csv
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -2,7 +2,6 @@
 SVHN .mat, image folders), the noise sets, safe archive extraction, and every kind of bad input."""
 import gzip
 import hashlib
-import io
 import os
 import pickle
 import tarfile

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import confident
 from confident import ConfidentError, baseline_scores, build_classifier, odin_grid, odin_scores
 
 PAPER_TS = [1, 10, 100, 500, 1000]

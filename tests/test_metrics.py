@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import confident
 from confident import ConfidentError, expected_calibration_error, fit_temperature, ood_metrics
 
 KEYS = ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out")

@@ -2,7 +2,6 @@
 then checks of every table, figure, the runs CSV and the README it writes; plus the pieces that can be checked
 on their own (the transcribed paper numbers, guided backprop, the missing-data message)."""
 import csv
-import os
 import subprocess
 import sys
 import time
