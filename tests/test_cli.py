@@ -52,13 +52,18 @@ def _assert_same_state(a, b):
 def e2e(tmp_path_factory):
     """`confident.main([...])` from the repository root with the default --data-root (./data)."""
     out = tmp_path_factory.mktemp("e2e") / "run"
+    _main_in_root(E2E_ARGS + ["--output-dir", str(out)])
+    return out
+
+
+def _main_in_root(args):
+    """confident.main(args) run from the repository root, so that the default --data-root is ./data."""
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        confident.main(E2E_ARGS + ["--output-dir", str(out)])
+        confident.main(args)
     finally:
         os.chdir(cwd)
-    return out
 
 
 def test_main_end_to_end_writes_every_output(e2e):
@@ -142,12 +147,7 @@ def test_same_seed_cli_runs_give_identical_checkpoints(e2e, tmp_path):
     args = list(E2E_ARGS)
     args[args.index("--extra-ood") + 1] = "none"
     args[args.index("--temperatures") + 1] = "1"
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        confident.main(args + ["--output-dir", str(out)])
-    finally:
-        os.chdir(cwd)
+    _main_in_root(args + ["--output-dir", str(out)])
     _assert_same_state(_load_state(e2e / "checkpoint.pt"), _load_state(out / "checkpoint.pt"))
 
 
