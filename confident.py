@@ -585,6 +585,17 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+def available(name: str, root: str | Path) -> bool:
+    """True when `name` can be loaded (and passes its checks) without a download."""
+    if name in ("gaussian", "uniform"):
+        return True
+    try:
+        load_uint8(name, "test", root, download_ok=False)
+        return True
+    except ConfidentError:
+        return False
+
+
 # ------------------------------------------------------------------------------------------------
 # Models (paper App. B and the authors' code). Inputs are 3x32x32 in [0, 1]; `width` scales every layer.
 

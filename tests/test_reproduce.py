@@ -14,19 +14,12 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import reproduce as R  # noqa: E402
-import confident as C  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _have_offline_data():
-    return all(C.available(n, ROOT / "data") for n in ("fashion-mnist", "mnist", "photos"))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    if not _have_offline_data():
-        pytest.skip("fashion-mnist / mnist / photos not installed (see README 'Data')")
     out = tmp_path_factory.mktemp("repro")
     t0 = time.time()
     p = subprocess.run(["bash", "reproduce.sh", "--tiny", "--results", str(out)], cwd=ROOT, capture_output=True,
