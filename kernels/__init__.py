@@ -1,7 +1,7 @@
 """Triton kernels for confidence-calibrated classifiers and ODIN scoring.
 
 ``AVAILABLE`` tells whether Triton could be imported; only then are
-``kl_uniform_rows``, ``confidence_loss``, ``odin_logit_grads`` and
+``kl_uniform_rows``, ``kl_uniform_mean``, ``confidence_loss``, ``odin_logit_grads`` and
 ``odin_perturb`` exported. Importing this package never touches a GPU.
 Use ``can_run(t)`` to decide whether the kernels can run on tensor ``t``:
 CUDA tensors, or any tensor when ``TRITON_INTERPRET=1`` (Triton's CPU
@@ -15,7 +15,7 @@ import torch
 try:
     import triton  # noqa: F401
 
-    from .kl_uniform import confidence_loss, kl_uniform_rows
+    from .kl_uniform import confidence_loss, kl_uniform_mean, kl_uniform_rows
     from .odin import odin_logit_grads, odin_perturb
 
     AVAILABLE = True
@@ -24,7 +24,7 @@ except Exception:  # triton missing or unusable on this machine
 
 __all__ = ["AVAILABLE", "can_run"]
 if AVAILABLE:
-    __all__ += ["kl_uniform_rows", "confidence_loss", "odin_logit_grads", "odin_perturb"]
+    __all__ += ["kl_uniform_rows", "kl_uniform_mean", "confidence_loss", "odin_logit_grads", "odin_perturb"]
 
 
 def can_run(t: torch.Tensor) -> bool:

@@ -5,6 +5,8 @@
 Rows:
   kl_uniform_rows fwd+bwd and fwd, batch x K grid, vs the eager reference
   logsumexp(z) - mean(z) - log K (autograd) and torch.compile of it;
+  kl_uniform_mean fwd+bwd (the batch mean a loss uses; backward from 1.0),
+  vs the eager and compiled mean of that reference;
   odin_logit_grads (nT = 5) vs the eager per-temperature softmax;
   odin_perturb (nE = 4) vs eager x - eps * sign(g) / std.
 
@@ -79,6 +81,10 @@ def copy_bandwidth_gbs(device, timer):
 
 def kl_ref(z):
     return torch.logsumexp(z.float(), dim=1) - z.float().mean(dim=1) - math.log(z.shape[1])
+
+
+def kl_mean_ref(z):
+    return kl_ref(z).mean()
 
 
 def odin_ref(z, temps):
@@ -184,6 +190,7 @@ def main(argv=None):
             return None
 
     compiled_kl = try_compile(kl_ref, dynamic=True if tiny else None)
+    compiled_kl_mean = try_compile(kl_mean_ref, dynamic=True if tiny else None)
 
     # ---- kl_uniform_rows
     for B in batches:
@@ -214,6 +221,18 @@ def main(argv=None):
                     if impl == "eager":
                         eager_ms = ms
                     record("kl_uniform_rows", mode, impl, shape, ms, nbytes, eager_ms)
+            # the batch mean a training loss uses, fwd + loss.backward() (upstream gradient 1)
+            impls = [("eager", kl_mean_ref)]
+            if compiled_kl_mean is not None:
+                impls.append(("compile", compiled_kl_mean))
+            if run_triton:
+                impls.append(("triton", kernels.kl_uniform_mean))
+            eager_ms = None
+            for impl, fn in impls:
+                ms = timed(lambda fn=fn: torch.autograd.grad(fn(z), z))
+                if impl == "eager":
+                    eager_ms = ms
+                record("kl_uniform_mean", "fwd+bwd", impl, shape, ms, 2 * B * K * esize, eager_ms)
             del z
 
     # ---- odin_logit_grads, nT = 5

@@ -43,9 +43,18 @@ even at |z| = 1e4.
 All arithmetic is fp32 whatever the input dtype; the gradient is stored in the
 input dtype.
 
-The gradient is computed in the forward launch and saved; backward only
-scales it by the upstream gradient (and skips even that for a scalar
-upstream gradient of exactly 1.0, the usual ``loss.backward()`` case).
+Both kernels share one row routine (``_row_loss``): a KL row is a row with
+no label (y = -1), and every row's loss and gradient carry a scale (1, or
+the 1/B of a batch mean, or beta/n_out).
+
+The gradient is computed in the forward launch and saved. For the scalar
+losses (``kl_uniform_mean``, ``confidence_loss``) it is saved already
+divided by the row count, so backward returns it as it is when the upstream
+gradient is exactly 1.0 (the usual ``loss.backward()``) and otherwise scales
+it once. Telling 1.0 apart reads one number from the device (a host sync);
+the alternative, an unconditional multiply, re-reads and re-writes the whole
+(B, K) gradient. ``kl_uniform_rows`` (per-row output) always scales by the
+(B,) upstream gradient in one fused pass.
 """
 
 import math
@@ -92,6 +101,66 @@ def _is_one(grad_output):
 
 
 @triton.jit
+def _row_loss(
+    x_row,
+    g_row,
+    n_cols,
+    y,
+    x_y,
+    scale,
+    inv_n,
+    log_n,
+    BLOCK: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    """One row of logits: scale * CE (when y >= 0; x_y = z_y) or scale * KL(U || softmax(z)) (when y < 0).
+    With WRITE_GRAD it also stores scale * (softmax(z) - target) at g_row, target = onehot(y) or 1/K."""
+    is_in = y >= 0
+    if NUM_BLOCKS == 1:
+        # the whole row in registers: read once
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        e = tl.exp(x - m)
+        d = tl.sum(e, axis=0)
+        s = tl.sum(tl.where(mask, x - m, 0.0), axis=0)
+        log_d = tl.log(d)
+        loss = tl.where(is_in, (m - x_y) + log_d, log_d - s * inv_n - log_n)
+        if WRITE_GRAD:
+            target = tl.where(is_in, tl.where(offs == y, 1.0, 0.0), inv_n)
+            g = (e / d - target) * scale
+            tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+    else:
+        # online pass: running max m, sum of exp(z - m) rescaled as m grows, and sum of (z - z_0)
+        c = tl.load(x_row).to(tl.float32)
+        m = float("-inf")
+        d = 0.0
+        s = 0.0
+        for b in range(NUM_BLOCKS):
+            offs = b * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            s += tl.sum(tl.where(mask, x - c, 0.0), axis=0)
+            m = m_new
+        log_d = tl.log(d)
+        loss = tl.where(is_in, (m - x_y) + log_d, (m - c) + log_d - s * inv_n - log_n)
+        if WRITE_GRAD:
+            lse = m + log_d
+            for b in range(NUM_BLOCKS):
+                offs = b * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < n_cols
+                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                target = tl.where(is_in, tl.where(offs == y, 1.0, 0.0), inv_n)
+                g = (tl.exp(x - lse) - target) * scale
+                tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+    return loss * scale
+
+
+@triton.jit
 def _kl_uniform_kernel(
     X_ptr,
     X_stride,
@@ -101,51 +170,16 @@ def _kl_uniform_kernel(
     n_cols,
     inv_n,
     log_n,
+    scale,
     BLOCK: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
+    """Every row is an OOD row: L[i] = scale * KL_i, G[i] = scale * (softmax(z_i) - 1/K)."""
     row = tl.program_id(0).to(tl.int64)
-    x_row = X_ptr + row * X_stride
-    g_row = G_ptr + row * G_stride
-
-    if NUM_BLOCKS == 1:
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n_cols
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        m = tl.max(x, axis=0)
-        e = tl.exp(x - m)
-        d = tl.sum(e, axis=0)
-        s = tl.sum(tl.where(mask, x - m, 0.0), axis=0)
-        tl.store(L_ptr + row, tl.log(d) - s * inv_n - log_n)
-        if WRITE_GRAD:
-            g = e / d - inv_n
-            tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=mask)
-    else:
-        c = tl.load(x_row).to(tl.float32)
-        m = float("-inf")
-        d = 0.0
-        s = 0.0
-        for b in range(NUM_BLOCKS):
-            start = b * BLOCK
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < n_cols
-            x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            s += tl.sum(tl.where(mask, x - c, 0.0), axis=0)
-            m = m_new
-        log_d = tl.log(d)
-        lse = m + log_d
-        tl.store(L_ptr + row, (m - c) + log_d - s * inv_n - log_n)
-        if WRITE_GRAD:
-            for b in range(NUM_BLOCKS):
-                start = b * BLOCK
-                offs = start + tl.arange(0, BLOCK)
-                mask = offs < n_cols
-                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                g = tl.exp(x - lse) - inv_n
-                tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=mask)
+    loss = _row_loss(X_ptr + row * X_stride, G_ptr + row * G_stride, n_cols, -1, 0.0, scale, inv_n, log_n,
+                     BLOCK, NUM_BLOCKS, WRITE_GRAD)
+    tl.store(L_ptr + row, loss)
 
 
 @triton.jit
@@ -165,61 +199,19 @@ def _confidence_loss_kernel(
     NUM_BLOCKS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
+    """Row i is in-distribution (T[i] >= 0: CE / n_in) or OOD (T[i] == -1: beta * KL / n_out)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X_ptr + row * X_stride
-    g_row = G_ptr + row * G_stride
-
     y = tl.load(T_ptr + row).to(tl.int32)
-    is_in = y >= 0
     # Per-group row counts live on the device (no host sync); empty groups
     # have no rows, so clamping their count to 1 never changes the result.
     n_in = tl.maximum(tl.load(N_ptr).to(tl.float32), 1.0)
     n_out = tl.maximum(tl.load(N_ptr + 1).to(tl.float32), 1.0)
-    scale = tl.where(is_in, 1.0 / n_in, beta / n_out)
+    scale = tl.where(y >= 0, 1.0 / n_in, beta / n_out)
     x_y = tl.load(x_row + tl.maximum(y, 0)).to(tl.float32)
-
-    if NUM_BLOCKS == 1:
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n_cols
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        m = tl.max(x, axis=0)
-        e = tl.exp(x - m)
-        d = tl.sum(e, axis=0)
-        s = tl.sum(tl.where(mask, x - m, 0.0), axis=0)
-        log_d = tl.log(d)
-        loss = tl.where(is_in, (m - x_y) + log_d, log_d - s * inv_n - log_n)
-        tl.store(L_ptr + row, loss * scale)
-        if WRITE_GRAD:
-            target = tl.where(is_in, tl.where(offs == y, 1.0, 0.0), inv_n)
-            g = (e / d - target) * scale
-            tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=mask)
-    else:
-        c = tl.load(x_row).to(tl.float32)
-        m = float("-inf")
-        d = 0.0
-        s = 0.0
-        for b in range(NUM_BLOCKS):
-            start = b * BLOCK
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < n_cols
-            x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            s += tl.sum(tl.where(mask, x - c, 0.0), axis=0)
-            m = m_new
-        log_d = tl.log(d)
-        lse = m + log_d
-        loss = tl.where(is_in, (m - x_y) + log_d, (m - c) + log_d - s * inv_n - log_n)
-        tl.store(L_ptr + row, loss * scale)
-        if WRITE_GRAD:
-            for b in range(NUM_BLOCKS):
-                start = b * BLOCK
-                offs = start + tl.arange(0, BLOCK)
-                mask = offs < n_cols
-                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                target = tl.where(is_in, tl.where(offs == y, 1.0, 0.0), inv_n)
-                g = (tl.exp(x - lse) - target) * scale
-                tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=mask)
+    loss = _row_loss(x_row, G_ptr + row * G_stride, n_cols, y, x_y, scale, inv_n, log_n,
+                     BLOCK, NUM_BLOCKS, WRITE_GRAD)
+    tl.store(L_ptr + row, loss)
 
 
 @triton.jit
@@ -246,8 +238,8 @@ def scale_rows(grad, row_scale):
     return out
 
 
-def kl_uniform_forward(logits, write_grad=True):
-    """Launch the KL kernel. Returns (loss (B,) fp32, grad (B, K) or None)."""
+def kl_uniform_forward(logits, write_grad=True, scale=1.0):
+    """Launch the KL kernel. Returns (scale * loss (B,) fp32, scale * grad (B, K) or None)."""
     logits = _rows_2d(logits)
     n_rows, n_cols = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -265,6 +257,7 @@ def kl_uniform_forward(logits, write_grad=True):
         n_cols,
         1.0 / n_cols,
         math.log(n_cols),
+        float(scale),
         BLOCK=block,
         NUM_BLOCKS=num_blocks,
         WRITE_GRAD=write_grad,
@@ -345,6 +338,27 @@ class KLUniformFunction(torch.autograd.Function):
         return scale_rows(grad, grad_output.to(torch.float32))
 
 
+class KLUniformMeanFunction(torch.autograd.Function):
+    """weight * mean_i KL_i. The forward launch writes the gradient already multiplied by weight / B, so the
+    usual ``loss.backward()`` (upstream gradient exactly 1.0) returns it untouched: one read of the logits and
+    one write of the gradient in all, against two more passes when backward has to scale a saved (B, K)."""
+
+    @staticmethod
+    def forward(ctx, logits, weight):
+        n_rows = logits.shape[0]
+        loss, grad = kl_uniform_forward(logits, write_grad=logits.requires_grad, scale=weight / max(n_rows, 1))
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if not _is_one(grad_output):
+            grad = (grad_output * grad).to(grad.dtype)
+        return grad, None
+
+
 class ConfidenceLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, beta):
@@ -370,6 +384,24 @@ def kl_uniform_rows(logits):
     if not (torch.is_grad_enabled() and isinstance(logits, torch.Tensor) and logits.requires_grad):
         return kl_uniform_forward(logits, write_grad=False)[0]  # forward-only launch
     return KLUniformFunction.apply(logits)
+
+
+def kl_uniform_mean(logits, weight=1.0):
+    """weight * mean over rows of KL(U || softmax(logits)), a scalar float32 tensor, differentiable.
+
+    The batch mean the confidence loss and the generator's loss use (Eq. 1 and 3), in one launch whose
+    gradient needs no further pass when it is the whole loss (see KLUniformMeanFunction). An empty batch
+    gives 0.
+    """
+    if isinstance(weight, torch.Tensor):
+        weight = float(weight)
+    weight = float(weight)
+    if not (weight >= 0.0) or math.isinf(weight):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+    if not (torch.is_grad_enabled() and isinstance(logits, torch.Tensor) and logits.requires_grad):
+        n_rows = _rows_2d(logits).shape[0]
+        return kl_uniform_forward(logits, write_grad=False, scale=weight / max(n_rows, 1))[0].sum()
+    return KLUniformMeanFunction.apply(logits, weight)
 
 
 def confidence_loss(logits, targets, beta):

@@ -129,6 +129,56 @@ def test_kl_uniform_mean_reduction():
     torch.testing.assert_close(z.grad, expect, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_kl_uniform_mean(shape, weight):
+    B, K = shape
+    z0 = torch.randn(B, K, device=DEVICE)
+    z = z0.clone().requires_grad_(True)
+    out = kernels.kl_uniform_mean(z, weight)
+    assert out.shape == () and out.dtype == torch.float32
+    out.backward()
+    torch.testing.assert_close(out, weight * kl_uniform_ref(z0).mean(), atol=1e-5, rtol=1e-5)
+    closed = weight * (torch.softmax(z0, 1) - 1.0 / K) / B
+    torch.testing.assert_close(z.grad, closed, atol=1e-6, rtol=1e-5)
+
+
+def test_kl_uniform_mean_upstream_retain_graph_and_half():
+    z0 = torch.randn(6, 300, device=DEVICE)
+    closed = (torch.softmax(z0, 1) - 1.0 / 300) / 6
+    z = z0.clone().requires_grad_(True)
+    out = kernels.kl_uniform_mean(z)
+    (2.5 * out).backward(retain_graph=True)        # upstream 2.5: scaled once
+    torch.testing.assert_close(z.grad, 2.5 * closed, atol=1e-6, rtol=1e-5)
+    out.backward(retain_graph=True)                # upstream 1: the saved gradient, accumulated, never aliased
+    out.backward()
+    torch.testing.assert_close(z.grad, 4.5 * closed, atol=1e-6, rtol=1e-5)
+    g = torch.zeros_like(z0).requires_grad_(True)  # a first backward lands in an empty .grad: if .grad were
+    out = kernels.kl_uniform_mean(g + z0)          # the saved tensor itself, the third would give 4x, not 3x
+    out.backward(retain_graph=True)
+    first = g.grad.clone()
+    out.backward(retain_graph=True)
+    out.backward()
+    torch.testing.assert_close(g.grad, 3 * first)
+    zb = z0.to(torch.bfloat16).requires_grad_(True)
+    kernels.kl_uniform_mean(zb).backward()
+    assert zb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(zb.grad.float(), (torch.softmax(zb.detach().float(), 1) - 1.0 / 300) / 6,
+                               atol=1e-4, rtol=1e-2)
+
+
+def test_kl_uniform_mean_no_grad_empty_and_bad_weight():
+    z = torch.randn(5, 40, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        out = kernels.kl_uniform_mean(z, 2.0)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, 2.0 * kl_uniform_ref(z.detach()).mean(), atol=1e-5, rtol=1e-5)
+    assert float(kernels.kl_uniform_mean(torch.empty(0, 10, device=DEVICE))) == 0.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight"):
+            kernels.kl_uniform_mean(z, bad)
+
+
 def test_kl_uniform_no_grad():
     z = torch.randn(8, 300, device=DEVICE, requires_grad=True)
     with torch.no_grad():
