@@ -83,7 +83,7 @@ class Config:
     resume: bool = False             # continue from output_dir/train_state.pt
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 500       # batch size for scoring
-    amp: bool = False                # bf16 autocast on CUDA for training
+    amp: bool = False                # bf16 autocast for training (CUDA, or CPU)
     channels_last: bool = False      # channels_last memory format on CUDA
     impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
     log_every: int = 50              # print progress every N steps
@@ -798,7 +798,7 @@ def kl_to_uniform(logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     Equal to the authors' `F.kl_div(F.log_softmax(z), U) * K`; gradient (softmax(z) - 1/K) / B."""
     B, K = _check_logits(logits, "kl_to_uniform")
     if _use_triton(logits, impl):
-        return _kernels().kl_uniform_rows(logits).mean()
+        return _kernels().kl_uniform_mean(logits)
     z = logits if logits.dtype == torch.float64 else logits.float()      # fp32 at least; keep fp64 exact
     return (torch.logsumexp(z, dim=1) - z.mean(dim=1)).mean() - math.log(K)
 
@@ -1184,6 +1184,7 @@ class Trainer:
     Everything a resume needs is in `state_dict()`."""
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device, log=print):
+        cfg = resolve(cfg)                               # the paper's defaults for -1 values; checks the rest
         self.cfg, self.device, self.log = cfg, device, log
         self.K = num_classes
         uses_gan = cfg.method in ("conf-gan", "joint", "joint-pt")
@@ -1210,8 +1211,10 @@ class Trainer:
         return self.raw
 
     def _amp(self):
-        """bf16 autocast on CUDA when --amp (the BCE terms take logits in fp32, so they are safe under it)."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.amp and self.device.type == "cuda")
+        """bf16 autocast when --amp, on CUDA or the CPU (the BCE terms take logits in fp32, so they are
+        safe under it); evaluation stays fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.amp and self.device.type in ("cuda", "cpu"))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "rng": rng_state(),
@@ -1299,6 +1302,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     """The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir, resumes
     from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation."""
     device = device or torch.device("cpu")
+    cfg = resolve(cfg)                                   # a Config straight from a caller may hold -1 defaults
     set_seed(cfg.seed)
     if x_train.ndim != 4 or x_train.shape[1] not in (1, 3) or x_train.shape[2:] != (32, 32) \
             or y_train.ndim != 1 or len(x_train) != len(y_train):
@@ -1594,6 +1598,15 @@ def run(cfg: Config, log=print) -> dict:
                 log0(f"skipping OOD set {n!r}: {e}")
             continue
         ood_test[n] = x[:cfg.eval_limit] if cfg.eval_limit else x
+    # evaluation needs more than --val-size images of every set: say so now, not after training
+    v = cfg.val_size
+    if len(x_te) <= v:
+        raise ConfidentError(f"{cfg.in_data}: {len(x_te)} test images, need more than --val-size {v}")
+    for n in list(ood_test):
+        if len(ood_test[n]) <= v:
+            if n in names:
+                raise ConfidentError(f"OOD set {n!r}: {len(ood_test[n])} images, need more than --val-size {v}")
+            log0(f"skipping OOD set {n!r}: {len(ood_test.pop(n))} images, need more than --val-size {v}")
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
     if master:

@@ -231,6 +231,28 @@ def test_run_rejects_bad_config_before_writing(tmp_path):
         confident.run(_tiny("conf", tmp_path / "bad2", out_data="fashion-mnist"), log=_quiet)
 
 
+
+def test_too_small_evaluation_sets_fail_before_training(tmp_path, cached_loads, monkeypatch):
+    """--val-size must leave images to score in every set; found out before any training, not after it."""
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking the evaluation sets")
+    monkeypatch.setattr(confident, "train", no_training)
+    with pytest.raises(ConfidentError, match=r"fashion-mnist: 150 test images, need more than --val-size 150"):
+        confident.run(_tiny("ce", tmp_path / "a", val_size=150), log=_quiet)
+    assert not (tmp_path / "a" / "train_state.pt").exists()
+    # the OOD set named by --out is too small: an error naming it, still before training
+    real = confident.load_uint8
+    monkeypatch.setattr(confident, "load_uint8", lambda n, *a, **k: (lambda r: (r[0][:40], r[1][:40])
+                        if n == "mnist" else r)(real(n, *a, **k)))
+    with pytest.raises(ConfidentError, match=r"OOD set 'mnist': 40 images, need more than --val-size 50"):
+        confident.run(_tiny("ce", tmp_path / "b"), log=_quiet)
+    # a too-small optional extra set is skipped with a message, and the run goes on to train
+    logs = []
+    with pytest.raises(AssertionError, match="trained before"):
+        confident.run(_tiny("ce", tmp_path / "c", out_data="gaussian", extra_ood="auto"), log=logs.append)
+    assert any("skipping OOD set 'mnist': 40 images" in m for m in logs), logs
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input at the command line: `python confident.py ...` from the repository root
 
