@@ -84,7 +84,7 @@ def bench_odin(args, dev, rows, notes):
     amp = contextlib.nullcontext
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
-        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)   # noqa: E731
+        amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)   # noqa: E731
     x = torch.rand(2 * args.n, 3, 32, 32).to(dev)     # N in + N out: the grid does not care which is which
     Ts, Es = [1.0, 10.0, 100.0, 500.0, 1000.0], [0.0, 0.0001, 0.001, 0.01]
     nT, nE, bs, N = len(Ts), len(Es), args.batch_size, len(x)
@@ -255,7 +255,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch1-images", type=int, default=10)
     p.add_argument("--metric-thresholds", type=int, default=200_000)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last (CUDA)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (+ channels_last on CUDA)")
     p.add_argument("--impl", default="auto", help="auto | torch | triton")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--json", default="bench.json")

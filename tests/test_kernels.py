@@ -167,6 +167,26 @@ def test_kl_uniform_mean_upstream_retain_graph_and_half():
                                atol=1e-4, rtol=1e-2)
 
 
+def test_kl_uniform_mean_backward_from_one_is_the_forward_gradient(monkeypatch):
+    """loss.backward() hands autograd the gradient the forward launch wrote (already scaled): no further pass."""
+    from kernels import kl_uniform as ku
+    written = []
+    real = ku.kl_uniform_forward
+
+    def spy(*a, **k):
+        loss, grad = real(*a, **k)
+        written.append(grad)
+        return loss, grad
+    monkeypatch.setattr(ku, "kl_uniform_forward", spy)
+    z = torch.randn(4, 30, device=DEVICE, requires_grad=True)
+    seen = []
+    z.register_hook(seen.append)
+    kernels.kl_uniform_mean(z, 0.5).backward()
+    assert len(written) == 1 and len(seen) == 1
+    assert seen[0].data_ptr() == written[0].data_ptr()
+    torch.testing.assert_close(z.grad, 0.5 * (torch.softmax(z.detach(), 1) - 1.0 / 30) / 4)
+
+
 def test_kl_uniform_mean_no_grad_empty_and_bad_weight():
     z = torch.randn(5, 40, device=DEVICE, requires_grad=True)
     with torch.no_grad():
