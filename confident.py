@@ -1335,6 +1335,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     steps = N // (B * world)                                  # drop the last partial batch (as a sampler would)
     x_train_dev, y_train_dev = x_train.to(device), y_train.to(device)   # uint8 on the device, batched there
     x_ood_dev = x_ood.to(device) if x_ood is not None else None
+    prev_c = None                                             # last epoch's mean classifier loss
     while tr.epoch < tr.total_epochs:
         e = tr.epoch
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + e)       # same order on every rank and resume
@@ -1367,6 +1368,12 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                 log(f"epoch {e + 1}/{tr.total_epochs} step {i + 1}/{steps} | "
                     + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                     + f" | {seen / (time.time() - t0):.0f} img/s")
+        if "c" in sums and steps:
+            c = float(sums["c"]) / steps
+            if prev_c is not None and cfg.method in ("joint", "joint-pt") and c > 1.05 * prev_c:
+                log(f"warning: the classifier loss rose this epoch ({prev_c:.4f} -> {c:.4f}); in joint training "
+                    f"that has gone with a collapse of accuracy and detection (README, main job)")
+            prev_c = c
         tr.end_epoch()
         if state_path is not None and rank == 0:
             atomic_save(tr.state_dict(), state_path)

@@ -324,3 +324,20 @@ def test_conf_gan_schedules_count_each_networks_own_epochs():
         tr.end_epoch()
     assert [s["G"] for s in seen[:3]] == pytest.approx([2e-4, 2e-4, 2e-5])       # GAN epochs 1-3
     assert [s["net"] for s in seen[3:]] == pytest.approx([2e-4, 2e-4, 2e-5])     # classifier epochs 1-3
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+@pytest.mark.parametrize("method,losses,warned", [("joint", (1.0, 1.2), True), ("joint", (1.0, 1.04), False),
+                                                  ("joint", (1.2, 1.0), False), ("ce", (1.0, 1.2), False)])
+def test_rising_classifier_loss_in_joint_training_is_flagged(fmnist_slice, monkeypatch, method, losses, warned):
+    """Joint training that collapses shows it as a rising classifier loss (README): the log says so."""
+    def step(self, x, y, x_out=None):
+        return {"c": torch.tensor(losses[self.epoch])}
+    monkeypatch.setattr(confident.Trainer, "step", step)
+    logs = []
+    x, y = fmnist_slice
+    confident.train(_tiny(method, "", epochs=2, log_every=1000), x[:128], y[:128], log=logs.append)
+    hits = [m for m in logs if m.startswith("warning: the classifier loss rose")]
+    assert len(hits) == int(warned), logs
+    if warned:
+        assert f"({losses[0]:.4f} -> {losses[1]:.4f})" in hits[0]
