@@ -93,8 +93,8 @@ PAPER_DEFAULTS = {"cifar10": dict(beta=0.1, batch_size=64), "svhn": dict(beta=1.
 METHODS = ("ce", "conf", "conf-gan", "joint", "joint-pt", "kplus1")
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill the paper's defaults and check every value; raises ConfidentError naming the bad one."""
+def with_defaults(cfg: Config) -> Config:
+    """A copy of cfg with every -1 ("the paper's default") replaced by its value for cfg.in_data."""
     cfg = dataclasses.replace(cfg)
     d = PAPER_DEFAULTS.get(cfg.in_data, dict(beta=1.0, batch_size=128))
     if cfg.beta == -1.0:
@@ -103,6 +103,12 @@ def resolve(cfg: Config) -> Config:
         cfg.batch_size = d["batch_size"]
     if cfg.gan_epochs == -1:
         cfg.gan_epochs = cfg.epochs
+    return cfg
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the paper's defaults and check every value; raises ConfidentError naming the bad one."""
+    cfg = with_defaults(cfg)
     if cfg.method not in METHODS:
         raise ConfidentError(f"unknown method {cfg.method!r}: expected one of {', '.join(METHODS)}")
     if cfg.model not in CLASSIFIERS:
@@ -1184,7 +1190,7 @@ class Trainer:
     Everything a resume needs is in `state_dict()`."""
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device, log=print):
-        cfg = resolve(cfg)                               # the paper's defaults for -1 values; checks the rest
+        cfg = with_defaults(cfg)                         # the paper's values for -1 (a Config built in code)
         self.cfg, self.device, self.log = cfg, device, log
         self.K = num_classes
         uses_gan = cfg.method in ("conf-gan", "joint", "joint-pt")
@@ -1302,7 +1308,9 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     """The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir, resumes
     from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation."""
     device = device or torch.device("cpu")
-    cfg = resolve(cfg)                                   # a Config straight from a caller may hold -1 defaults
+    cfg = with_defaults(cfg)                             # a Config built in code may hold -1 defaults
+    if cfg.batch_size < 2:
+        raise ConfidentError(f"batch_size {cfg.batch_size}: expected >= 2")
     set_seed(cfg.seed)
     if x_train.ndim != 4 or x_train.shape[1] not in (1, 3) or x_train.shape[2:] != (32, 32) \
             or y_train.ndim != 1 or len(x_train) != len(y_train):

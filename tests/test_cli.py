@@ -341,3 +341,16 @@ def test_rising_classifier_loss_in_joint_training_is_flagged(fmnist_slice, monke
     assert len(hits) == int(warned), logs
     if warned:
         assert f"({losses[0]:.4f} -> {losses[1]:.4f})" in hits[0]
+
+
+def test_train_takes_a_config_built_in_code_and_any_data_name(fmnist_slice):
+    """A library caller's Config keeps its -1 defaults (batch 128 here: one step on 128 images) and may name
+    its own data; train() fills the defaults rather than silently taking no step."""
+    x, y = fmnist_slice
+    cfg = Config(in_data="my-own-images", model="simple_cnn", width=0.25, method="ce", epochs=1, log_every=1)
+    logs = []
+    tr = confident.train(cfg, x, y, log=logs.append)
+    assert tr.cfg.batch_size == 128 and tr.cfg.beta == 1.0
+    assert any("step 1/1" in m for m in logs), logs
+    with pytest.raises(ConfidentError, match="batch_size 0"):
+        confident.train(dataclasses.replace(cfg, batch_size=0), x, y, log=logs.append)
