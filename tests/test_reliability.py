@@ -277,7 +277,7 @@ def test_corrupt_gzip_and_checksum_mismatch(tmp_path, monkeypatch):
         confident.load_uint8("mnist", "test", tmp_path)
 
 
-# the offline copy confident.py knows of (README "Data"); skipped where it is not installed
+# the offline copy confident.py knows of (README "Data"); CI installs it, and the test fails where it is missing
 FASHION = next((Path(d) for d in confident.OFFLINE_DIRS["fashion-mnist"]
                 if (Path(d) / "t10k-labels-idx1-ubyte.gz").exists()), Path("missing"))
 
