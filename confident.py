@@ -1308,9 +1308,6 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     """The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir, resumes
     from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation."""
     device = device or torch.device("cpu")
-    cfg = with_defaults(cfg)                             # a Config built in code may hold -1 defaults
-    if cfg.batch_size < 2:
-        raise ConfidentError(f"batch_size {cfg.batch_size}: expected >= 2")
     set_seed(cfg.seed)
     if x_train.ndim != 4 or x_train.shape[1] not in (1, 3) or x_train.shape[2:] != (32, 32) \
             or y_train.ndim != 1 or len(x_train) != len(y_train):
@@ -1323,6 +1320,9 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
         raise ConfidentError(f"{cfg.in_data}: training labels in [{int(y_train.min())}, {int(y_train.max())}], "
                              f"expected [0, {num_classes})")
     tr = Trainer(cfg, num_classes, device, log)
+    cfg = tr.cfg                                              # with the paper's values for any -1 left in cfg
+    if cfg.batch_size < 2:
+        raise ConfidentError(f"batch_size {cfg.batch_size}: expected >= 2")
     state_path = out_dir / "train_state.pt" if out_dir else None
     if cfg.resume:
         if state_path is None or not state_path.exists():
@@ -1453,6 +1453,10 @@ def _sharded(fn, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def _too_few_to_score(what: str, n: int, v: int) -> str:
+    return f"{what}: {n} images, need more than --val-size {v}"
+
+
 def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=print) -> dict:
     """The paper's protocol: the first `val_size` test images of the in-set and of each OOD set tune ODIN's
     (T, eps) (minimum detection error) and fit temperature scaling; metrics on the rest. The baseline has
@@ -1460,7 +1464,7 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
     Ts, Es = parse_floats(cfg.temperatures, "temperatures"), parse_floats(cfg.epsilons, "epsilons")
     v = cfg.val_size
     if len(x_in) <= v:
-        raise ConfidentError(f"{cfg.in_data}: {len(x_in)} test images, need more than --val-size {v}")
+        raise ConfidentError(_too_few_to_score(f"{cfg.in_data} test set", len(x_in), v))
     ood_class = getattr(model, "ood_class", False)
     t0 = time.time()
     bs = cfg.eval_batch_size
@@ -1479,7 +1483,7 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
     base_in = _score_from_logits(logits, 1.0, ood_class)
     for name, x_out in ood_sets.items():
         if len(x_out) <= v:
-            raise ConfidentError(f"OOD set {name!r}: {len(x_out)} images, need more than --val-size {v}")
+            raise ConfidentError(_too_few_to_score(f"OOD set {name!r}", len(x_out), v))
         t1 = time.time()
         grid_out = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_out, dim=2)
         base_out = _sharded(lambda x: baseline_scores(model, x, bs), x_out)
@@ -1616,12 +1620,12 @@ def run(cfg: Config, log=print) -> dict:
     # evaluation needs more than --val-size images of every set: say so now, not after training
     v = cfg.val_size
     if len(x_te) <= v:
-        raise ConfidentError(f"{cfg.in_data}: {len(x_te)} test images, need more than --val-size {v}")
+        raise ConfidentError(_too_few_to_score(f"{cfg.in_data} test set", len(x_te), v))
     for n in list(ood_test):
         if len(ood_test[n]) <= v:
             if n in names:
-                raise ConfidentError(f"OOD set {n!r}: {len(ood_test[n])} images, need more than --val-size {v}")
-            log0(f"skipping OOD set {n!r}: {len(ood_test.pop(n))} images, need more than --val-size {v}")
+                raise ConfidentError(_too_few_to_score(f"OOD set {n!r}", len(ood_test[n]), v))
+            log0("skipping " + _too_few_to_score(f"OOD set {n!r}", len(ood_test.pop(n)), v))
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
     if master:

@@ -57,6 +57,7 @@ the alternative, an unconditional multiply, re-reads and re-writes the whole
 (B,) upstream gradient in one fused pass.
 """
 
+import functools
 import math
 
 import torch
@@ -338,33 +339,16 @@ class KLUniformFunction(torch.autograd.Function):
         return scale_rows(grad, grad_output.to(torch.float32))
 
 
-class KLUniformMeanFunction(torch.autograd.Function):
-    """weight * mean_i KL_i. The forward launch writes the gradient already multiplied by weight / B, so the
-    usual ``loss.backward()`` (upstream gradient exactly 1.0) returns it untouched: one read of the logits and
-    one write of the gradient in all, against two more passes when backward has to scale a saved (B, K)."""
+class ScalarLossFunction(torch.autograd.Function):
+    """A scalar loss whose forward launch, ``launch(logits, write_grad=True) -> (loss, grad)``, also writes
+    d loss / d logits (already divided by the row counts). The usual ``loss.backward()`` (upstream gradient
+    exactly 1.0) hands that tensor to autograd as it is: one read of the logits and one write of the gradient
+    in all, against two more passes when backward has to scale a saved (B, K)."""
 
     @staticmethod
-    def forward(ctx, logits, weight):
-        n_rows = logits.shape[0]
-        loss, grad = kl_uniform_forward(logits, write_grad=logits.requires_grad, scale=weight / max(n_rows, 1))
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return loss.sum()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        if not _is_one(grad_output):
-            grad = (grad_output * grad).to(grad.dtype)
-        return grad, None
-
-
-class ConfidenceLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, beta):
-        loss, grad = confidence_loss_forward(logits, targets, beta, write_grad=logits.requires_grad)
-        if grad is not None:
-            ctx.save_for_backward(grad)
+    def forward(ctx, logits, launch):
+        loss, grad = launch(logits, write_grad=True)
+        ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
@@ -372,7 +356,7 @@ class ConfidenceLossFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if not _is_one(grad_output):
             grad = (grad_output * grad).to(grad.dtype)
-        return grad, None, None
+        return grad, None
 
 
 def kl_uniform_rows(logits):
@@ -390,7 +374,7 @@ def kl_uniform_mean(logits, weight=1.0):
     """weight * mean over rows of KL(U || softmax(logits)), a scalar float32 tensor, differentiable.
 
     The batch mean the confidence loss and the generator's loss use (Eq. 1 and 3), in one launch whose
-    gradient needs no further pass when it is the whole loss (see KLUniformMeanFunction). An empty batch
+    gradient needs no further pass when it is the whole loss (see ScalarLossFunction). An empty batch
     gives 0.
     """
     if isinstance(weight, torch.Tensor):
@@ -398,10 +382,13 @@ def kl_uniform_mean(logits, weight=1.0):
     weight = float(weight)
     if not (weight >= 0.0) or math.isinf(weight):
         raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+    def launch(z, write_grad):
+        loss, grad = kl_uniform_forward(z, write_grad=write_grad, scale=weight / max(_rows_2d(z).shape[0], 1))
+        return loss.sum(), grad
+
     if not (torch.is_grad_enabled() and isinstance(logits, torch.Tensor) and logits.requires_grad):
-        n_rows = _rows_2d(logits).shape[0]
-        return kl_uniform_forward(logits, write_grad=False, scale=weight / max(n_rows, 1))[0].sum()
-    return KLUniformMeanFunction.apply(logits, weight)
+        return launch(logits, write_grad=False)[0]
+    return ScalarLossFunction.apply(logits, launch)
 
 
 def confidence_loss(logits, targets, beta):
@@ -412,4 +399,4 @@ def confidence_loss(logits, targets, beta):
     """
     if not (torch.is_grad_enabled() and isinstance(logits, torch.Tensor) and logits.requires_grad):
         return confidence_loss_forward(logits, targets, beta, write_grad=False)[0]
-    return ConfidenceLossFunction.apply(logits, targets, beta)
+    return ScalarLossFunction.apply(logits, functools.partial(confidence_loss_forward, targets=targets, beta=beta))

@@ -237,7 +237,7 @@ def test_too_small_evaluation_sets_fail_before_training(tmp_path, cached_loads, 
     def no_training(*a, **k):
         raise AssertionError("trained before checking the evaluation sets")
     monkeypatch.setattr(confident, "train", no_training)
-    with pytest.raises(ConfidentError, match=r"fashion-mnist: 150 test images, need more than --val-size 150"):
+    with pytest.raises(ConfidentError, match=r"fashion-mnist test set: 150 images, need more than --val-size 150"):
         confident.run(_tiny("ce", tmp_path / "a", val_size=150), log=_quiet)
     assert not (tmp_path / "a" / "train_state.pt").exists()
     # the OOD set named by --out is too small: an error naming it, still before training

@@ -4,6 +4,7 @@ and a checkpoint that resumes in a single process.
 simple_cnn has no dropout and no BatchNorm, so 2 ranks x batch 32 (DDP averages their gradients) compute the
 same updates as 1 process x batch 64 over the same global batches, up to the order of floating-point sums.
 """
+import dataclasses
 import json
 import os
 import socket
@@ -109,16 +110,11 @@ def test_amp_runs_every_network_in_bf16_and_keeps_fp32_weights_and_losses():
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
                for m in tr.raw.values() for p in m.parameters() if p.grad is not None)
     # and --no-amp is plain fp32 throughout
-    tr32 = confident.Trainer(dataclasses_replace(cfg, amp=False), 10, torch.device("cpu"), log=lambda *a: None)
+    tr32 = confident.Trainer(dataclasses.replace(cfg, amp=False), 10, torch.device("cpu"), log=lambda *a: None)
     seen32 = set()
     tr32.raw["net"].register_forward_hook(lambda mod, inp, out: seen32.add(out.dtype))
     tr32.step(confident.to_float(x), y)
     assert seen32 == {torch.float32}
-
-
-def dataclasses_replace(cfg, **kw):
-    import dataclasses
-    return dataclasses.replace(cfg, **kw)
 
 
 def test_amp_training_learns_like_fp32():
