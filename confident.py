@@ -87,6 +87,17 @@ class Config:
     channels_last: bool = False      # channels_last memory format on CUDA
     impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
     log_every: int = 50              # print progress every N steps
+    # Diagnostics of joint training (GAN regimes): logged, and saved in results.json under "diagnostics".
+    diag_every: int = 0              # also every N steps (0: only at the end of each epoch)
+    val_ood: str = "none"            # a validation OOD set: its *train* split is scored against the in-set's
+                                     # validation images (results.json "validation"; reported as seen)
+    # Stabilisers of joint training, beyond the paper (README "Beyond the paper"); each default is the paper's.
+    g_ema: float = 0.0               # > 0: the classifier's KL samples come from an EMA of G with this decay
+    d_sn: bool = False               # spectral normalisation on D's convolutions
+    d_lr_mult: float = 1.0           # D's learning rate = lr * this (two time-scale update)
+    replay: int = 0                  # > 0: keep this many past G samples; half of each KL batch comes from them
+    r1: float = 0.0                  # > 0: R1 penalty (r1 / 2) * |grad_x D(x)|^2 on real images
+    beta_warmup: int = 0             # > 0: beta ramps linearly from 0 over this many steps (G and classifier)
 
 
 PAPER_DEFAULTS = {"cifar10": dict(beta=0.1, batch_size=64), "svhn": dict(beta=1.0, batch_size=128)}
@@ -124,12 +135,23 @@ def resolve(cfg: Config) -> Config:
               ("eval_batch_size", cfg.eval_batch_size >= 1, ">= 1"), ("nz", cfg.nz >= 1, ">= 1"),
               ("train_limit", cfg.train_limit >= 0, ">= 0"), ("eval_limit", cfg.eval_limit >= 0, ">= 0"),
               ("impl", cfg.impl in ("auto", "torch", "triton"), "auto, torch or triton"),
-              ("log_every", cfg.log_every >= 1, ">= 1"), ("lr_drop_epoch", cfg.lr_drop_epoch >= 0, ">= 0")]
+              ("log_every", cfg.log_every >= 1, ">= 1"), ("lr_drop_epoch", cfg.lr_drop_epoch >= 0, ">= 0"),
+              ("diag_every", cfg.diag_every >= 0, ">= 0"), ("g_ema", 0 <= cfg.g_ema < 1, "in [0, 1)"),
+              ("d_lr_mult", cfg.d_lr_mult > 0, "> 0"), ("replay", cfg.replay >= 0, ">= 0"),
+              ("r1", cfg.r1 >= 0, ">= 0"), ("beta_warmup", cfg.beta_warmup >= 0, ">= 0")]
     for name, ok, want in checks:
         if not ok:
             raise ConfidentError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected {want}")
     parse_floats(cfg.temperatures, "temperatures", positive=True)
     parse_floats(cfg.epsilons, "epsilons", nonnegative=True)
+    if cfg.val_ood != "none":
+        check_dataset_name(cfg.val_ood)
+    stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup") if getattr(cfg, n)]
+    if cfg.d_lr_mult != 1.0:
+        stabilisers.append("d_lr_mult")
+    if stabilisers and cfg.method not in ("joint", "joint-pt"):
+        raise ConfidentError(f"--{stabilisers[0].replace('_', '-')} is a stabiliser of joint training: "
+                             f"expected --method joint or joint-pt, not {cfg.method}")
     return cfg
 
 
@@ -1197,8 +1219,18 @@ class Trainer:
         self.net = build_classifier(cfg.model, num_classes, cfg.width, ood_class=cfg.method == "kplus1").to(device)
         self.G = Generator(cfg.nz, width=cfg.width).to(device) if uses_gan else None
         self.D = Discriminator(width=cfg.width).to(device) if uses_gan else None
+        if self.D is not None and cfg.d_sn:                # stabiliser: spectral norm on every conv of D
+            for name, m in list(self.D.net.named_children()):
+                if isinstance(m, nn.Conv2d):
+                    self.D.net[int(name)] = nn.utils.parametrizations.spectral_norm(m)
+        # stabiliser: an EMA copy of G (train mode, no gradients) supplies the classifier's KL samples
+        self.G_ema = None
+        if self.G is not None and cfg.g_ema > 0:
+            self.G_ema = Generator(cfg.nz, width=cfg.width).to(device).requires_grad_(False)
+            self.G_ema.load_state_dict(self.G.state_dict())
         # the plain modules (checkpoints, evaluation); self.net / G / D may become DDP wrappers (train())
-        self.raw = {k: v for k, v in (("net", self.net), ("G", self.G), ("D", self.D)) if v is not None}
+        self.raw = {k: v for k, v in (("net", self.net), ("G", self.G), ("D", self.D), ("G_ema", self.G_ema))
+                    if v is not None}
         if cfg.channels_last and device.type == "cuda":
             for m in self.raw.values():
                 m.to(memory_format=torch.channels_last)
@@ -1206,10 +1238,13 @@ class Trainer:
         self.opts = {"net": self.opt}
         if uses_gan:
             self.opts["G"] = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-            self.opts["D"] = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+            self.opts["D"] = torch.optim.Adam(self.D.parameters(), lr=cfg.lr * cfg.d_lr_mult, betas=(0.5, 0.999))
         self.scheds = {k: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[cfg.lr_drop_epoch], gamma=0.1)
                        for k, o in self.opts.items()}
         self.epoch = 0
+        self.global_step = 0                             # steps taken (beta warm-up)
+        self.replay = torch.empty(0, 3, 32, 32, device=device)   # stabiliser: past G samples (--replay)
+        self.diagnostics = []                            # one dict per diagnostics point (GanProbe)
         # conf-gan: the first gan_epochs train an ordinary GAN, the rest the classifier on its samples
         self.total_epochs = cfg.epochs + (cfg.gan_epochs if cfg.method == "conf-gan" else 0)
 
@@ -1223,7 +1258,8 @@ class Trainer:
                               enabled=self.cfg.amp and self.device.type in ("cuda", "cpu"))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "rng": rng_state(),
+        return {"epoch": self.epoch, "rng": rng_state(), "global_step": self.global_step, "replay": self.replay,
+                "diagnostics": json.dumps(self.diagnostics),
                 "models": {k: m.state_dict() for k, m in self.modules().items()},
                 "opts": {k: o.state_dict() for k, o in self.opts.items()},
                 "scheds": {k: s.state_dict() for k, s in self.scheds.items()}}
@@ -1236,18 +1272,31 @@ class Trainer:
         for k, s in self.scheds.items():
             s.load_state_dict(sd["scheds"][k])
         self.epoch = sd["epoch"]
+        self.global_step = int(sd.get("global_step", 0))
+        self.replay = sd.get("replay", self.replay).to(self.device)
+        self.diagnostics = json.loads(sd.get("diagnostics", "[]"))
         set_rng_state(sd["rng"])
 
     def _noise(self, B):
         return torch.randn(B, self.cfg.nz, device=self.device)
 
+    def beta_now(self) -> float:
+        """beta, ramped linearly from 0 over the first --beta-warmup steps (the paper: no warm-up)."""
+        w = self.cfg.beta_warmup
+        return self.cfg.beta * (min(1.0, self.global_step / w) if w > 0 else 1.0)
+
     def _gan_step(self, x, kl_beta: float, pt_weight: float) -> dict:
         """Algorithm 1, GAN half: D ascends log D(x) + log(1 - D(G(z))); G descends the non-saturating
         GAN loss + kl_beta * KL(U || p(y|G(z))) (+ pull-away). kl_beta = 0 is the ordinary GAN."""
-        B = x.shape[0]
+        B, r1 = x.shape[0], self.cfg.r1
         with self._amp():
             fake = self.G(self._noise(B))
-            d_loss = gan_d_loss(self.D(x), self.D(fake.detach()))
+            x_real = x.detach().requires_grad_(True) if r1 > 0 else x
+            d_real, d_fake = self.D(x_real), self.D(fake.detach())
+            d_loss = gan_d_loss(d_real, d_fake)
+        if r1 > 0:   # stabiliser: R1 penalty, (r1 / 2) * E |grad_x D(x)|^2 on real images (Mescheder et al. 2018)
+            (gx,) = torch.autograd.grad(d_real.float().sum(), x_real, create_graph=True)
+            d_loss = d_loss + r1 / 2 * gx.float().pow(2).flatten(1).sum(1).mean()
         self.opts["D"].zero_grad(set_to_none=True)
         d_loss.backward()
         self.opts["D"].step()
@@ -1259,7 +1308,31 @@ class Trainer:
         self.opts["G"].zero_grad(set_to_none=True)
         g_loss.backward()
         self.opts["G"].step()
-        return {"d": d_loss.detach(), "g": g_loss.detach()}
+        if self.G_ema is not None:                       # stabiliser: EMA of G's weights; BN statistics copied
+            with torch.no_grad():
+                g = self.raw["G"]
+                torch._foreach_lerp_(list(self.G_ema.parameters()), list(g.parameters()), 1.0 - self.cfg.g_ema)
+                for be, b in zip(self.G_ema.buffers(), g.buffers()):
+                    be.copy_(b)
+        # D's accuracy on this real and this generated batch (diagnostics; no extra pass)
+        return {"d": d_loss.detach(), "g": g_loss.detach(),
+                "d_acc_real": (d_real.detach() > 0).float().mean(), "d_acc_fake": (d_fake.detach() < 0).float().mean()}
+
+    def _kl_samples(self, B: int) -> torch.Tensor:
+        """The classifier's OOD batch in joint training: fresh samples of G (Algorithm 1), of its EMA copy
+        (--g-ema), and half of them replaced by past samples once the replay buffer holds enough (--replay)."""
+        with torch.no_grad(), self._amp():
+            x_out = (self.G_ema if self.G_ema is not None else self.G)(self._noise(B)).float()
+        n = self.cfg.replay
+        if n > 0:
+            if len(self.replay) >= B // 2:
+                old = self.replay[torch.randint(len(self.replay), (B // 2,), device=self.device)]
+                fresh = x_out
+                x_out = torch.cat([fresh[:B - B // 2], old])
+            else:
+                fresh = x_out
+            self.replay = torch.cat([fresh.detach(), self.replay])[:n]     # newest first, oldest dropped
+        return x_out
 
     def step(self, x, y, x_out=None) -> dict:
         """One mini-batch of the configured regime. x (B, 3, 32, 32) floats, y (B,), x_out OOD batch."""
@@ -1267,13 +1340,14 @@ class Trainer:
         m = cfg.method
         gan_phase = m == "conf-gan" and self.epoch < cfg.gan_epochs
         logs = {}
+        beta = self.beta_now()
+        self.global_step += 1
         if m in ("joint", "joint-pt") or gan_phase:
-            logs.update(self._gan_step(x, 0.0 if gan_phase else cfg.beta, cfg.pt_weight if m == "joint-pt" else 0.0))
+            logs.update(self._gan_step(x, 0.0 if gan_phase else beta, cfg.pt_weight if m == "joint-pt" else 0.0))
         if gan_phase:
             return logs
-        if m in ("conf-gan", "joint", "joint-pt"):
-            with torch.no_grad(), self._amp():           # fresh samples; the classifier step does not train G
-                x_out = self.G(self._noise(x.shape[0])).float()
+        if m in ("conf-gan", "joint", "joint-pt"):       # fresh samples; the classifier step does not train G
+            x_out = self._kl_samples(x.shape[0])
         B = x.shape[0]
         with self._amp():
             if m == "ce":
@@ -1285,7 +1359,7 @@ class Trainer:
             else:                                         # Eq. (1) / Eq. (4) classifier step, one forward
                 logits = self.net(torch.cat([x, x_out]))
                 targets = torch.cat([y, torch.full((x_out.shape[0],), -1, dtype=y.dtype, device=y.device)])
-                loss = confidence_loss(logits, targets, cfg.beta, cfg.impl)
+                loss = confidence_loss(logits, targets, beta, cfg.impl)
         self.opt.zero_grad(set_to_none=True)             # also drops grads the G step left on the classifier
         loss.backward()
         self.opt.step()
@@ -1301,6 +1375,50 @@ class Trainer:
         for k, s in self.scheds.items():
             if self.cfg.method != "conf-gan" or (k != "net") == gan_phase:
                 s.step()
+
+
+class GanProbe:
+    """Diagnostics of joint training at one point in time, without touching the run's randomness or state:
+    fixed latent codes (own generator), fixed real images (own permutation), G's BatchNorm buffers restored.
+    What the classifier (eval mode, as the detectors see it) says about G's samples and about real training
+    images, how far the samples sit from the data (nearest-neighbour RMS pixel distance to `n_ref` training
+    images; real images' own distance to them for scale) and how diverse they are (mean pairwise RMS distance,
+    as a fraction of the real images')."""
+
+    def __init__(self, x_train: torch.Tensor, nz: int, seed: int, device, n: int = 500, n_ref: int = 2000):
+        g = torch.Generator().manual_seed(seed + 424_242)
+        n = max(1, min(n, len(x_train) // 4))                       # small training sets: a quarter probes
+        idx = torch.randperm(len(x_train), generator=g)[:n + n_ref]
+        self.real = to_float(x_train[idx[:n]].to(device))                       # (n, 3, 32, 32)
+        self.ref = to_float(x_train[idx[n:]].to(device)).flatten(1)             # (n_ref, 3072)
+        self.z = torch.randn(n, nz, generator=g).to(device)
+
+    @staticmethod
+    def _rms(a, b):                                                              # (n, m) RMS pixel distances
+        return torch.cdist(a, b).div_(math.sqrt(a.shape[1]))
+
+    @torch.no_grad()
+    def __call__(self, tr: "Trainer") -> dict:
+        net, G = tr.raw["net"], tr.raw.get("G_ema", tr.raw["G"])                 # the classifier's sample source
+        bufs = [b.clone() for b in G.buffers()]
+        fake = G(self.z).float()                                                 # train mode, as in training
+        for b, saved in zip(G.buffers(), bufs):
+            b.copy_(saved)
+        was = net.training
+        net.eval()
+        out = {}
+        for name, x in (("gen", fake), ("real", self.real)):
+            z = net(x).float()[:, :tr.K]
+            out[f"maxsoftmax_{name}"] = float(F.softmax(z, 1).max(1).values.mean())
+            out[f"kl_{name}"] = float((torch.logsumexp(z, 1) - z.mean(1)).mean() - math.log(tr.K))
+        net.train(was)
+        f, r = fake.flatten(1), self.real.flatten(1)
+        out["nn_dist_gen"] = float(self._rms(f, self.ref).min(1).values.mean())
+        out["nn_dist_real"] = float(self._rms(r, self.ref).min(1).values.mean())
+        n = len(f)
+        off = ~torch.eye(n, dtype=torch.bool, device=f.device)
+        out["diversity"] = float(self._rms(f, f)[off].mean() / self._rms(r, r)[off].mean())
+        return out
 
 
 def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None, log=print,
@@ -1344,6 +1462,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     x_train_dev, y_train_dev = x_train.to(device), y_train.to(device)   # uint8 on the device, batched there
     x_ood_dev = x_ood.to(device) if x_ood is not None else None
     prev_c = None                                             # last epoch's mean classifier loss
+    probe = GanProbe(x_train, cfg.nz, cfg.seed, device) if tr.G is not None and rank == 0 else None
     while tr.epoch < tr.total_epochs:
         e = tr.epoch
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + e)       # same order on every rank and resume
@@ -1352,6 +1471,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
         if world > 1:                                         # per-rank GAN noise and dropout
             torch.manual_seed(cfg.seed * 7_919 + e * 101 + rank)
         t0, seen, sums, window = time.time(), 0, {}, {}           # window: every step's losses since the last log
+        dsums, dn = {}, 0                                         # D's accuracies since the last diagnostics
         for i in range(steps):
             idx = perm[i * B:(i + 1) * B]
             x = to_float(x_train_dev[idx])
@@ -1368,6 +1488,20 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                 sums[k] = sums.get(k, 0.0) + v
                 window.setdefault(k, []).append(v)
             seen += len(idx) * world
+            if probe is not None and "d_acc_real" in logs:
+                dn += 1
+                for k in ("d_acc_real", "d_acc_fake", "c", "acc"):
+                    if k in logs:
+                        dsums[k] = dsums.get(k, 0.0) + logs[k]
+                if (cfg.diag_every and (i + 1) % cfg.diag_every == 0) or i + 1 == steps:
+                    d = {"epoch": e + 1, "step": i + 1, "global_step": tr.global_step, "beta": tr.beta_now(),
+                         **{k: float(v) / dn for k, v in dsums.items()}, **probe(tr)}
+                    tr.diagnostics.append(d)
+                    dsums, dn = {}, 0
+                    log(f"diag epoch {e + 1} step {i + 1} | D acc real {d['d_acc_real']:.3f} gen {d['d_acc_fake']:.3f}"
+                        f" | max-softmax gen {d['maxsoftmax_gen']:.3f} real {d['maxsoftmax_real']:.3f}"
+                        f" | KL gen {d['kl_gen']:.3f} real {d['kl_real']:.3f} | NN dist gen {d['nn_dist_gen']:.3f}"
+                        f" real {d['nn_dist_real']:.3f} | diversity {d['diversity']:.3f}")
             # checked on every log step and always on the epoch's last step, so before its checkpoint is written
             if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
                 _check_finite(window, i + 1, e + 1, cfg.method, state_path)
@@ -1457,7 +1591,7 @@ def _too_few_to_score(what: str, n: int, v: int) -> str:
     return f"{what}: {n} images, need more than --val-size {v}"
 
 
-def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=print) -> dict:
+def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=print, val_sets=None) -> dict:
     """The paper's protocol: the first `val_size` test images of the in-set and of each OOD set tune ODIN's
     (T, eps) (minimum detection error) and fit temperature scaling; metrics on the rest. The baseline has
     nothing to tune and is scored on the same held-out remainder, so both detectors see the same images."""
@@ -1481,6 +1615,14 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
         f"with T = {T_cal:.3f} ({time.time() - t0:.1f}s)")
     grid_in = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_in, dim=2)   # (nT, nE, N_in)
     base_in = _score_from_logits(logits, 1.0, ood_class)
+    if v > 0:   # validation only: in-set validation images (and, with --val-ood, that set's train split)
+        res["validation"] = {"accuracy": float((logits[:v, :K].argmax(1) == y_in[:v]).float().mean()), "ood": {}}
+        for name, x_val in (val_sets or {}).items():
+            s_val = _sharded(lambda x: baseline_scores(model, x, bs), x_val)
+            res["validation"]["ood"][name] = {"baseline": ood_metrics(base_in[:v], s_val), "split": "train",
+                                              "n": len(x_val)}
+            log(f"validation {name} (train split, seen): baseline TNR "
+                f"{res['validation']['ood'][name]['baseline']['tnr_at_tpr95']:.3f}")
     for name, x_out in ood_sets.items():
         if len(x_out) <= v:
             raise ConfidentError(_too_few_to_score(f"OOD set {name!r}", len(x_out), v))
@@ -1626,6 +1768,9 @@ def run(cfg: Config, log=print) -> dict:
             if n in names:
                 raise ConfidentError(_too_few_to_score(f"OOD set {n!r}", len(ood_test[n]), v))
             log0("skipping " + _too_few_to_score(f"OOD set {n!r}", len(ood_test.pop(n)), v))
+    val_sets = {}
+    if cfg.val_ood != "none":     # a validation OOD source: its train split, never a test image
+        val_sets[cfg.val_ood] = load_uint8(cfg.val_ood, "train", root, download_ok=cfg.download)[0]
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
     if master:
@@ -1638,9 +1783,11 @@ def run(cfg: Config, log=print) -> dict:
     if master:
         atomic_save(model.state_dict(), out_dir / "checkpoint.pt")
     seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
-    res = evaluate(model, x_te, y_te, ood_test, cfg, log0)       # sharded across ranks, gathered once
+    res = evaluate(model, x_te, y_te, ood_test, cfg, log0, val_sets)   # sharded across ranks, gathered once
     if master:
         res.update(config=dataclasses.asdict(cfg), env=environment(), seconds=time.time() - t0)
+        if tr.diagnostics:
+            res["diagnostics"] = tr.diagnostics
         rows = results_rows(res, cfg, seen)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
