@@ -1,0 +1,264 @@
+"""
+stability.py: does joint training (Algorithm 1) hold on every seed? Runs the main job over many seeds for
+cross-entropy, the paper's joint training and stabilised variants (flags beyond the paper), then reports
+mean +- std, collapses and seed-by-seed comparisons against cross-entropy, and picks a variant by a rule
+that reads validation data only (README "Beyond the paper").
+
+    python stability.py run --arms ce,joint,joint-ema --seeds 0-7 --jobs 12 --runs results/stability/runs
+    python stability.py report --runs results/stability/runs --out results/stability
+
+Each run is `python confident.py <scale flags> <arm flags> --seed S --output-dir <runs>/<arm>-s<S>`; a run
+whose results.json exists is not redone, so an interrupted study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# The README's main job (CPU-sized) and the paper's settings (full width, lr 2e-4, beta 1, batch 128).
+SCALES = {
+    "main": "--in fashion-mnist --out mnist --width 0.125 --lr 0.001 --epochs 3 --eval-limit 3000",
+    "paper": "--in fashion-mnist --out mnist --epochs 10 --lr-drop-epoch 7",
+}
+COMMON = "--diag-every 50 --val-ood photos"       # diagnostics, and the one validation OOD source (seen)
+
+# Arms: cross-entropy, the paper's joint training, and one stabiliser each (README "Beyond the paper").
+ARMS = {
+    "ce": "--method ce",
+    "joint": "--method joint",
+    "joint-ema": "--method joint --g-ema 0.999",
+    "joint-replay": "--method joint --replay 6400",
+    "joint-warmup": "--method joint --beta-warmup 468",
+    "joint-ttur": "--method joint --d-lr-mult 4",
+    "joint-sn": "--method joint --d-sn",
+    "joint-r1": "--method joint --r1 1",
+}
+TEST_SETS = ("mnist", "gaussian", "uniform", "photos")   # unseen: never read by the selection rule
+COLLAPSE_POINTS = 5.0                                     # accuracy more than this below the ce mean
+
+
+def seeds_of(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
+def run_dir(runs: Path, arm: str, seed: int) -> Path:
+    return runs / f"{arm}-s{seed}"
+
+
+def cmd_run(args):
+    runs = Path(args.runs)
+    arms = args.arms.split(",")
+    for a in arms:
+        if a not in ARMS:
+            sys.exit(f"error: unknown arm {a!r}: expected one of {', '.join(ARMS)}")
+    todo = [(a, s) for s in seeds_of(args.seeds) for a in arms
+            if not (run_dir(runs, a, s) / "results.json").exists()]
+    print(f"{len(todo)} run(s) to do, {args.jobs} at a time", flush=True)
+    t0, live = time.time(), []
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    while todo or live:
+        while todo and len(live) < args.jobs:
+            a, s = todo.pop(0)
+            d = run_dir(runs, a, s)
+            d.mkdir(parents=True, exist_ok=True)
+            cmd = ([sys.executable, str(HERE / "confident.py")] + SCALES[args.scale].split() + COMMON.split()
+                   + ARMS[a].split() + ["--seed", str(s), "--output-dir", str(d), "--device", args.device]
+                   + args.extra.split())
+            log = open(d / "train.log", "w")
+            live.append((a, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(1)
+        for item in list(live):
+            a, s, p, log = item
+            if p.poll() is not None:
+                log.close()
+                live.remove(item)
+                print(f"  {a} seed {s}: {'done' if p.returncode == 0 else f'FAILED (rc {p.returncode})'} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+def load(runs: Path) -> dict:
+    """{arm: {seed: results.json}} for every finished run."""
+    out = {}
+    for d in sorted(runs.glob("*-s*")):
+        f = d / "results.json"
+        if f.exists():
+            arm, _, seed = d.name.rpartition("-s")
+            out.setdefault(arm, {})[int(seed)] = json.loads(f.read_text())
+    order = list(ARMS)
+    return {a: dict(sorted(out[a].items())) for a in sorted(out, key=lambda a: (order.index(a) if a in order
+                                                                                  else len(order), a))}
+
+
+def mean_std(v: list[float]) -> tuple[float, float]:
+    m = sum(v) / len(v)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0)
+
+
+def fmt(v: list[float]) -> str:
+    m, s = mean_std(v)
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def tnr(r: dict, name: str, det: str) -> float:
+    return 100 * r["ood"][name][det]["tnr_at_tpr95"]
+
+
+def select(data: dict) -> tuple[str | None, list[str]]:
+    """The selection rule, fixed before the comparison ran (README "Beyond the paper"). It reads only the
+    in-distribution validation images (the first --val-size test images) and the validation OOD set (photos,
+    train split: photographs disjoint from the test split's). 1. An arm is out if any seed's validation accuracy
+    is more than 5 points below the mean validation accuracy of ce. 2. Of the stabilised arms left, the highest
+    mean baseline TNR on the validation OOD set wins; ties go to the smaller std."""
+    ce_val = [100 * r["validation"]["accuracy"] for r in data["ce"].values()]
+    floor = mean_std(ce_val)[0] - COLLAPSE_POINTS
+    notes, best = [], None
+    for arm, rs in data.items():
+        if not arm.startswith("joint-"):
+            continue
+        acc = [100 * r["validation"]["accuracy"] for r in rs.values()]
+        val = [100 * r["validation"]["ood"]["photos"]["baseline"]["tnr_at_tpr95"] for r in rs.values()]
+        m, s = mean_std(val)
+        if min(acc) < floor:
+            notes.append(f"{arm}: out (a seed's validation accuracy {min(acc):.1f} < {floor:.1f})")
+            continue
+        notes.append(f"{arm}: validation photos TNR {m:.1f} ± {s:.1f} over {len(val)} seeds")
+        if best is None or (m, -s) > best[1]:
+            best = (arm, (m, -s))
+    return (best[0] if best else None), notes
+
+
+def report(data: dict, out: Path, title: str) -> str:
+    if "ce" not in data:
+        raise SystemExit("error: no finished ce runs to compare against")
+    ce = data["ce"]
+    ce_acc = mean_std([100 * r["accuracy"] for r in ce.values()])[0]
+    lines = [f"# {title}", "",
+             f"Runs: {', '.join(f'{a} ({len(rs)} seeds)' for a, rs in data.items())}. "
+             "Every OOD set below is unseen (never used in training or selection) except `photos (val)`, the "
+             "photos *train* split that the selection rule reads. TNR at TPR 95%, baseline / ODIN, mean ± std "
+             "over seeds; accuracy and ECE in %.", "",
+             "| arm | accuracy | ECE | collapses | " + " | ".join(TEST_SETS) + " | photos (val) |",
+             "|---|---:|---:|---:|" + "---:|" * (len(TEST_SETS) + 1)]
+    for arm, rs in data.items():
+        acc = [100 * r["accuracy"] for r in rs.values()]
+        col = sum(a < ce_acc - COLLAPSE_POINTS for a in acc)
+        cells = [f"{fmt([tnr(r, n, 'baseline') for r in rs.values()])} / {fmt([tnr(r, n, 'odin') for r in rs.values()])}"
+                 for n in TEST_SETS]
+        val = [100 * r["validation"]["ood"]["photos"]["baseline"]["tnr_at_tpr95"] for r in rs.values()]
+        lines.append(f"| {arm} | {fmt(acc)} | {fmt([100 * r['ece'] for r in rs.values()])} | {col}/{len(rs)} | "
+                     + " | ".join(cells) + f" | {fmt(val)} |")
+    lines += ["", f"Collapse: accuracy more than {COLLAPSE_POINTS:g} points below the ce mean ({ce_acc:.2f}%).", "",
+              "Seeds where the arm's baseline TNR beats the same seed's ce (targets: gaussian, uniform, photos in "
+              ">= 7 of 8; mnist in >= 6 of 8):", "",
+              "| arm | " + " | ".join(TEST_SETS) + " | TNR std <= 10 on every set | accuracy within 1 point of ce |",
+              "|---|" + "---:|" * len(TEST_SETS) + "---|---|"]
+    for arm, rs in data.items():
+        if arm == "ce":
+            continue
+        common = [s for s in rs if s in ce]
+        wins = [f"{sum(tnr(rs[s], n, 'baseline') > tnr(ce[s], n, 'baseline') for s in common)}/{len(common)}"
+                for n in TEST_SETS]
+        spread = max(mean_std([tnr(r, n, "baseline") for r in rs.values()])[1] for n in TEST_SETS)
+        acc = mean_std([100 * r["accuracy"] for r in rs.values()])[0]
+        lines.append(f"| {arm} | " + " | ".join(wins) + f" | {'yes' if spread <= 10 else 'no'} (max {spread:.1f}) | "
+                     f"{'yes' if abs(acc - ce_acc) <= 1 else 'no'} ({acc - ce_acc:+.2f}) |")
+    pick, notes = select(data)
+    lines += ["", "Selection rule (validation data only): " + "; ".join(notes) + f". **Pick: {pick}.**", "",
+              "Per seed (accuracy; baseline TNR on " + ", ".join(TEST_SETS) + "):", "",
+              "| arm | " + " | ".join(f"s{s}" for s in sorted({s for rs in data.values() for s in rs})) + " |",
+              "|---|" + "---|" * len({s for rs in data.values() for s in rs})]
+    for arm, rs in data.items():
+        cells = []
+        for s in sorted({s for rs2 in data.values() for s in rs2}):
+            r = rs.get(s)
+            cells.append("" if r is None else f"{100 * r['accuracy']:.1f}; "
+                         + "/".join(f"{tnr(r, n, 'baseline'):.0f}" for n in TEST_SETS))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+DIAG_KEYS = (("d_acc_fake", "D accuracy on generated"), ("maxsoftmax_gen", "max-softmax on G samples"),
+             ("maxsoftmax_real", "max-softmax on real train images"), ("nn_dist_gen", "NN distance G -> data"),
+             ("diversity", "G diversity / real diversity"), ("acc", "classifier train accuracy"))
+
+
+def plot(data: dict, out: Path, ce_acc: float):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    arms = [a for a in data if any("diagnostics" in r for r in data[a].values())]
+    if not arms:
+        return None
+    fig, axes = plt.subplots(len(arms), len(DIAG_KEYS), figsize=(3.2 * len(DIAG_KEYS), 2.6 * len(arms)),
+                             squeeze=False)
+    for i, arm in enumerate(arms):
+        for j, (k, name) in enumerate(DIAG_KEYS):
+            ax = axes[i][j]
+            for s, r in sorted(data[arm].items()):
+                d = r.get("diagnostics", [])
+                collapsed = 100 * r["accuracy"] < ce_acc - COLLAPSE_POINTS
+                ax.plot([p["global_step"] for p in d], [p.get(k, float("nan")) for p in d],
+                        color="red" if collapsed else "grey", lw=1.6 if collapsed else 0.8, marker=".", ms=2,
+                        label=f"s{s} (collapsed)" if collapsed else None)
+            ax.set_title(f"{arm}: {name}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if any(100 * r["accuracy"] < ce_acc - COLLAPSE_POINTS for r in data[arm].values()) and j == 0:
+                ax.legend(fontsize=6)
+    axes[-1][0].set_xlabel("training step", fontsize=8)
+    fig.tight_layout()
+    path = out / "diagnostics.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def cmd_report(args):
+    data = load(Path(args.runs))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = report(data, out, args.title)
+    ce_acc = mean_std([100 * r["accuracy"] for r in data["ce"].values()])[0]
+    png = plot(data, out, ce_acc)
+    if png:
+        text += f"\n![diagnostics per arm and seed; collapsed seeds in red]({png.name})\n"
+    (out / "README.md").write_text(text)
+    print(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--arms", default="ce,joint")
+    r.add_argument("--seeds", default="0-7")
+    r.add_argument("--scale", choices=SCALES, default="main")
+    r.add_argument("--runs", default="results/stability/runs")
+    r.add_argument("--jobs", type=int, default=1)
+    r.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--extra", default="", help="more confident.py flags for every run")
+    q = sub.add_parser("report")
+    q.add_argument("--runs", default="results/stability/runs")
+    q.add_argument("--out", default="results/stability")
+    q.add_argument("--title", default="Joint training over seeds")
+    args = p.parse_args(argv)
+    {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Joint training's diagnostics and stabilisers (flags beyond the paper), and stability.py's report and selection
+rule. The stabilisers are checked against their definitions written out here, not against our own helpers."""
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import confident
+import stability
+from confident import Config, ConfidentError
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def _quiet(*a, **k):
+    pass
+
+
+def _data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 32, 32, generator=g) * 255).to(torch.uint8), torch.randint(0, 10, (n,), generator=g)
+
+
+def _cfg(**kw):
+    base = dict(in_data="fashion-mnist", method="joint", width=0.0625, epochs=2, batch_size=32, log_every=10 ** 9,
+                impl="torch")
+    base.update(kw)
+    return Config(**base)
+
+
+def _train(**kw):
+    x, y = _data()
+    return confident.train(_cfg(**kw), x, y, log=_quiet)
+
+
+# ------------------------------------------------------------------------------------------------
+# Diagnostics
+
+def test_diagnostics_leave_training_unchanged_and_cover_every_point():
+    plain, probed = _train(), _train(diag_every=3)
+    for a, b in zip(plain.net.state_dict().values(), probed.net.state_dict().values()):
+        assert torch.equal(a, b)                       # no RNG drawn, no state left behind by the probe
+    for a, b in zip(plain.G.state_dict().values(), probed.G.state_dict().values()):
+        assert torch.equal(a, b)
+    # 256 images / batch 32 = 8 steps an epoch: points at steps 3, 6 and the epoch's last (8), two epochs
+    assert [(d["epoch"], d["step"]) for d in probed.diagnostics] == [(1, 3), (1, 6), (1, 8), (2, 3), (2, 6), (2, 8)]
+    assert [(d["epoch"], d["step"]) for d in plain.diagnostics] == [(1, 8), (2, 8)]
+    for d in probed.diagnostics:
+        assert 0 <= d["d_acc_real"] <= 1 and 0 <= d["d_acc_fake"] <= 1
+        assert 0.1 - 1e-6 <= d["maxsoftmax_gen"] <= 1 and d["kl_gen"] >= -1e-6
+        assert d["nn_dist_gen"] > 0 and d["nn_dist_real"] >= 0 and d["diversity"] > 0
+
+
+def test_probe_measures_what_it_says():
+    """NN distance and diversity against a direct computation on the probe's own images and samples."""
+    x, y = _data(64)
+    tr = confident.Trainer(_cfg(), 10, torch.device("cpu"), log=_quiet)
+    probe = confident.GanProbe(x, 100, seed=0, device=torch.device("cpu"), n=8, n_ref=40)
+    with torch.no_grad():
+        state = copy.deepcopy(tr.G.state_dict())
+        fake = tr.G(probe.z).flatten(1)
+        tr.G.load_state_dict(state)
+        tr.net.eval()
+        p = F.softmax(tr.net(tr.G(probe.z)), 1)
+        tr.G.load_state_dict(state)
+        tr.net.train()
+    ref, real = probe.ref, probe.real.flatten(1)
+    D = ref.shape[1]
+    nn_gen = sum(min(float(((f - r) ** 2).mean().sqrt()) for r in ref) for f in fake) / len(fake)
+    pair = lambda a: sum(float(((a[i] - a[j]) ** 2).mean().sqrt()) for i in range(len(a)) for j in range(len(a))
+                         if i != j) / (len(a) * (len(a) - 1))
+    d = probe(tr)
+    assert d["nn_dist_gen"] == pytest.approx(nn_gen, rel=1e-4)
+    assert d["diversity"] == pytest.approx(pair(fake) / pair(real), rel=1e-4)
+    assert d["maxsoftmax_gen"] == pytest.approx(float(p.max(1).values.mean()), rel=1e-5)
+    # KL(U || p) = sum_k (1/K) log((1/K) / p_k), the definition
+    kl = float((-(p.log()).mean(1) - math.log(10)).mean())
+    assert d["kl_gen"] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    assert D == 3 * 32 * 32
+
+
+def test_results_json_has_diagnostics_and_validation(tmp_path):
+    cfg = Config(in_data="fashion-mnist", out_data="mnist", method="joint", width=0.0625, epochs=1, train_limit=128,
+                 eval_limit=150, val_size=50, batch_size=64, temperatures="1", epsilons="0", extra_ood="none",
+                 output_dir=str(tmp_path), impl="torch", data_root=str(DATA), val_ood="photos", diag_every=1,
+                 log_every=10 ** 9)
+    confident.run(cfg, log=_quiet)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["diagnostics"]) == 2                      # 128 / 64 = 2 steps, one point each
+    v = res["validation"]
+    assert 0 <= v["accuracy"] <= 1 and set(v["ood"]) == {"photos"}
+    assert v["ood"]["photos"]["split"] == "train" and v["ood"]["photos"]["n"] == 2000
+    assert "photos" not in res["ood"]                        # the validation set is not a test set here
+
+
+# ------------------------------------------------------------------------------------------------
+# Stabilisers, each against its definition
+
+def test_stabilisers_default_to_the_paper():
+    cfg = Config()
+    assert (cfg.g_ema, cfg.d_sn, cfg.d_lr_mult, cfg.replay, cfg.r1, cfg.beta_warmup) == (0.0, False, 1.0, 0, 0.0, 0)
+
+
+@pytest.mark.parametrize("flag", [dict(g_ema=0.9), dict(d_sn=True), dict(d_lr_mult=2.0), dict(replay=10),
+                                  dict(r1=1.0), dict(beta_warmup=5)])
+def test_stabilisers_refused_outside_joint_training(flag):
+    with pytest.raises(ConfidentError, match="stabiliser of joint training"):
+        confident.resolve(Config(in_data="fashion-mnist", out_data="mnist", method="ce", **flag))
+    confident.resolve(Config(in_data="fashion-mnist", out_data="mnist", method="joint", **flag))
+
+
+def test_g_ema_is_an_exponential_moving_average():
+    x, y = _data(32)
+    tr = confident.Trainer(_cfg(g_ema=0.9), 10, torch.device("cpu"), log=_quiet)
+    ema0 = [p.detach().clone() for p in tr.G_ema.parameters()]
+    tr.step(confident.to_float(x), y)
+    for e0, e1, g in zip(ema0, tr.G_ema.parameters(), tr.G.parameters()):
+        assert torch.allclose(e1, 0.9 * e0 + 0.1 * g.detach(), atol=1e-6)
+    tr._gan_step(confident.to_float(x), 1.0, 0.0)               # BatchNorm statistics copied after each G step
+    for be, b in zip(tr.G_ema.buffers(), tr.G.buffers()):
+        assert torch.equal(be, b)
+    assert all(not p.requires_grad for p in tr.G_ema.parameters())
+
+
+def test_spectral_norm_and_d_learning_rate():
+    tr = confident.Trainer(_cfg(d_sn=True, d_lr_mult=4.0, lr=1e-3), 10, torch.device("cpu"), log=_quiet)
+    convs = [m for m in tr.D.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4
+    for m in convs:                                            # the weight's largest singular value is ~1
+        assert torch.nn.utils.parametrize.is_parametrized(m, "weight")
+        for _ in range(20):                                    # let the power iteration converge
+            tr.D(torch.rand(2, 3, 32, 32))
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)
+        assert float(sigma) == pytest.approx(1.0, rel=0.05)
+    assert tr.opts["D"].param_groups[0]["lr"] == pytest.approx(4e-3)
+    assert tr.opts["G"].param_groups[0]["lr"] == tr.opts["net"].param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_replay_buffer_fills_and_feeds_half_the_kl_batch():
+    x, y = _data(32)
+    tr = confident.Trainer(_cfg(replay=40), 10, torch.device("cpu"), log=_quiet)
+    xb = confident.to_float(x)
+    tr.step(xb, y)
+    assert len(tr.replay) == 32                              # first step: all fresh, all kept
+    first = tr.replay.clone()
+    out = tr._kl_samples(32)                                 # now 16 fresh + 16 from the buffer
+    stored = torch.cat([first, tr.replay]).flatten(1)
+    from_buffer = out[16:].flatten(1)
+    assert all(bool((first.flatten(1) == r).all(1).any()) for r in from_buffer)
+    assert len(tr.replay) == 40 and torch.equal(tr.replay[:16], out[:16])   # newest first, capped at 40
+    assert stored.shape[0] == 72
+
+
+def test_r1_penalty_adds_half_r1_times_squared_input_gradient():
+    x, y = _data(16)
+    xb = confident.to_float(x)
+    losses = {}
+    for r1 in (0.0, 2.0):
+        torch.manual_seed(0)
+        tr = confident.Trainer(_cfg(r1=r1), 10, torch.device("cpu"), log=_quiet)
+        D0 = copy.deepcopy(tr.D)
+        torch.manual_seed(1)
+        losses[r1] = float(tr._gan_step(xb, 1.0, 0.0)["d"])
+    xr = xb.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(D0(xr).sum(), xr)
+    penalty = 2.0 / 2 * float(g.pow(2).sum() / len(xb))
+    assert losses[2.0] - losses[0.0] == pytest.approx(penalty, rel=1e-4)
+
+
+def test_beta_warmup_is_linear():
+    tr = confident.Trainer(_cfg(beta=0.5, beta_warmup=4), 10, torch.device("cpu"), log=_quiet)
+    seen = []
+    x, y = _data(32)
+    for _ in range(6):
+        seen.append(tr.beta_now())
+        tr.step(confident.to_float(x), y)
+    assert seen == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5, 0.5])
+
+
+def test_stabiliser_state_survives_a_checkpoint(tmp_path):
+    x, y = _data(64)
+    cfg = _cfg(g_ema=0.99, replay=50, beta_warmup=100, epochs=1)
+    tr = confident.train(cfg, x, y, out_dir=tmp_path, log=_quiet)
+    sd = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    tr2 = confident.Trainer(cfg, 10, torch.device("cpu"), log=_quiet)
+    tr2.load_state_dict(sd)
+    assert tr2.global_step == tr.global_step == 2 and torch.equal(tr2.replay, tr.replay)
+    assert tr2.diagnostics == tr.diagnostics and len(tr2.diagnostics) == 1
+    for a, b in zip(tr2.G_ema.state_dict().values(), tr.G_ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# stability.py: the report and the selection rule on hand-made results
+
+def _res(acc, val_acc, val_tnr, tnrs):
+    m = lambda t: {"tnr_at_tpr95": t / 100, "auroc": 0.5, "detection_acc": 0.5, "aupr_in": 0.5, "aupr_out": 0.5}
+    return {"accuracy": acc / 100, "ece": 0.05,
+            "ood": {n: {"baseline": m(t), "odin": m(t)} for n, t in zip(stability.TEST_SETS, tnrs)},
+            "validation": {"accuracy": val_acc / 100, "ood": {"photos": {"baseline": m(val_tnr)}}}}
+
+
+def test_selection_rule_reads_validation_only():
+    data = {
+        "ce": {0: _res(80, 80, 30, [10, 10, 10, 10]), 1: _res(82, 82, 30, [10, 10, 10, 10])},
+        # best on every test set, but one seed's validation accuracy is 6 points below ce's mean (81): out
+        "joint-a": {0: _res(81, 81, 99, [99, 99, 99, 99]), 1: _res(75, 74.9, 99, [99, 99, 99, 99])},
+        # worse on the test sets than joint-c, better on the validation set: picked
+        "joint-b": {0: _res(80, 80, 70, [20, 20, 20, 20]), 1: _res(80, 80, 72, [20, 20, 20, 20])},
+        "joint-c": {0: _res(80, 80, 60, [90, 90, 90, 90]), 1: _res(80, 80, 62, [90, 90, 90, 90])},
+    }
+    pick, notes = stability.select(data)
+    assert pick == "joint-b"
+    assert any(n.startswith("joint-a: out") for n in notes)
+
+
+def test_report_counts_collapses_and_wins(tmp_path):
+    data = {"ce": {0: _res(80, 80, 30, [10, 50, 50, 50]), 1: _res(82, 82, 30, [10, 50, 50, 50])},
+            "joint": {0: _res(75.9, 76, 50, [20, 60, 40, 60]), 1: _res(81, 81, 50, [5, 60, 60, 60])}}
+    text = stability.report(data, tmp_path, "t")
+    row = next(l for l in text.splitlines() if l.startswith("| joint |"))
+    assert "| 1/2 |" in row                                  # 75.9 < 81 - 5: one collapse
+    win = [l for l in text.splitlines() if l.startswith("| joint |")][1]
+    assert win.startswith("| joint | 1/2 | 2/2 | 1/2 | 2/2 |")
