@@ -11,6 +11,7 @@ trained classifier (max-softmax "baseline", ODIN) then separate in- from out-of-
 Run it:
     python confident.py --in svhn --out cifar10                     # the paper's setting (GPU)
     python confident.py --in fashion-mnist --out mnist --width 0.25 --epochs 3 ...   # CPU, see README
+    python confident.py --in folder:my_images --out gaussian          # your own my_images/{train,test}/<class>/
     torchrun --nproc_per_node=2 confident.py --in svhn --out cifar10 # several processes / GPUs
 Use it from your own code (this file works on its own; `kernels/` is optional):
     from confident import vgg13, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
@@ -115,8 +116,9 @@ def resolve(cfg: Config) -> Config:
         raise ConfidentError(f"unknown model {cfg.model!r}: expected one of {', '.join(CLASSIFIERS)}")
     for name in (cfg.in_data, cfg.out_data):
         check_dataset_name(name)
-    if cfg.in_data not in LABELLED:
-        raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)}")
+    if cfg.in_data not in LABELLED and not cfg.in_data.startswith("folder:"):
+        raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)} or "
+                             "folder:PATH (images in PATH/train/<class>/ and PATH/test/<class>/)")
     checks = [("beta", cfg.beta >= 0, ">= 0"), ("width", 0 < cfg.width <= 8, "in (0, 8]"),
               ("epochs", cfg.epochs >= 0, ">= 0"), ("gan_epochs", cfg.gan_epochs >= 0, ">= 0"),
               ("lr", cfg.lr > 0, "> 0"), ("batch_size", cfg.batch_size >= 2, ">= 2"),
@@ -152,9 +154,16 @@ def parse_floats(text: str, what: str, positive=False, nonnegative=False) -> lis
 # in [0, 1] for generated noise) and int64 labels; `to_float` turns a batch into 3x32x32 floats in [0, 1],
 # so whole sets stay small in memory and batches are converted on the device. Grayscale 28x28 sets are
 # resized to 32x32 (bilinear) once at load time and replicated to 3 channels per batch, as the paper does.
+# Your own images: `folder:PATH` (see read_labelled_folder for labelled, read_image_folder for unlabelled ones).
 
-NUM_CLASSES = {"svhn": 10, "cifar10": 10, "mnist": 10, "fashion-mnist": 10}
-LABELLED = tuple(NUM_CLASSES)
+# Class names of the labelled sets: label i is the i-th name (results.json records them as "classes").
+DIGITS = [str(d) for d in range(10)]
+CLASSES = {"svhn": DIGITS, "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                       "ship", "truck"],
+           "mnist": DIGITS, "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                              "Shirt", "Sneaker", "Bag", "Ankle boot"]}
+NUM_CLASSES = {name: len(c) for name, c in CLASSES.items()}
+LABELLED = tuple(CLASSES)
 UNLABELLED = ("tinyimagenet", "lsun", "gaussian", "uniform", "photos")
 NOISE_SIZE = 10_000
 
@@ -474,18 +483,36 @@ def _load_svhn(split, root, verify, download_ok):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)
 
 
-# --- image folders (TinyImageNet / LSUN "resize" sets, and any user folder)
+# --- image folders: your own labelled images (--in folder:PATH, in torchvision's ImageFolder layout), any folder
+# of unlabelled images (--out folder:PATH), and the TinyImageNet / LSUN "resize" sets
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 
 
-def read_image_folder(folder: Path, size: int = 32) -> torch.Tensor:
-    """All images in `folder` (recursively, sorted by path) as uint8 (N, 3, size, size)."""
+def _image_files(folder: Path, strict: bool = False) -> list[Path]:
+    """The image files under `folder`, recursively, sorted by path; hidden files and folders are skipped. Any
+    other file is ignored, or with strict=True refused by name."""
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.suffix.lower() in IMAGE_EXTS:
+            files.append(p)
+        elif strict:
+            raise ConfidentError(f"{p}: not an image file (expected {', '.join(IMAGE_EXTS)}); move it out of "
+                                 f"{folder}")
+    return files
+
+
+def read_image_folder(folder: Path, size: int = 32, resize: bool = False, strict: bool = False) -> torch.Tensor:
+    """All images under `folder` (see _image_files) as uint8 (N, 3, size, size). Pillow's RGB conversion
+    replicates grayscale to three channels (and drops alpha). An image of another size is refused, or with
+    resize=True resized whole (no crop, aspect ratio not kept) to size x size with Pillow's bilinear filter."""
     try:
         from PIL import Image
     except ImportError:
         raise ConfidentError("reading image folders needs Pillow: pip install pillow") from None
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    files = _image_files(folder, strict)
     if not files:
         raise ConfidentError(f"{folder}: no images found (expected {', '.join(IMAGE_EXTS)} files)")
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
@@ -493,7 +520,9 @@ def read_image_folder(folder: Path, size: int = 32) -> torch.Tensor:
         try:
             with Image.open(p) as im:
                 im = im.convert("RGB")
-                if im.size != (size, size):
+                if im.size != (size, size) and resize:
+                    im = im.resize((size, size), Image.BILINEAR)
+                elif im.size != (size, size):
                     raise ConfidentError(f"{p}: image of size {im.size[0]}x{im.size[1]}, expected "
                                          f"{size}x{size} (resize your images first)")
                 out[i] = np.asarray(im)
@@ -502,6 +531,58 @@ def read_image_folder(folder: Path, size: int = 32) -> torch.Tensor:
         except Exception as e:
             raise ConfidentError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _folder_path(name: str) -> Path:
+    return Path(name[len("folder:"):]).expanduser()
+
+
+def folder_classes(folder: Path) -> list[str]:
+    """A labelled folder's class names, sorted: label i is the i-th. They are the sub-folders of folder/train,
+    and folder/test must have the same ones."""
+    for split in ("train", "test"):
+        if not (folder / split).is_dir():
+            raise ConfidentError(f"{folder}: no {split}/ folder: a labelled folder holds images in "
+                                 f"{folder / 'train'}/<class>/ and {folder / 'test'}/<class>/")
+    names = {split: sorted(d.name for d in (folder / split).iterdir() if d.is_dir() and not d.name.startswith("."))
+             for split in ("train", "test")}
+    if not names["train"]:
+        raise ConfidentError(f"{folder / 'train'}: no class folders (expected {folder / 'train'}/<class>/*.png|jpg)")
+    if names["train"] != names["test"]:
+        only = {s: ", ".join(sorted(set(names[s]) - set(names[t]))) or "none" for s, t in (("train", "test"),
+                                                                                              ("test", "train"))}
+        raise ConfidentError(f"{folder}: the test classes differ from the train classes (only in train/: "
+                             f"{only['train']}; only in test/: {only['test']})")
+    return names["train"]
+
+
+def read_labelled_folder(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """folder/<split>/<class>/**/*.png|jpg|... (torchvision's ImageFolder layout) as uint8 (N, 3, 32, 32) and
+    labels 0..K-1 in sorted class order. Images of any size are resized whole to 32x32 with Pillow's bilinear
+    filter (no crop), grayscale is replicated to RGB; a class folder without images, or a file in it that is not
+    a readable image, is an error naming it (hidden files are skipped)."""
+    xs, ys = [], []
+    for label, c in enumerate(folder_classes(folder)):
+        xs.append(read_image_folder(folder / split / c, resize=True, strict=True))
+        ys.append(torch.full((len(xs[-1]),), label, dtype=torch.int64))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def class_names(name: str) -> list[str]:
+    """The class names of a labelled set (label i is the i-th): a named set's, or a labelled folder's."""
+    if name.startswith("folder:"):
+        if not _folder_path(name).is_dir():
+            raise ConfidentError(f"{_folder_path(name)}: not a folder (from data set {name!r})")
+        return folder_classes(_folder_path(name))
+    if name not in CLASSES:
+        raise ConfidentError(f"data set {name!r} has no labels: expected one of {', '.join(LABELLED)} or folder:PATH")
+    return CLASSES[name]
+
+
+def _same_set(a: str, b: str) -> bool:
+    """Two names for one data set: the same name, or folder: names of the same folder."""
+    key = (lambda n: str(_folder_path(n).resolve()) if n.startswith("folder:") else n)
+    return key(a) == key(b)
 
 
 def _load_resize_set(name, root, verify, download_ok):
@@ -565,16 +646,20 @@ def _photos(split: str, n: int = 2000) -> torch.Tensor:
 
 def load_uint8(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
                download_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, C, 32, 32), uint8 (float32 for noise), and int64 labels (-1 for unlabelled sets)."""
+    """Images (N, C, 32, 32), uint8 (float32 for noise), and int64 labels (-1 for unlabelled sets). A folder:PATH
+    with train/ and test/ sub-folders is labelled (read_labelled_folder, that split); any other folder is
+    unlabelled, all its images for either split, resized to 32x32 like a labelled folder's."""
     check_dataset_name(name)
     if split not in ("train", "test"):
         raise ConfidentError(f"unknown split {split!r}: expected train or test")
     root = Path(root)
     if name.startswith("folder:"):
-        folder = Path(name[len("folder:"):]).expanduser()
+        folder = _folder_path(name)
         if not folder.is_dir():
             raise ConfidentError(f"{folder}: not a folder (from data set {name!r})")
-        x = read_image_folder(folder)
+        if (folder / "train").is_dir() and (folder / "test").is_dir():   # labelled: that split, its labels
+            return read_labelled_folder(folder, split)
+        x = read_image_folder(folder, resize=True)                      # unlabelled: every image, either split
     elif name in ("mnist", "fashion-mnist"):
         return _load_idx_set(name, split, root, verify, download_ok)
     elif name == "cifar10":
@@ -1316,9 +1401,10 @@ class Trainer:
 
 
 def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None, log=print,
-          device=None, rank=0, world=1) -> Trainer:
+          device=None, rank=0, world=1, num_classes: int | None = None) -> Trainer:
     """The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir, resumes
-    from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation."""
+    from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation.
+    num_classes: None takes a named set's (NUM_CLASSES), else the largest label + 1."""
     device = device or torch.device("cpu")
     set_seed(cfg.seed)
     if x_train.ndim != 4 or x_train.shape[1] not in (1, 3) or x_train.shape[2:] != (32, 32) \
@@ -1327,7 +1413,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                              f"{tuple(y_train.shape)}: expected (N, 1 or 3, 32, 32) and (N,)")
     if len(y_train) == 0:
         raise ConfidentError(f"{cfg.in_data}: no training images (an empty set)")
-    num_classes = NUM_CLASSES.get(cfg.in_data, int(y_train.max()) + 1)
+    num_classes = num_classes or NUM_CLASSES.get(cfg.in_data, int(y_train.max()) + 1)
     if int(y_train.min()) < 0 or int(y_train.max()) >= num_classes:
         raise ConfidentError(f"{cfg.in_data}: training labels in [{int(y_train.min())}, {int(y_train.max())}], "
                              f"expected [0, {num_classes})")
@@ -1596,7 +1682,9 @@ def run(cfg: Config, log=print) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     log0 = log if master else (lambda *a, **k: None)
-    out_dir = Path(cfg.output_dir or f"runs/{cfg.in_data}-{cfg.method}-s{cfg.seed}")
+    classes = class_names(cfg.in_data)          # label i is classes[i]; a labelled folder's layout is checked here
+    tag = f"folder-{_folder_path(cfg.in_data).resolve().name}" if cfg.in_data.startswith("folder:") else cfg.in_data
+    out_dir = Path(cfg.output_dir or f"runs/{tag}-{cfg.method}-s{cfg.seed}")
     root = Path(cfg.data_root)
     t0 = time.time()
     x_tr, y_tr = load_uint8(cfg.in_data, "train", root, download_ok=cfg.download)
@@ -1607,17 +1695,18 @@ def run(cfg: Config, log=print) -> dict:
         x_te, y_te = x_te[:cfg.eval_limit], y_te[:cfg.eval_limit]
     x_ood_train = None
     if cfg.method in ("conf", "kplus1"):
-        if cfg.out_data == cfg.in_data:
+        if _same_set(cfg.out_data, cfg.in_data):
             raise ConfidentError(f"--out {cfg.out_data} is the in-distribution set")
         x_ood_train = load_uint8(cfg.out_data, "train", root, download_ok=cfg.download)[0]
-    # evaluation sets: --out, then every other set found locally (noise is always there)
+    # evaluation sets: --out, then every other set found locally (noise is always there); never the in-set itself
     names, optional = [cfg.out_data], []
+    other = (lambda n: not _same_set(n, cfg.in_data) and not _same_set(n, cfg.out_data))
     if cfg.extra_ood == "auto":      # every other set that loads without a download, each read once
-        optional = [n for n in LABELLED + UNLABELLED if n not in (cfg.in_data, cfg.out_data)]
+        optional = [n for n in LABELLED + UNLABELLED if other(n)]
     elif cfg.extra_ood != "none":
         for n in cfg.extra_ood.split(","):
             check_dataset_name(n.strip())
-        names += [n.strip() for n in cfg.extra_ood.split(",") if n.strip() and n.strip() != cfg.out_data]
+        names += [n.strip() for n in cfg.extra_ood.split(",") if n.strip() and other(n.strip())]
     ood_test = {}
     for n in names + optional:
         try:
@@ -1645,14 +1734,14 @@ def run(cfg: Config, log=print) -> dict:
         for stale in ("results.json", "results.csv", "results.md"):   # no finished-looking result from an old run
             (out_dir / stale).unlink(missing_ok=True)
         atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out_dir / "config.json")
-    tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world)
+    tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world, num_classes=len(classes))
     model = tr.raw["net"]
     if master:
         atomic_save(model.state_dict(), out_dir / "checkpoint.pt")
     seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
     res = evaluate(model, x_te, y_te, ood_test, cfg, log0)       # sharded across ranks, gathered once
     if master:
-        res.update(config=dataclasses.asdict(cfg), env=environment(), seconds=time.time() - t0)
+        res.update(classes=classes, config=dataclasses.asdict(cfg), env=environment(), seconds=time.time() - t0)
         rows = results_rows(res, cfg, seen)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
