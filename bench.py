@@ -65,7 +65,7 @@ def authors_grid_metrics(score_in, score_out, n_thresholds=200_000, chunk=500):
     band = (tpr >= 0.94) & (tpr <= 0.96)
     tnr = 1 - fpr[band].mean() if band.any() else float("nan")
     prev = np.concatenate([[1.0], fpr[:-1]])
-    auroc = np.sum((prev - fpr) * tpr) + fpr[-1] * tpr[-1]
+    auroc = np.sum((prev - fpr) * tpr)                           # nothing after the sweep (ODIN adds fpr*tpr)
     det_acc = 1 - min(1.0, np.min((1 - tpr + fpr) / 2))          # P(in < d) = 1 - P(in >= d)
     keep = (tpr + fp_ge) > 0
     r, p = tpr[keep], tpr[keep] / (tpr[keep] + fp_ge[keep])

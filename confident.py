@@ -1010,9 +1010,12 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
 
 # ------------------------------------------------------------------------------------------------
 # Metrics and calibration. In-distribution is the positive class; higher score = more in-distribution.
-# `ood_metrics` computes the exact limit of the authors' evaluation code (a sweep of 200,000 evenly
-# spaced thresholds over [min, max)): between consecutive distinct scores u_k < u_{k+1} every threshold
-# sees TPR = P(in > u_k) and FPR = P(out > u_k), so one sort gives every metric in O(n log n).
+# `ood_metrics` computes the exact limit of the authors' evaluation code (calculate_log.py: a sweep of
+# 200,000 evenly spaced thresholds over [min, max)): between consecutive distinct scores u_k < u_{k+1} every
+# threshold sees TPR = P(in > u_k) and FPR = P(out > u_k), so one sort gives every metric in O(n log n).
+# Their AUROC is the rectangle sum over the sweep and nothing more; ODIN's calMetric.py, which theirs was
+# modified from, adds FPR * TPR at the last threshold, i.e. P_in(top) * P_out(top) when both sets hold the
+# largest score (saturated softmax): a different convention, not used here.
 
 def _check_scores(s, what):
     try:
@@ -1056,7 +1059,10 @@ def _aupr(recall: np.ndarray, precision: np.ndarray) -> float:
 
 def ood_metrics(score_in, score_out) -> dict:
     """TNR at TPR 95%, AUROC, detection accuracy, AUPR-in and AUPR-out (fractions) with the authors'
-    conventions (README: "Metric conventions"); plus `auroc_tie_aware` (Mann-Whitney, ties count half)."""
+    conventions (README: "Metric conventions"); plus `auroc_tie_aware` (Mann-Whitney, ties count half).
+    AUROC follows the authors' calculate_log.py, not ODIN's calMetric.py: a top score held by both sets
+    earns the in-distribution side nothing. With every score equal (their code divides by zero there):
+    0.5 for AUROC, detection accuracy and both AUPRs, 0 for TNR."""
     si, so = _check_scores(score_in, "in-distribution scores"), _check_scores(score_out, "OOD scores")
     u, tpr, fpr, n_in_g, n_out_g = _rate_curves(si, so)
     if len(u) < 2:   # every score equal: no threshold separates anything
@@ -1069,10 +1075,11 @@ def ood_metrics(score_in, score_out) -> dict:
         fpr95 = float(np.sum(fpr[band] * length[band]) / np.sum(length[band]))
     else:  # no threshold lands in the band (a jump over it): FPR where TPR first drops below 95%
         fpr95 = float(fpr[np.argmax(tpr < 0.95)] if (tpr < 0.95).any() else fpr[-1])
-    # AUROC: first threshold (= min score) has TPR 1 and FPR_0; then one rectangle per interval
+    # AUROC: sum of (FPR_prev - FPR) * TPR from FPR_prev = 1, nothing after the last threshold. The first
+    # threshold (= min score) has TPR 1 and FPR_0; then one rectangle per interval
     fpr_prev = np.concatenate([[1.0], fpr[:-1]])
     tpr_first = np.concatenate([[1.0], tpr[1:]])
-    auroc = float(np.sum((fpr_prev - fpr) * tpr_first) + fpr[-1] * tpr[-1])
+    auroc = float(np.sum((fpr_prev - fpr) * tpr_first))
     # detection error: min over thresholds of (P_in(s < d) + P_out(s > d)) / 2; first threshold misses no in
     det_err = min(1.0, fpr[0] / 2, float(np.min((1.0 - tpr + fpr) / 2)))
     # AUPR-in (rate-based precision), sweeping up; points with TPR + FPR = 0 are skipped
