@@ -1073,8 +1073,8 @@ def ood_metrics(score_in, score_out) -> dict:
     band = (tpr >= 0.94) & (tpr <= 0.96)
     if band.any():
         fpr95 = float(np.sum(fpr[band] * length[band]) / np.sum(length[band]))
-    else:  # no threshold lands in the band (a jump over it): FPR where TPR first drops below 95%
-        fpr95 = float(fpr[np.argmax(tpr < 0.95)] if (tpr < 0.95).any() else fpr[-1])
+    else:  # no threshold lands in the band (TPR jumps over it): the authors' code takes FPR = 1
+        fpr95 = 1.0
     # AUROC: sum of (FPR_prev - FPR) * TPR from FPR_prev = 1, nothing after the last threshold. The first
     # threshold (= min score) has TPR 1 and FPR_0; then one rectangle per interval
     fpr_prev = np.concatenate([[1.0], fpr[:-1]])
