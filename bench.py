@@ -63,9 +63,9 @@ def authors_grid_metrics(score_in, score_out, n_thresholds=200_000, chunk=500):
         return np.concatenate([op(x[None, :], th[i:i + chunk, None]).mean(1) for i in range(0, len(th), chunk)])
     tpr, fpr, fp_ge = frac(si, np.greater_equal, d), frac(so, np.greater, d), frac(so, np.greater_equal, d)
     band = (tpr >= 0.94) & (tpr <= 0.96)
-    tnr = 1 - fpr[band].mean() if band.any() else float("nan")
+    tnr = 1 - fpr[band].mean() if band.any() else 0.0            # no threshold in the band: FPR = 1
     prev = np.concatenate([[1.0], fpr[:-1]])
-    auroc = np.sum((prev - fpr) * tpr) + fpr[-1] * tpr[-1]
+    auroc = np.sum((prev - fpr) * tpr)                           # nothing after the sweep (ODIN adds fpr*tpr)
     det_acc = 1 - min(1.0, np.min((1 - tpr + fpr) / 2))          # P(in < d) = 1 - P(in >= d)
     keep = (tpr + fp_ge) > 0
     r, p = tpr[keep], tpr[keep] / (tpr[keep] + fp_ge[keep])

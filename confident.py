@@ -704,9 +704,10 @@ def load_dataset(name: str, split: str = "test", root: str | Path = "data", veri
     return to_float(x), y
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """A batch of stored images -> float32 (B, 3, 32, 32) in [0, 1]; grayscale replicated to 3 channels."""
-    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch of stored images -> (B, 3, 32, 32) floats in [0, 1], float32 unless `dtype` says otherwise;
+    grayscale replicated to 3 channels."""
+    x = x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
@@ -990,10 +991,11 @@ def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch
 
 # ------------------------------------------------------------------------------------------------
 # Detectors. A higher score means more in-distribution. For the K+1-class model the score is
-# 1 - p(K+1 | x) (App. E); otherwise the maximum softmax probability.
+# 1 - p(K+1 | x) (App. E); otherwise the maximum softmax probability. Images go into the model in the
+# dtype of its parameters; softmax, scores and the ODIN step are computed in fp32 (fp64 for a float64 model).
 
 def _score_from_logits(logits: torch.Tensor, temperature: float, ood_class: bool) -> torch.Tensor:
-    p = F.softmax(logits.float() / temperature, dim=1)
+    p = F.softmax((logits if logits.dtype == torch.float64 else logits.float()) / temperature, dim=1)
     return 1.0 - p[:, -1] if ood_class else p.max(dim=1).values
 
 
@@ -1021,24 +1023,34 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
+    """(feed, work): the dtype of the model's parameters, in which it gets its input, and the dtype in which
+    detectors compute softmax, scores and the ODIN step: float64 for a float64 model, float32 otherwise."""
+    p = next(model.parameters(), None)
+    feed = p.dtype if p is not None else torch.float32
+    return feed, (torch.float64 if feed == torch.float64 else torch.float32)
+
+
 @torch.no_grad()
 def baseline_scores(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Hendrycks & Gimpel's detector: max softmax probability, model in eval mode. Returns (N,) on CPU."""
+    """Hendrycks & Gimpel's detector: max softmax probability, model in eval mode. Returns (N,) on CPU,
+    float32 (float64 for a float64 model)."""
     _check_images(x)
-    was, dev = model.training, _device_of(model)
+    was, dev, (feed, work) = model.training, _device_of(model), _dtypes(model)
     model.eval()
     ood_class = getattr(model, "ood_class", False)
-    out = [_score_from_logits(model(to_float(x[s].to(dev))), 1.0, ood_class).cpu()
+    out = [_score_from_logits(model(to_float(x[s].to(dev), work).to(feed)), 1.0, ood_class).cpu()
            for s in _batches(len(x), batch_size)]
     model.train(was)
     return torch.cat(out)
 
 
-def _odin_grad_sign(model, xb, temperature, ood_class):
-    """sign(grad_x of the summed CE(f(x)/T, y_hat)) with the ODIN code's convention (>= 0 -> +1)."""
+def _odin_grad_sign(model, xb, feed, temperature, ood_class):
+    """sign(grad_x of the summed CE(f(x)/T, y_hat)) with the ODIN code's convention (>= 0 -> +1), in xb's
+    dtype; the model sees xb cast to `feed`, the loss is computed in xb's dtype."""
     xb = xb.detach().requires_grad_(True)
-    logits = model(xb)
-    loss = F.cross_entropy(logits.float() / temperature, _predicted(logits, ood_class), reduction="sum")
+    logits = model(xb.to(feed))
+    loss = F.cross_entropy(logits.to(xb.dtype) / temperature, _predicted(logits, ood_class), reduction="sum")
     (g,) = torch.autograd.grad(loss, xb)
     return torch.where(g >= 0, 1.0, -1.0).to(xb.dtype), logits.detach()
 
@@ -1047,21 +1059,23 @@ def odin_scores(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: 
                 batch_size: int = 500) -> torch.Tensor:
     """ODIN (Liang et al.; paper App. C.3) at one (T, eps), done the plain way: forward, input-gradient
     backward, forward. x' = x - eps * sign(grad_x CE(f(x)/T, y_hat)); score = max softmax(f(x')/T).
-    Summed loss (no underflow at T = 1000), no clamping of x', model in eval mode. Returns (N,) on CPU."""
+    Summed loss (no underflow at T = 1000), no clamping of x', model in eval mode. x' is computed in fp32
+    (fp64 for a float64 model), then cast to the model's dtype. Returns (N,) on CPU, float32 (float64 for a
+    float64 model)."""
     _check_images(x)
     if not (math.isfinite(float(temperature)) and temperature > 0):
         raise ConfidentError(f"ODIN temperature {temperature!r}: expected a finite value > 0")
     if not (math.isfinite(float(epsilon)) and epsilon >= 0):
         raise ConfidentError(f"ODIN epsilon {epsilon!r}: expected a finite value >= 0")
-    was, dev = model.training, _device_of(model)
+    was, dev, (feed, work) = model.training, _device_of(model), _dtypes(model)
     model.eval()
     ood_class = getattr(model, "ood_class", False)
     out = []
     for s in _batches(len(x), batch_size):
-        xb = to_float(x[s].to(dev))
-        sign, _ = _odin_grad_sign(model, xb, temperature, ood_class)
+        xb = to_float(x[s].to(dev), work)
+        sign, _ = _odin_grad_sign(model, xb, feed, temperature, ood_class)
         with torch.no_grad():
-            out.append(_score_from_logits(model(xb - epsilon * sign), temperature, ood_class).cpu())
+            out.append(_score_from_logits(model((xb - epsilon * sign).to(feed)), temperature, ood_class).cpu())
     model.train(was)
     return torch.cat(out)
 
@@ -1074,30 +1088,31 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
     per T, the logit gradient (softmax(z/T) - onehot(y_hat)) / T of the summed loss; one input-gradient
     backward per T through the kept graph gives sign(grad_x); one forward per T over all eps > 0 at once
     (in batches of `batch_size`) scores the perturbed inputs. Cost: 1 forward + nT backward + nT*(nE-1)
-    forward-images, against 3 * nT * nE passes done point by point. Equal to `odin_scores` per point."""
+    forward-images, against 3 * nT * nE passes done point by point. Equal to `odin_scores` per point, and
+    in the same dtypes (float64 scores for a float64 model, which always takes the torch path)."""
     _check_images(x)
     Ts, Es = [float(t) for t in temperatures], [float(e) for e in epsilons]
     if not Ts or not all(math.isfinite(t) and t > 0 for t in Ts):
         raise ConfidentError(f"ODIN temperatures {Ts}: expected a non-empty list of values > 0")
     if not Es or not all(math.isfinite(e) and e >= 0 for e in Es):
         raise ConfidentError(f"ODIN epsilons {Es}: expected a non-empty list of values >= 0")
-    was, dev = model.training, _device_of(model)
+    was, dev, (feed, work) = model.training, _device_of(model), _dtypes(model)
     model.eval()
     ood_class = getattr(model, "ood_class", False)
     pos = [j for j, e in enumerate(Es) if e > 0]
-    eps_pos = torch.tensor([Es[j] for j in pos], device=dev)
-    out = torch.empty(len(Ts), len(Es), len(x))
+    eps_pos = torch.tensor([Es[j] for j in pos], device=dev, dtype=work)
+    out = torch.empty(len(Ts), len(Es), len(x), dtype=work)
     for s in _batches(len(x), batch_size):
-        xb = to_float(x[s].to(dev)).requires_grad_(True)
+        xb = to_float(x[s].to(dev), work).requires_grad_(True)
         B = xb.shape[0]
-        logits = model(xb)                                                         # (B, K), graph kept
-        z = logits.detach().float()
-        use_k = (not ood_class) and _use_triton(z, impl)
+        logits = model(xb.to(feed))                                                # (B, K), graph kept
+        z = logits.detach().to(work)
+        use_k = (not ood_class) and work == torch.float32 and _use_triton(z, impl)   # the kernels work in fp32
         if use_k:
             clean, gz = _kernels().odin_logit_grads(z, Ts)                         # (nT, B), (nT, B, K)
         else:
             y_hat = _predicted(z, ood_class)
-            onehot = F.one_hot(y_hat, z.shape[1]).float()
+            onehot = F.one_hot(y_hat, z.shape[1]).to(work)
         for t, T in enumerate(Ts):
             if use_k:
                 score0, g_logits = clean[t], gz[t]
@@ -1119,8 +1134,8 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
                     sign = torch.where(gx >= 0, 1.0, -1.0)
                     xp = xb.detach()[None] - eps_pos.view(-1, 1, 1, 1, 1) * sign[None]
                 xp = xp.reshape(-1, *xb.shape[1:])                  # (nE+ * B, 3, 32, 32), in batches:
-                sp = torch.cat([_score_from_logits(model(xp[c]), T, ood_class)    # larger ones fall out of
-                                for c in _batches(len(xp), batch_size)])          # cache on a CPU
+                sp = torch.cat([_score_from_logits(model(xp[c].to(feed)), T, ood_class)   # larger ones fall
+                                for c in _batches(len(xp), batch_size)])          # out of cache on a CPU
                 out[t, pos, s] = sp.view(len(pos), B).cpu()
         del logits
     model.train(was)
@@ -1129,9 +1144,12 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
 
 # ------------------------------------------------------------------------------------------------
 # Metrics and calibration. In-distribution is the positive class; higher score = more in-distribution.
-# `ood_metrics` computes the exact limit of the authors' evaluation code (a sweep of 200,000 evenly
-# spaced thresholds over [min, max)): between consecutive distinct scores u_k < u_{k+1} every threshold
-# sees TPR = P(in > u_k) and FPR = P(out > u_k), so one sort gives every metric in O(n log n).
+# `ood_metrics` computes the exact limit of the authors' evaluation code (calculate_log.py: a sweep of
+# 200,000 evenly spaced thresholds over [min, max)): between consecutive distinct scores u_k < u_{k+1} every
+# threshold sees TPR = P(in > u_k) and FPR = P(out > u_k), so one sort gives every metric in O(n log n).
+# Their AUROC is the rectangle sum over the sweep and nothing more; ODIN's calMetric.py, which theirs was
+# modified from, adds FPR * TPR at the last threshold, i.e. P_in(top) * P_out(top) when both sets hold the
+# largest score (saturated softmax): a different convention, not used here.
 
 def _check_scores(s, what):
     try:
@@ -1175,7 +1193,10 @@ def _aupr(recall: np.ndarray, precision: np.ndarray) -> float:
 
 def ood_metrics(score_in, score_out) -> dict:
     """TNR at TPR 95%, AUROC, detection accuracy, AUPR-in and AUPR-out (fractions) with the authors'
-    conventions (README: "Metric conventions"); plus `auroc_tie_aware` (Mann-Whitney, ties count half)."""
+    conventions (README: "Metric conventions"); plus `auroc_tie_aware` (Mann-Whitney, ties count half).
+    AUROC follows the authors' calculate_log.py, not ODIN's calMetric.py: a top score held by both sets
+    earns the in-distribution side nothing. With every score equal (their code divides by zero there):
+    0.5 for AUROC, detection accuracy and both AUPRs, 0 for TNR."""
     si, so = _check_scores(score_in, "in-distribution scores"), _check_scores(score_out, "OOD scores")
     u, tpr, fpr, n_in_g, n_out_g = _rate_curves(si, so)
     if len(u) < 2:   # every score equal: no threshold separates anything
@@ -1186,12 +1207,13 @@ def ood_metrics(score_in, score_out) -> dict:
     band = (tpr >= 0.94) & (tpr <= 0.96)
     if band.any():
         fpr95 = float(np.sum(fpr[band] * length[band]) / np.sum(length[band]))
-    else:  # no threshold lands in the band (a jump over it): FPR where TPR first drops below 95%
-        fpr95 = float(fpr[np.argmax(tpr < 0.95)] if (tpr < 0.95).any() else fpr[-1])
-    # AUROC: first threshold (= min score) has TPR 1 and FPR_0; then one rectangle per interval
+    else:  # no threshold lands in the band (TPR jumps over it): the authors' code takes FPR = 1
+        fpr95 = 1.0
+    # AUROC: sum of (FPR_prev - FPR) * TPR from FPR_prev = 1, nothing after the last threshold. The first
+    # threshold (= min score) has TPR 1 and FPR_0; then one rectangle per interval
     fpr_prev = np.concatenate([[1.0], fpr[:-1]])
     tpr_first = np.concatenate([[1.0], tpr[1:]])
-    auroc = float(np.sum((fpr_prev - fpr) * tpr_first) + fpr[-1] * tpr[-1])
+    auroc = float(np.sum((fpr_prev - fpr) * tpr_first))
     # detection error: min over thresholds of (P_in(s < d) + P_out(s > d)) / 2; first threshold misses no in
     det_err = min(1.0, fpr[0] / 2, float(np.min((1.0 - tpr + fpr) / 2)))
     # AUPR-in (rate-based precision), sweeping up; points with TPR + FPR = 0 are skipped
@@ -1662,9 +1684,10 @@ def _wrap_ddp(tr: Trainer, device):
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    was, dev = model.training, _device_of(model)
+    """Logits (N, K) on CPU in eval mode: float32 (float64 for a float64 model), as the detectors score them."""
+    was, dev, (feed, work) = model.training, _device_of(model), _dtypes(model)
     model.eval()
-    out = [model(to_float(x[s].to(dev))).float().cpu() for s in _batches(len(x), batch_size)]
+    out = [model(to_float(x[s].to(dev), work).to(feed)).to(work).cpu() for s in _batches(len(x), batch_size)]
     model.train(was)
     return torch.cat(out)
 

@@ -1,10 +1,12 @@
 """Detectors: the max-softmax baseline, ODIN against a one-image-at-a-time reference, the batched ODIN grid
-against ODIN point by point, the K+1-class score, bad (T, eps) and the model's train/eval mode."""
+against ODIN point by point, the K+1-class score, bad (T, eps), the model's train/eval mode, and models in
+bf16, fp16 and float64."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from confident import ConfidentError, baseline_scores, build_classifier, odin_grid, odin_scores
+import confident
+from confident import ConfidentError, baseline_scores, build_classifier, odin_grid, odin_scores, predict_logits
 
 PAPER_TS = [1, 10, 100, 500, 1000]
 PAPER_ES = [0, 0.0001, 0.001, 0.01]
@@ -225,3 +227,98 @@ def test_odin_does_not_touch_parameter_gradients(images):
     odin_scores(model, images, 1000, 0.001)
     odin_grid(model, images, [1000], [0.001], impl="torch")
     assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# Models in other dtypes: images go in the model's dtype, scores and the ODIN step are computed in fp32
+# (float64 for a float64 model)
+
+def _tiny_cnn(dtype=torch.float32):
+    """A small CNN with fixed weights (the same for every dtype), logits spread enough for ODIN to matter."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    with torch.no_grad():
+        net[-1].weight.mul_(20)
+    return net.to(dtype).eval()
+
+
+# Scores differ from the fp32 model's by the low-precision logits' rounding divided by T, so the tolerance is on
+# T * score: measured at most 1.5e-3 (bf16) and 2.0e-4 (fp16) on this model and these images.
+LOW_PRECISION = [(torch.bfloat16, 5e-3), (torch.float16, 1e-3)]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,tol", LOW_PRECISION)
+def test_low_precision_model_scores_close_to_its_fp32_copy(dtype, tol, impl):
+    # asked at run time, not at collection: importing the kernels early would fix Triton's mode before
+    # test_kernels.py turns its CPU interpreter on
+    if impl == "triton" and not (confident._kernels() and confident._kernels().can_run(torch.zeros(1))):
+        pytest.skip("the Triton kernels cannot run here (no GPU, TRITON_INTERPRET unset)")
+    ref, low = _tiny_cnn(), _tiny_cnn(dtype)
+    x = torch.rand(32, 3, 32, 32)
+    b = baseline_scores(low, x)
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(b, baseline_scores(ref, x), atol=tol, rtol=0)
+    for T, e in [(1, 0.01), (1000, 0.001)]:
+        o = odin_scores(low, x, T, e)
+        assert o.dtype == torch.float32
+        torch.testing.assert_close(o * T, odin_scores(ref, x, T, e) * T, atol=tol, rtol=0, msg=f"T={T} eps={e}")
+    Ts = torch.tensor(PAPER_TS, dtype=torch.float32).view(-1, 1, 1)
+    g, g_ref = odin_grid(low, x, PAPER_TS, PAPER_ES, impl=impl), odin_grid(ref, x, PAPER_TS, PAPER_ES, impl="torch")
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g * Ts, g_ref * Ts, atol=tol, rtol=0)
+    torch.testing.assert_close(g[4, 2], odin_scores(low, x, 1000, 0.001), atol=tol / 1000, rtol=0)
+    # the model really ran in low precision, and the perturbation still moves the scores the right way
+    assert float((b - baseline_scores(ref, x)).abs().max()) > 0
+    assert float((g[:, 3] - g[:, 0]).mean()) > 0
+    assert all(p.dtype == dtype for p in low.parameters())
+
+
+def _odin_formula_fp64(model, x, T, eps):
+    """The paper's ODIN (App. C.3) in float64, written out: S(x; T) = softmax(f(x) / T), y_hat = argmax_y S_y,
+    x' = x - eps * sign(-grad_x log S_y_hat(x; T)) with sign(g) = +1 for g >= 0, score = max_y S_y(x'; T).
+    The network has no batch statistics, so the gradient of the sum over images is each image's own."""
+    x = x.detach().clone().requires_grad_(True)
+    S = torch.softmax(model(x) / T, dim=1)
+    y_hat = S.argmax(dim=1)
+    minus_log_S = -torch.log(S[torch.arange(len(x)), y_hat]).sum()
+    (g,) = torch.autograd.grad(minus_log_S, x)
+    sign = torch.where(g >= 0, torch.ones_like(g), -torch.ones_like(g))
+    with torch.no_grad():
+        return torch.softmax(model(x.detach() - eps * sign) / T, dim=1).max(dim=1).values
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_float64_model_scores_equal_the_formula_in_float64(impl):
+    model = _tiny_cnn(torch.float64)
+    x = torch.rand(16, 3, 32, 32, dtype=torch.float64)
+    b = baseline_scores(model, x, batch_size=5)
+    assert b.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(b, torch.softmax(model(x), 1).max(1).values, atol=1e-13, rtol=0)
+    g = odin_grid(model, x, PAPER_TS, PAPER_ES, batch_size=5, impl=impl)     # "auto": the kernels work in fp32,
+    assert g.dtype == torch.float64                                            # so float64 takes the torch path
+    for t, T in enumerate(PAPER_TS):
+        for j, e in enumerate(PAPER_ES):
+            want = _odin_formula_fp64(model, x, T, e)
+            torch.testing.assert_close(g[t, j], want, atol=1e-13, rtol=0, msg=f"T={T} eps={e}")
+            if T in (1, 1000):
+                o = odin_scores(model, x, T, e, batch_size=5)
+                assert o.dtype == torch.float64
+                torch.testing.assert_close(o, want, atol=1e-13, rtol=0, msg=f"T={T} eps={e}")
+    # fp32 images (or uint8) reach a float64 model as exact float64 values
+    x32 = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(odin_scores(model, x32, 10, 0.001), _odin_formula_fp64(model, x32.double(), 10, 0.001),
+                               atol=1e-13, rtol=0)
+
+
+def test_predict_logits_follow_the_model_dtype(images):
+    for dtype, want in [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                        (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+        model = _tiny_cnn(dtype)
+        z = predict_logits(model, images, batch_size=7)
+        assert z.shape == (20, 10) and z.dtype == want
+        with torch.no_grad():
+            torch.testing.assert_close(z, model(images.to(dtype)).to(want), atol=0, rtol=0)

@@ -1,4 +1,4 @@
-"""Metrics: `ood_metrics` against a brute-force transcription of the authors' threshold-grid evaluation code,
+"""Metrics: `ood_metrics` against a literal transcription of the authors' evaluation loops (calculate_log.py),
 the tie-aware AUROC against Mann-Whitney, ECE against a loop over bins, and temperature scaling."""
 import math
 
@@ -13,64 +13,94 @@ KEYS = ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out")
 
 
 # ------------------------------------------------------------------------------------------------
-# The authors' grid code, one threshold at a time in spirit, vectorised over chunks of thresholds.
+# The reference: the five functions of the authors' calculate_log.py (tpr95, auroc, detection, auprIn,
+# auprOut) written out as they run, one Python loop per metric and one threshold per iteration. Their edges:
+# thresholds np.arange(start, end, gap) from the smallest score up to but excluding the largest (the AUPR-out
+# sweep runs down from the largest score to just above the smallest), FPR = 1 when no threshold has TPR in
+# [0.94, 0.96], `continue` (auprIn) and `break` (auprOut) when TP + FP = 0, recall * precision added after the
+# AUPR loops and nothing after the AUROC loop. They use G = 200,000 thresholds; the tests use fewer.
+# `auroc_odin` is the one line by which ODIN's calMetric.py differs: it adds FPR * TPR after its loop.
 
-def _rates(scores, deltas, op, chunk=2000):
-    """mean(op(scores, delta)) for every delta, by explicit comparison (no sorting, no searchsorted)."""
-    out = np.empty(len(deltas))
-    for i in range(0, len(deltas), chunk):
-        d = deltas[i:i + chunk]
-        out[i:i + chunk] = op(scores[None, :], d[:, None]).mean(axis=1)
-    return out
-
-
-def _rectangles(recall, precision):
-    """sum (recall_prev - recall) * precision from recall_prev = 1, plus recall * precision at the last point."""
-    prev = np.concatenate([[1.0], recall[:-1]])
-    return float(np.sum((prev - recall) * precision) + recall[-1] * precision[-1])
-
-
-# G is a prime above 100: on scores from the lattice j/100 no threshold but the first (= the smallest score)
-# lands exactly on a score value. A threshold exactly on a tied score is a measure-zero event that the rectangle
-# rule nevertheless weighs fully (TPR counts the tie, FPR does not), so whether it happens depends on float
-# rounding of np.arange; the authors' continuous softmax scores never hit it, and neither does this grid.
-G_PRIME = 40_009
-
-
-def grid_metrics(score_in, score_out, G=G_PRIME):
-    X1, Y1 = np.asarray(score_in, np.float64), np.asarray(score_out, np.float64)
-    start, end = min(X1.min(), Y1.min()), max(X1.max(), Y1.max())
+def authors_loop(score_in, score_out, G=2003):
+    s_in, s_out = np.asarray(score_in, np.float64), np.asarray(score_out, np.float64)
+    n_in, n_out = float(len(s_in)), float(len(s_out))
+    end = max(s_in.max(), s_out.max())
+    start = min(s_in.min(), s_out.min())
     gap = (end - start) / G
-    deltas = np.arange(start, end, gap)
-    # TNR at TPR 95%: FPR averaged over the thresholds with 0.94 <= TPR <= 0.96
-    tpr = _rates(X1, deltas, np.greater_equal)
-    fpr = _rates(Y1, deltas, np.greater)
-    band = (tpr >= 0.94) & (tpr <= 0.96)
-    assert band.any(), "test data must put some thresholds in the TPR band"
-    tnr = 1.0 - fpr[band].sum() / band.sum()
-    # AUROC: sum (fpr_prev - fpr) * tpr from fpr_prev = 1, plus fpr * tpr at the last threshold
-    fpr_prev = np.concatenate([[1.0], fpr[:-1]])
-    auroc = float(np.sum((fpr_prev - fpr) * tpr) + fpr[-1] * tpr[-1])
-    # detection error: min over delta of (P(in < delta) + P(out > delta)) / 2, starting from 1.0
-    err = min(1.0, float(np.min((_rates(X1, deltas, np.less) + fpr) / 2.0)))
-    # AUPR-in: tp = P(in >= delta), fp = P(out >= delta); points with tp + fp == 0 skipped ("continue")
-    tp, fp = tpr, _rates(Y1, deltas, np.greater_equal)
-    keep = (tp + fp) != 0
-    aupr_in = _rectangles(tp[keep], tp[keep] / (tp[keep] + fp[keep]))
-    # AUPR-out: sweep down from end; tp = P(out < delta), fp = P(in < delta); stop at the first tp + fp == 0
-    deltas_down = np.arange(end, start, -gap)
-    tp, fp = _rates(Y1, deltas_down, np.less), _rates(X1, deltas_down, np.less)
-    zero = (tp + fp) == 0
-    stop = int(np.argmax(zero)) if zero.any() else len(tp)
-    tp, fp = tp[:stop], fp[:stop]
-    aupr_out = _rectangles(tp, tp / (tp + fp))
-    return dict(tnr_at_tpr95=tnr, auroc=auroc, detection_acc=1.0 - err, aupr_in=aupr_in, aupr_out=aupr_out)
+
+    # tpr95: FPR averaged over the thresholds with 0.94 <= TPR <= 0.96
+    fpr_sum, total = 0.0, 0
+    for delta in np.arange(start, end, gap):
+        tpr = np.sum(s_in >= delta) / n_in
+        fpr = np.sum(s_out > delta) / n_out
+        if 0.94 <= tpr <= 0.96:
+            fpr_sum += fpr
+            total += 1
+    fpr95 = 1.0 if total == 0 else fpr_sum / total
+
+    # auroc
+    auroc, fpr_prev = 0.0, 1.0
+    for delta in np.arange(start, end, gap):
+        tpr = np.sum(s_in >= delta) / n_in
+        fpr = np.sum(s_out > delta) / n_out
+        auroc += (fpr_prev - fpr) * tpr
+        fpr_prev = fpr
+    auroc_odin = auroc + fpr * tpr
+
+    # detection
+    error = 1.0
+    for delta in np.arange(start, end, gap):
+        miss = np.sum(s_in < delta) / n_in
+        false_alarm = np.sum(s_out > delta) / n_out
+        error = min(error, (miss + false_alarm) / 2.0)
+
+    # auprIn
+    aupr_in, recall_prev = 0.0, 1.0
+    for delta in np.arange(start, end, gap):
+        tp = np.sum(s_in >= delta) / n_in
+        fp = np.sum(s_out >= delta) / n_out
+        if tp + fp == 0:
+            continue
+        precision, recall = tp / (tp + fp), tp
+        aupr_in += (recall_prev - recall) * precision
+        recall_prev = recall
+    aupr_in += recall * precision
+
+    # auprOut: OOD is the positive class, score below the threshold
+    aupr_out, recall_prev = 0.0, 1.0
+    for delta in np.arange(end, start, -gap):
+        fp = np.sum(s_in < delta) / n_in
+        tp = np.sum(s_out < delta) / n_out
+        if tp + fp == 0:
+            break
+        precision, recall = tp / (tp + fp), tp
+        aupr_out += (recall_prev - recall) * precision
+        recall_prev = recall
+    aupr_out += recall * precision
+
+    return dict(tnr_at_tpr95=1.0 - fpr95, auroc=auroc, detection_acc=1.0 - error, aupr_in=aupr_in,
+                aupr_out=aupr_out, auroc_odin=auroc_odin)
 
 
-def _compare(si, so, atol=3e-3, G=G_PRIME):
-    got, want = ood_metrics(si, so), grid_metrics(si, so, G)
-    for k in KEYS:
-        assert got[k] == pytest.approx(want[k], abs=atol), (k, got[k], want[k])
+def assert_loop_limit(si, so, G=2003):
+    """`ood_metrics` is the limit of the loops as G grows. Between two consecutive distinct scores every threshold
+    sees the same rates, so once each such interval holds thresholds (W = shortest interval / gap >= 2) and no
+    threshold but the first lands on a score, AUROC, detection accuracy and both AUPRs (which change only when the
+    sweep crosses a score) already equal their limit. TNR averages FPR over the thresholds in the band, and each
+    interval holds length / gap thresholds give or take one, so the loop is within 1 / (W - 1) of the limit."""
+    si, so = np.asarray(si, np.float64), np.asarray(so, np.float64)
+    values = np.unique(np.concatenate([si, so]))
+    gap = (values[-1] - values[0]) / G
+    up = np.arange(values[0], values[-1], gap)
+    # a threshold exactly on a tied score is a measure-zero event that the rectangles nevertheless weigh fully
+    # (TPR counts the tie, FPR does not); the data and G must avoid it, as continuous softmax scores do
+    assert not np.isin(up[1:], values).any(), "a threshold lands on a score: choose another G"
+    W = np.diff(values).min() / gap
+    assert W >= 2, f"only {W:.1f} thresholds between the closest scores: the grid is too coarse for this data"
+    got, want = ood_metrics(si, so), authors_loop(si, so, G)
+    for k in ("auroc", "detection_acc", "aupr_in", "aupr_out"):
+        assert got[k] == pytest.approx(want[k], abs=1e-12), (k, got[k], want[k])
+    assert got["tnr_at_tpr95"] == pytest.approx(want["tnr_at_tpr95"], abs=1 / (W - 1)), (got, want)
     return got, want
 
 
@@ -82,62 +112,133 @@ def _mann_whitney(si, so):
 
 
 # ------------------------------------------------------------------------------------------------
-# ood_metrics vs the grid
+# ood_metrics vs the authors' loops
 
-@pytest.mark.parametrize("n_in,n_out,shift", [(300, 500, 15), (500, 300, 30), (400, 400, 0), (300, 500, -10)])
-def test_ood_metrics_match_authors_grid_on_a_coarse_lattice(n_in, n_out, shift):
-    rng = np.random.default_rng(n_in + n_out + shift)
-    # integers 0..100 / 100: plenty of ties, every interval between scores holds ~G/100 thresholds
-    si = np.clip(rng.normal(55 + shift / 2, 18, n_in).round(), 0, 100) / 100
-    so = np.clip(rng.normal(55 - shift / 2, 18, n_out).round(), 0, 100) / 100
-    got, want = _compare(si, so)
-    assert 0 < got["auroc"] < 1 and 0.5 <= got["detection_acc"] <= 1
+def test_authors_loop_by_hand_with_a_tie_at_the_top():
+    """in = {0, 1, 1}, out = {0, 0.5, 1}. Thresholds: 0 (TPR 1, FPR 2/3), then (0, 0.5) (TPR 2/3, FPR 2/3), then
+    (0.5, 1) (TPR 2/3, FPR 1/3); the sweep stops below 1. AUROC = 1/3 * 1 + 1/3 * 2/3 = 5/9; ODIN's convention
+    adds 1/3 * 2/3 (P_out(1) * P_in(1)) for 7/9; the tie-aware AUROC is 5.5/9."""
+    si, so = [0.0, 1.0, 1.0], [0.0, 0.5, 1.0]
+    want = authors_loop(si, so)
+    hand = dict(tnr_at_tpr95=0.0,                     # TPR is 1 or 2/3: no threshold in the band, FPR = 1
+                auroc=5 / 9, detection_acc=2 / 3, aupr_in=1 / 6 + 4 / 9, aupr_out=2 / 9 + 1 / 6 + 1 / 6)
+    for k, v in hand.items():
+        assert want[k] == pytest.approx(v, abs=1e-12), k
+    assert want["auroc_odin"] == pytest.approx(7 / 9, abs=1e-12)
+    got, _ = assert_loop_limit(si, so)
+    assert got["auroc"] == pytest.approx(5 / 9, abs=1e-12)
+    assert got["auroc_tie_aware"] == pytest.approx(5.5 / 9, abs=1e-12)
 
 
-def test_ood_metrics_match_grid_with_ties_at_the_smallest_score():
-    """The first threshold is the smallest score itself: with ties there (in and out), TPR there is 1 while the
-    next interval's TPR is not: the first AUROC rectangle must use TPR = 1."""
-    rng = np.random.default_rng(9)
-    si = np.concatenate([np.zeros(10), rng.integers(1, 101, 290) / 100])      # 3.3%: TPR still meets the band
-    so = np.concatenate([np.zeros(200), rng.integers(1, 80, 300) / 100])
-    got, want = _compare(si, so)
+def test_saturated_top_follows_the_authors_not_odin():
+    """Max-softmax scores with 60% of the in- and 20% of the OOD scores exactly 1.0: the authors' loop gives
+    AUROC 0.7688; ODIN's calMetric.py convention adds P_in(1) * P_out(1) = 0.12 for 0.8888."""
+    si = np.concatenate([np.ones(30), np.arange(30, 50) / 50])              # 1.0 (60%) and 0.60, 0.62, ..., 0.98
+    so = np.concatenate([np.ones(10), np.arange(2, 42) / 50])               # 1.0 (20%) and 0.04, 0.06, ..., 0.82
+    got, want = assert_loop_limit(si, so, G=5003)
+    assert got["auroc"] == pytest.approx(0.7688, abs=1e-12)
+    assert want["auroc_odin"] - want["auroc"] == pytest.approx(0.6 * 0.2, abs=1e-12)
+    assert abs(got["auroc"] - want["auroc_odin"]) > 0.1
     assert got["auroc_tie_aware"] == pytest.approx(_mann_whitney(si, so), abs=1e-12)
 
 
-def test_ood_metrics_match_grid_on_continuous_scores():
+SMALL_SETS = {
+    "ties at the top": ([0.2, 0.9, 0.9, 0.9], [0.1, 0.5, 0.9]),
+    "top held by OOD only": ([0.1, 0.4], [0.4, 1.0, 1.0]),
+    "ties at the bottom": ([0.0, 0.0, 0.5, 1.0], [0.0, 0.25, 0.25]),
+    "ties at both ends": ([0.0, 0.5, 1.0, 1.0, 1.0], [0.0, 0.0, 0.75, 1.0]),
+    "one in-score value": ([0.5, 0.5, 0.5, 0.5], [0.25, 0.5, 0.75]),
+    "single scores": ([0.8], [0.3]),
+    "TPR 95% reached": ([0.1] + [0.2] * 3 + [0.6] * 10 + [1.0] * 6, [0.1, 0.2, 0.2, 0.4, 0.6, 1.0]),
+}
+
+
+@pytest.mark.parametrize("name", SMALL_SETS)
+def test_ood_metrics_is_the_loop_limit_on_small_sets(name):
+    si, so = SMALL_SETS[name]
+    got, want = assert_loop_limit(si, so)
+    p_top = np.mean(np.equal(si, max(si + so))) * np.mean(np.equal(so, max(si + so)))
+    assert want["auroc_odin"] - got["auroc"] == pytest.approx(p_top, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_in,n_out,shift", [(300, 500, 15), (500, 300, 30), (400, 400, 0), (300, 500, -10)])
+def test_ood_metrics_is_the_loop_limit_on_a_coarse_lattice(n_in, n_out, shift):
+    rng = np.random.default_rng(n_in + n_out + shift)
+    # integers 0..50 / 50: plenty of ties; G prime, so no threshold but the first lands on a score
+    si = np.clip(rng.normal(27 + shift / 4, 9, n_in).round(), 0, 50) / 50
+    so = np.clip(rng.normal(27 - shift / 4, 9, n_out).round(), 0, 50) / 50
+    got, want = assert_loop_limit(si, so, G=5003)
+    assert 0 < got["auroc"] < 1 and 0.5 <= got["detection_acc"] <= 1
+
+
+def test_loop_tnr_converges_to_ood_metrics():
+    """Four metrics equal the loop at every grid fine enough; TNR approaches it within 1 / (W - 1)."""
+    rng = np.random.default_rng(10)
+    si = rng.integers(10, 51, 200) / 50
+    so = rng.integers(0, 41, 150) / 50
+    for G in (1009, 4001, 16001):
+        assert_loop_limit(si, so, G)
+
+
+def test_ood_metrics_is_the_loop_limit_with_ties_at_the_smallest_score():
+    """The first threshold is the smallest score itself: with ties there (in and out), TPR there is 1 while the
+    next interval's TPR is not: the first AUROC rectangle must use TPR = 1."""
+    rng = np.random.default_rng(9)
+    si = np.concatenate([np.zeros(10), rng.integers(1, 51, 290) / 50])       # 3.3%: TPR still meets the band
+    so = np.concatenate([np.zeros(200), rng.integers(1, 40, 300) / 50])
+    got, want = assert_loop_limit(si, so, G=5003)
+    assert got["auroc_tie_aware"] == pytest.approx(_mann_whitney(si, so), abs=1e-12)
+
+
+def test_ood_metrics_is_the_loop_limit_on_continuous_scores():
     rng = np.random.default_rng(1)
-    si, so = rng.beta(5, 2, 300), rng.beta(2, 3, 500)
-    # continuous scores: intervals differ in width, so use a finer grid and a looser TNR tolerance
-    got, want = ood_metrics(si, so), grid_metrics(si, so, G=200_000)
+    si, so = rng.beta(5, 2, 150), rng.beta(2, 3, 200)
+    # continuous scores: some intervals are narrower than the grid's gap, so the loop is only close
+    got, want = ood_metrics(si, so), authors_loop(si, so, G=20_011)
     for k in ("auroc", "detection_acc", "aupr_in", "aupr_out"):
         assert got[k] == pytest.approx(want[k], abs=3e-3), k
     assert got["tnr_at_tpr95"] == pytest.approx(want["tnr_at_tpr95"], abs=2e-2)
 
 
-def test_ood_metrics_match_grid_with_saturated_ties_at_one():
+def test_ood_metrics_is_the_loop_limit_with_saturated_ties_at_one():
     """Over-confident softmax: many scores exactly 1.0 in both sets (the sweep never reaches the max)."""
     rng = np.random.default_rng(2)
-    si = np.concatenate([np.ones(120), np.round(rng.uniform(0.5, 1.0, 180), 2)])
-    so = np.concatenate([np.ones(350), np.round(rng.uniform(0.3, 1.0, 150), 2)])
+    si = np.concatenate([np.ones(120), rng.integers(25, 51, 180) / 50])
+    so = np.concatenate([np.ones(350), rng.integers(15, 51, 150) / 50])
     rng.shuffle(si)
     rng.shuffle(so)
-    got, want = _compare(si, so)
-    # a tie-sensitive case: the authors' convention and the tie-aware one disagree clearly
+    got, want = assert_loop_limit(si, so, G=5003)
+    # a tie-sensitive case: the authors' convention, ODIN's and the tie-aware one all disagree clearly
     assert abs(got["auroc"] - got["auroc_tie_aware"]) > 0.05
+    p_top_in, p_top_out = np.mean(si == 1.0), np.mean(so == 1.0)
+    assert want["auroc_odin"] - got["auroc"] == pytest.approx(p_top_in * p_top_out, abs=1e-12)
     assert got["auroc_tie_aware"] == pytest.approx(_mann_whitney(si, so), abs=1e-12)
 
 
 def test_ood_metrics_all_saturated_out_set():
     """Every OOD score is exactly 1.0, and 10% of the in scores: the paper's 'AUROC far below 50% while detection
-    accuracy is 50%' case. The sweep stops below 1.0, so FPR is 1 at every threshold and AUROC = P(in = 1.0)."""
+    accuracy is 50%' case. The sweep stops below 1.0, so FPR is 1 at every threshold and AUROC is 0 (ODIN's
+    convention would add FPR * TPR = P(in = 1.0) = 0.1 after the loop)."""
     rng = np.random.default_rng(3)
-    si = np.concatenate([np.ones(30), rng.integers(20, 100, 270) / 100])
+    si = np.concatenate([np.ones(30), rng.integers(10, 50, 270) / 50])
     so = np.ones(500)
-    got, want = _compare(si, so)
-    assert got["auroc"] == pytest.approx(0.1, abs=1e-12)
+    got, want = assert_loop_limit(si, so, G=5003)
+    assert got["auroc"] == pytest.approx(0.0, abs=1e-12)
+    assert want["auroc_odin"] == pytest.approx(0.1, abs=1e-12)
     assert got["detection_acc"] == pytest.approx(0.5, abs=1e-12)
     assert got["tnr_at_tpr95"] == pytest.approx(0.0, abs=1e-12)
     assert got["auroc_tie_aware"] == pytest.approx(0.05, abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_ood_metrics_all_scores_equal():
+    """One score value in both sets: the authors' gap is 0 and np.arange cannot step by it; ours returns 0.5 for
+    AUROC, detection accuracy and the AUPRs and 0 for TNR."""
+    with pytest.raises((ZeroDivisionError, ValueError)):
+        authors_loop(np.full(5, 0.7), np.full(8, 0.7))
+    got = ood_metrics(np.full(5, 0.7), np.full(8, 0.7))
+    assert got == dict(tnr_at_tpr95=0.0, auroc=0.5, detection_acc=0.5, aupr_in=0.5, aupr_out=0.5,
+                       auroc_tie_aware=0.5)
 
 
 def test_ood_metrics_perfect_separation_all_one():
@@ -147,7 +248,7 @@ def test_ood_metrics_perfect_separation_all_one():
     for k in KEYS:
         assert got[k] == pytest.approx(1.0, abs=1e-12), k
     assert got["auroc_tie_aware"] == 1.0
-    want = grid_metrics(si, so, G=20_011)
+    want = authors_loop(si, so, G=2003)
     for k in KEYS:
         assert want[k] == pytest.approx(1.0, abs=1e-9), k
 
@@ -156,7 +257,7 @@ def test_ood_metrics_reversed_separation():
     rng = np.random.default_rng(5)
     si, so = rng.uniform(0.0, 0.4, 300), rng.uniform(0.6, 1.0, 500)
     got = ood_metrics(si, so)
-    want = grid_metrics(si, so, G=20_011)
+    want = authors_loop(si, so, G=2003)
     for k in KEYS:
         assert got[k] == pytest.approx(want[k], abs=3e-3), k
     assert got["tnr_at_tpr95"] == pytest.approx(0.0, abs=1e-12)
