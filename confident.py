@@ -38,6 +38,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -1511,7 +1512,8 @@ class GraphedStep:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(stream)
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*capturable=True")    # Adam: "runs uncaptured" (on purpose)
                 for _ in range(self.WARMUP):
                     tr.step(self.x, self.y, self.x_out)
             stream.wait_stream(side)
