@@ -1508,7 +1508,28 @@ class GraphedStep:
             _set_capturable(o, True)
         self.x, self.y = x.clone(), y.clone()            # the static inputs (clone keeps channels_last)
         self.x_out = None if x_out is None else x_out.clone()
-        saved, stream = _snapshot(tr), torch.cuda.current_stream()
+        saved = _snapshot(tr)
+        try:
+            self.graph, self.out, self.names = self._record()
+            self.key = key
+        except Exception as e:
+            while e.__context__ is not None:             # the step's own error, not capture_end's after it
+                e = e.__context__
+            msg = (str(e).strip().splitlines() or [""])[0]
+            self.why_not = f"could not capture the {tr.cfg.method} step ({type(e).__name__}: {msg})"
+        _restore(tr, saved)
+        if self.why_not:
+            for o in tr.opts.values():
+                o.zero_grad(set_to_none=True)
+                _set_capturable(o, False)
+            self.graph = self.out = self.x = self.y = self.x_out = None
+            self.log(f"--cuda-graphs {self.why_not}: training eagerly")
+        else:
+            self.log(f"--cuda-graphs: captured the {tr.cfg.method} step (batch {len(x)}) in {time.time() - t0:.1f}s")
+
+    def _record(self):
+        """PyTorch's whole-network capture of tr.step on the static inputs: (graph, stacked logs, their names)."""
+        tr, stream = self.tr, torch.cuda.current_stream()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(stream)
@@ -1523,23 +1544,10 @@ class GraphedStep:
             with torch.cuda.graph(graph):
                 logs = tr.step(self.x, self.y, self.x_out)
                 out = torch.stack([v.float() for v in logs.values()])
-            self.graph, self.out, self.names, self.key = graph, out, list(logs), key
-        except Exception as e:
+            return graph, out, list(logs)
+        finally:
             torch.cuda.set_stream(stream)                # a failed capture can leave its own stream current
             torch.cuda.synchronize()
-            while e.__context__ is not None:             # the step's own error, not capture_end's after it
-                e = e.__context__
-            msg = (str(e).strip().splitlines() or [""])[0]
-            self.why_not = f"could not capture the {tr.cfg.method} step ({type(e).__name__}: {msg})"
-        _restore(tr, saved)
-        if self.why_not:
-            for o in tr.opts.values():
-                o.zero_grad(set_to_none=True)
-                _set_capturable(o, False)
-            self.graph = self.out = self.x = self.y = self.x_out = None
-            self.log(f"--cuda-graphs {self.why_not}: training eagerly")
-        else:
-            self.log(f"--cuda-graphs: captured the {tr.cfg.method} step (batch {len(x)}) in {time.time() - t0:.1f}s")
 
 
 class GanProbe:

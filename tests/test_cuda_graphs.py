@@ -79,6 +79,43 @@ def test_graphed_step_falls_back_where_it_cannot_capture(world, cfg, said):
     assert gs.why_not and lines == [said]
 
 
+def test_a_failed_capture_says_why_and_trains_on_as_if_never_tried(monkeypatch):
+    """The fallback on the CPU: _record (the CUDA part) is replaced by one that changes the trainer, as a warm-up
+    would, then fails as a host read inside a capture does (the step's error, then capture_end's after it).
+    GraphedStep names the step's error in one line, undoes the changes, and its eager steps are bit-identical
+    to a run that never tried."""
+    def failing_record(self):
+        self.tr.global_step += 3
+        with torch.no_grad():
+            next(self.tr.net.parameters()).add_(1.0)
+        torch.rand(7)
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(C.GraphedStep, "_record", failing_record)
+    cfg = _cfg("joint", batch_size=8)
+    x, y = C.to_float(_data(8)[0]), _data(8)[1]
+    runs, lines = [], []
+    for graphed in (True, False):
+        torch.manual_seed(0)
+        tr = C.Trainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
+        step = tr.step
+        if graphed:
+            step = C.GraphedStep(tr, lines.append)
+            assert lines == ["--cuda-graphs needs a CUDA device: training eagerly"]
+            step.why_not = None                       # as if on CUDA: the next call captures (and fails)
+        runs.append(([step(x, y) for _ in range(3)], _weights(tr), tr.global_step, tr))
+    assert lines[1:] == ["--cuda-graphs could not capture the joint step (RuntimeError: CUDA error: operation not "
+                         "permitted when stream is capturing): training eagerly"]
+    (la, wa, sa, tra), (lb, wb, sb, _) = runs
+    assert sa == sb == 3
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(la, lb) for k in a)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not any(g["capturable"] for o in tra.opts.values() for g in o.param_groups)
+
+
 @pytest.mark.parametrize("method,extra", [("joint", dict(g_ema=0.9, d_sn=True, r1=1.0)), ("ce", {}),
                                           ("joint-pt", dict(amp=True)), ("conf-gan", {})])
 @pytest.mark.parametrize("first_steps", [0, 2])
