@@ -12,7 +12,8 @@ It times, on the same model (vgg13, K=10, eval mode) and the same inputs:
        batch-1     the ODIN authors' protocol, one image at a time (a subset timed, then extrapolated)
        floor       1 forward + nT backward + nT*(nE-1) forward from single-pass times at the same batch size
   2. `ood_metrics` (one sort) against the authors' threshold grid (200,000 thresholds) on 26,032 + 10,000 scores;
-  3. one training step of `ce` and of `joint` (images/s and their ratio);
+  3. one training step of `ce` and of `joint` (images/s and their ratio); on CUDA also captured into a CUDA graph
+     (--cuda-graphs), and eagerly at --big-batch per --train-batch images;
   4. training throughput with 1 and 2 processes under torchrun (DistributedDataParallel).
 Medians of repeats after a warm-up. Prints a table; writes JSON with machine, versions and commit.
 """
@@ -174,28 +175,54 @@ def bench_metrics(args, rows, notes):
     return dict(fast=t_fast, grid=t_grid, max_abs_diff=worst)
 
 
-def bench_train(args, dev, rows):
+def bench_train(args, dev, rows, notes):
+    """One training step of ce and joint at --train-batch, eagerly (x ours: against ce). On CUDA also the step
+    captured into a CUDA graph (--cuda-graphs; x ours: against the eager step) and the eager step at
+    --big-batch, per --train-batch images: how close the captured small batch comes to a big batch's cost."""
     out = {}
-    x = torch.randint(0, 256, (args.train_batch * 4, 3, 32, 32), dtype=torch.uint8)
-    y = torch.randint(0, 10, (len(x),))
-    for method in ("ce", "joint"):
+    B, big = args.train_batch, args.big_batch
+    x = torch.randint(0, 256, (max(B, big) * 4, 3, 32, 32), dtype=torch.uint8).to(dev)
+    y = torch.randint(0, 10, (len(x),)).to(dev)
+
+    def time_step(method, bs, graphed=False):
         cfg = C.resolve(C.Config(in_data="fashion-mnist", out_data="mnist", method=method, width=args.width,
-                                 batch_size=args.train_batch, amp=args.amp, channels_last=args.amp,
-                                 impl=args.impl))
+                                 batch_size=bs, amp=args.amp, channels_last=args.amp, impl=args.impl))
         torch.manual_seed(0)
         tr = C.Trainer(cfg, 10, dev, log=lambda *a: None)
-        xd, yd = x.to(dev), y.to(dev)
-        B = args.train_batch
+        said = []
+        run = C.GraphedStep(tr, log=said.append) if graphed else tr.step
         i = [0]
 
         def step():
             j = i[0] % 4
             i[0] += 1
-            tr.step(C.to_float(xd[j * B:(j + 1) * B]), yd[j * B:(j + 1) * B])
-        t = timeit(step, dev, max(args.repeats, 3), warmup=2)
+            xb = C.to_float(x[j * bs:(j + 1) * bs])
+            run(xb.contiguous(memory_format=torch.channels_last) if cfg.channels_last else xb, y[j * bs:(j + 1) * bs])
+        t = timeit(step, dev, max(args.repeats, 3), warmup=2)       # the first call of a graph captures it
+        return t, (run.why_not if graphed else None)
+
+    graphs = dev.type == "cuda" and not args.no_cuda_graphs
+    for method in ("ce", "joint"):
+        t, _ = time_step(method, B)
         out[method] = t
         rows.append(dict(what=f"train step: {method} (batch {B})", seconds=t, images_per_s=B / t,
                          vs_ours=t / out["ce"]))
+        if not graphs:
+            continue
+        tg, why_not = time_step(method, B, graphed=True)
+        if why_not:
+            notes.append(f"train step: {method} was not captured, timed eagerly: --cuda-graphs {why_not}")
+        else:
+            out[f"{method}_graph"] = tg
+            rows.append(dict(what=f"train step: {method} (batch {B}, CUDA graph)", seconds=tg, images_per_s=B / tg,
+                             vs_ours=tg / t))
+        tb = time_step(method, big)[0] * B / big
+        out[f"{method}_batch{big}_per{B}"] = tb
+        rows.append(dict(what=f"train step: {method} (batch {big}), per {B} images", seconds=tb, images_per_s=B / tb,
+                         vs_ours=tb / t))
+        if not why_not:
+            notes.append(f"train step: {method} at batch {B} captured / per-{B}-image cost at batch {big} eager = "
+                         f"{tg / tb:.2f} (target <= 1.3); eager / captured at batch {B} = {t / tg:.2f}")
     return out
 
 
@@ -252,6 +279,8 @@ def main():
     p.add_argument("--n", type=int, default=2000, help="in-distribution images (as many OOD images)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--train-batch", type=int, default=128)
+    p.add_argument("--big-batch", type=int, default=1024, help="CUDA: the eager step at this batch, for comparison")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: skip the captured training step")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch1-images", type=int, default=10)
     p.add_argument("--metric-thresholds", type=int, default=200_000)
@@ -267,7 +296,7 @@ def main():
         return ddp_worker(args)
     if args.quick:
         args.n, args.batch_size, args.width, args.repeats = 100, 50, 0.0625, 1
-        args.batch1_images, args.metric_thresholds, args.train_batch = 2, 2_000, 32
+        args.batch1_images, args.metric_thresholds, args.train_batch, args.big_batch = 2, 2_000, 32, 128
     dev = torch.device(args.device)
     rows, notes, res = [], [], {}
     skip = set(args.skip.split(","))
@@ -276,7 +305,7 @@ def main():
     if "metrics" not in skip:
         res["metrics"] = bench_metrics(args, rows, notes)
     if "train" not in skip:
-        res["train"] = bench_train(args, dev, rows)
+        res["train"] = bench_train(args, dev, rows, notes)
     if "ddp" not in skip:
         res["ddp"] = bench_ddp(args, rows, notes)
     env = C.environment()

@@ -39,6 +39,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ class Config:
     eval_batch_size: int = 500       # batch size for scoring
     amp: bool = False                # bf16 autocast for training (CUDA, or CPU)
     channels_last: bool = False      # channels_last memory format on CUDA
+    cuda_graphs: bool = False        # capture each training step into a CUDA graph (CUDA only)
     impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
     log_every: int = 50              # print progress every N steps
     # Diagnostics of joint training (GAN regimes): logged, and saved in results.json under "diagnostics".
@@ -154,6 +156,8 @@ def resolve(cfg: Config) -> Config:
     if stabilisers and cfg.method not in ("joint", "joint-pt"):
         raise ConfidentError(f"--{stabilisers[0].replace('_', '-')} is a stabiliser of joint training: "
                              f"expected --method joint or joint-pt, not {cfg.method}")
+    if cfg.cuda_graphs and _uncapturable(cfg):
+        raise ConfidentError(f"--cuda-graphs {_uncapturable(cfg)}; drop one of the two")
     return cfg
 
 
@@ -897,6 +901,12 @@ def _use_triton(t: torch.Tensor, impl: str) -> bool:
     return ok
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """True while t's CUDA stream is being captured into a CUDA graph (--cuda-graphs): no device value may be
+    read on the host then (a check, a boolean index), so the losses take a path without such reads."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _check_logits(logits, what: str) -> tuple[int, int]:
     """Logits must be (B, K) floats with B >= 1 and K >= 2 (with one class every KL and CE is 0)."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
@@ -942,6 +952,8 @@ def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, im
                              f", expected integers of shape ({B},): a class in [0, {K}) or -1 for OOD")
     if _use_triton(logits, impl):
         return _kernels().confidence_loss(logits, targets, beta)
+    if _capturing(logits):
+        return _confidence_loss_masked(logits, targets, beta)
     if bool(((targets < -1) | (targets >= K)).any()):             # -2 would silently count as OOD
         raise ConfidentError(f"confidence_loss: targets in [{int(targets.min())}, {int(targets.max())}], "
                              f"expected a class in [0, {K}) or -1 for OOD")
@@ -952,6 +964,18 @@ def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, im
     if (~is_in).any():
         loss = loss + beta * kl_to_uniform(logits[~is_in], impl="torch")
     return loss
+
+
+def _confidence_loss_masked(logits: torch.Tensor, targets: torch.Tensor, beta: float) -> torch.Tensor:
+    """confidence_loss over all rows with the two groups as masks: no host reads (no target check, no boolean
+    index), so a CUDA graph can hold it. The same value up to rounding, the same gradient; an empty group adds 0."""
+    z = logits.float()
+    is_in = targets >= 0
+    lse = torch.logsumexp(z, dim=1)
+    ce = lse - z.gather(1, targets.clamp(min=0)[:, None])[:, 0]          # OOD rows read class 0, masked out below
+    kl = lse - z.mean(dim=1) - math.log(z.shape[1])
+    n_in, n_out = is_in.sum().clamp(min=1), (~is_in).sum().clamp(min=1)
+    return torch.where(is_in, ce, 0.0).sum() / n_in + beta * (torch.where(is_in, 0.0, kl).sum() / n_out)
 
 
 def gan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
@@ -1372,8 +1396,10 @@ class Trainer:
 
     def _amp(self):
         """bf16 autocast when --amp, on CUDA or the CPU (the BCE terms take logits in fp32, so they are
-        safe under it); evaluation stays fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+        safe under it); evaluation stays fp32. While a CUDA graph is captured, autocast's cache of bf16 weight
+        copies is off (PyTorch's rule for graphs): each use casts again, the same values."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not capturing,
                               enabled=self.cfg.amp and self.device.type in ("cuda", "cpu"))
 
     def state_dict(self) -> dict:
@@ -1388,6 +1414,7 @@ class Trainer:
             m.load_state_dict(sd["models"][k])
         for k, o in self.opts.items():
             o.load_state_dict(sd["opts"][k])
+            _set_capturable(o, False)                    # eager Adam, also from a --cuda-graphs checkpoint
         for k, s in self.scheds.items():
             s.load_state_dict(sd["scheds"][k])
         self.epoch = sd["epoch"]
@@ -1496,6 +1523,152 @@ class Trainer:
                 s.step()
 
 
+# ------------------------------------------------------------------------------------------------
+# --cuda-graphs: one training step captured into one CUDA graph and replayed.
+
+def _uncapturable(cfg: Config) -> str | None:
+    """Why cfg's step cannot be one CUDA graph (a graph replays fixed shapes and the numbers it was captured with)."""
+    if cfg.replay:
+        return "cannot capture --replay (its buffer changes size every step)"
+    if cfg.beta_warmup:
+        return "cannot capture --beta-warmup (beta is a number baked into the graph, and it changes every step)"
+    return None
+
+
+def _set_capturable(opt: torch.optim.Optimizer, on: bool) -> None:
+    """Adam inside a CUDA graph keeps its step counts on the device and never reads them on the host
+    (capturable=True); eager Adam keeps them on the CPU. Sets the flag and moves the counts."""
+    for g in opt.param_groups:
+        g["capturable"] = on
+        for p in g["params"]:
+            st = opt.state.get(p, {})
+            if "step" in st:
+                st["step"] = st["step"].to(p.device if on else "cpu")
+
+
+def _step_state(tr: Trainer):
+    """Every tensor a training step updates in place: weights and buffers (BatchNorm statistics, spectral norm's
+    vectors, G's EMA) of each module, and Adam's state per parameter (a dict, empty before Adam's first step)."""
+    return ([t for m in tr.raw.values() for t in m.state_dict().values()],
+            [o.state.get(p, {}) for o in tr.opts.values() for g in o.param_groups for p in g["params"]])
+
+
+def _snapshot(tr: Trainer) -> dict:
+    tensors, opt_states = _step_state(tr)
+    return {"tensors": [t.clone() for t in tensors], "opt": [{k: v.clone() for k, v in s.items()} for s in opt_states],
+            "rng": rng_state(), "global_step": tr.global_step}
+
+
+@torch.no_grad()
+def _restore(tr: Trainer, snap: dict) -> None:
+    """Put a _snapshot back into the same tensors (a captured graph holds their addresses). Adam state made
+    since is zeroed: zero moments and step count 0 is exactly Adam's state before its first step."""
+    tensors, opt_states = _step_state(tr)
+    for t, s in zip(tensors, snap["tensors"]):
+        t.copy_(s)
+    for st, s in zip(opt_states, snap["opt"]):
+        for k, v in st.items():
+            v.copy_(s[k]) if k in s else v.zero_()
+    set_rng_state(snap["rng"])
+    tr.global_step = snap["global_step"]
+
+
+class GraphedStep:
+    """tr.step as one CUDA graph replay (--cuda-graphs). At the paper's batch of 128 a step is bound by kernel
+    launches and Python; a replay launches the whole step at once: D, G and classifier forward, backward and Adam
+    updates, dropout and BatchNorm included. Called like tr.step, it returns the same logs (copies: the next
+    replay overwrites the graph's own output tensors).
+
+    PyTorch's whole-network recipe: a few eager steps on a side stream (kernels chosen, Triton compiled, Adam
+    state made), grads set to None so that backward allocates them from the graph's private memory, one capture
+    of tr.step on static input buffers, which every call fills with copy_. Warm-up and capture leave no trace:
+    weights, buffers, Adam state, the RNG and the step counter are put back, so replay i computes eager step i
+    (the graph draws dropout masks and GAN noise from the same generator at the same offsets, advancing it as
+    eager steps do). What a capture bakes in (the learning rates, conf-gan's phase, the batch's shape) is
+    compared on every call, and a change, such as the lr drop, captures again: simpler than learning rates as
+    device tensors, at one capture per change. A step that cannot be captured trains eagerly, with one line
+    saying why; nothing crashes."""
+
+    WARMUP = 3                                           # eager steps before capture (PyTorch's docs: a few)
+
+    def __init__(self, tr: Trainer, log=print, world: int = 1):
+        self.tr, self.log = tr, log
+        self.graph = self.key = None
+        self.why_not = ("needs a CUDA device" if tr.device.type != "cuda"
+                        else f"does not work with DistributedDataParallel ({world} processes)" if world > 1
+                        else _uncapturable(tr.cfg))
+        if self.why_not:
+            log(f"--cuda-graphs {self.why_not}: training eagerly")
+
+    def _key(self, x, x_out) -> tuple:
+        tr = self.tr
+        return (tr.cfg.method == "conf-gan" and tr.epoch < tr.cfg.gan_epochs,
+                tuple(g["lr"] for o in tr.opts.values() for g in o.param_groups),
+                x.shape, x.stride(), None if x_out is None else (x_out.shape, x_out.stride()))
+
+    def __call__(self, x, y, x_out=None) -> dict:
+        if not self.why_not and self._key(x, x_out) != self.key:
+            self._capture(x, y, x_out)
+        if self.why_not:
+            return self.tr.step(x, y, x_out)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        if x_out is not None:
+            self.x_out.copy_(x_out)
+        self.graph.replay()
+        self.tr.global_step += 1                         # the one line of tr.step the graph cannot replay
+        return dict(zip(self.names, self.out.clone().unbind()))
+
+    def _capture(self, x, y, x_out):
+        tr, t0, key = self.tr, time.time(), self._key(x, x_out)
+        self.graph = self.out = None                     # a previous graph and its memory go first
+        for o in tr.opts.values():
+            o.zero_grad(set_to_none=True)
+            _set_capturable(o, True)
+        self.x, self.y = x.clone(), y.clone()            # the static inputs (clone keeps channels_last)
+        self.x_out = None if x_out is None else x_out.clone()
+        saved = _snapshot(tr)
+        try:
+            self.graph, self.out, self.names = self._record()
+            self.key = key
+        except Exception as e:
+            while e.__context__ is not None:             # the step's own error, not capture_end's after it
+                e = e.__context__
+            msg = (str(e).strip().splitlines() or [""])[0]
+            self.why_not = f"could not capture the {tr.cfg.method} step ({type(e).__name__}: {msg})"
+        _restore(tr, saved)
+        if self.why_not:
+            for o in tr.opts.values():
+                o.zero_grad(set_to_none=True)
+                _set_capturable(o, False)
+            self.graph = self.out = self.x = self.y = self.x_out = None
+            self.log(f"--cuda-graphs {self.why_not}: training eagerly")
+        else:
+            self.log(f"--cuda-graphs: captured the {tr.cfg.method} step (batch {len(x)}) in {time.time() - t0:.1f}s")
+
+    def _record(self):
+        """PyTorch's whole-network capture of tr.step on the static inputs: (graph, stacked logs, their names)."""
+        tr, stream = self.tr, torch.cuda.current_stream()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(stream)
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*capturable=True")    # Adam: "runs uncaptured" (on purpose)
+                for _ in range(self.WARMUP):
+                    tr.step(self.x, self.y, self.x_out)
+            stream.wait_stream(side)
+            for o in tr.opts.values():                   # so that backward allocates them inside the graph
+                o.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logs = tr.step(self.x, self.y, self.x_out)
+                out = torch.stack([v.float() for v in logs.values()])
+            return graph, out, list(logs)
+        finally:
+            torch.cuda.set_stream(stream)                # a failed capture can leave its own stream current
+            torch.cuda.synchronize()
+
+
 class GanProbe:
     """Diagnostics of joint training at one point in time, without touching the run's randomness or state:
     fixed latent codes (own generator), fixed real images (own permutation), G's BatchNorm buffers restored.
@@ -1575,6 +1748,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
         raise ConfidentError(f"--method {cfg.method} needs OOD training images from --out {cfg.out_data}")
     ddp_models = _wrap_ddp(tr, device) if world > 1 else None
+    step = GraphedStep(tr, log, world) if cfg.cuda_graphs else tr.step    # captured on the first full batch
     N, B = len(x_train), cfg.batch_size
     if N < B:
         raise ConfidentError(f"{cfg.in_data}: {N} training images, fewer than one batch of {B}")
@@ -1603,7 +1777,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                 if len(j) < B:
                     j = torch.cat([j, perm_ood[:B - len(j)]])
                 x_out = to_float(x_ood_dev[j])
-            logs = tr.step(x, y_train_dev[idx], x_out)
+            logs = step(x, y_train_dev[idx], x_out)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
                 window.setdefault(k, []).append(v)

@@ -96,9 +96,15 @@ def _rows_2d(logits, name="logits"):
     return logits
 
 
+def _capturing(t):
+    """True while t's CUDA stream is captured into a CUDA graph, where no device value may be read on the host."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _is_one(grad_output):
-    """True for a scalar upstream gradient equal to 1.0 (reads one number)."""
-    return grad_output.numel() == 1 and float(grad_output) == 1.0
+    """True for a scalar upstream gradient equal to 1.0 (reads one number). Inside a CUDA graph it cannot
+    read, and says False: backward then always scales, which is right for any upstream gradient."""
+    return grad_output.numel() == 1 and not _capturing(grad_output) and float(grad_output) == 1.0
 
 
 @triton.jit
@@ -287,7 +293,7 @@ def confidence_loss_forward(logits, targets, beta, write_grad=True):
     beta = float(beta)
     if not (beta >= 0.0) or math.isinf(beta):
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
-    if n_rows > 0 and bool(((targets < -1) | (targets >= n_cols)).any()):
+    if n_rows > 0 and not _capturing(targets) and bool(((targets < -1) | (targets >= n_cols)).any()):
         lo, hi = int(targets.min()), int(targets.max())
         raise ValueError(
             f"targets must be class indices in [0, {n_cols}) or -1 for OOD rows, "

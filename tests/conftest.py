@@ -23,6 +23,18 @@ if str(ROOT) not in sys.path:
 torch.set_num_threads(int(os.environ.get("CONFIDENT_TEST_THREADS", "1")))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; CI (no GPU) deselects these with -m 'not gpu'")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run without a GPU and not deselected, a `gpu` test says why it did not run (CI never gets here)."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device (CI deselects these: -m 'not gpu')"))
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same global RNG state."""
