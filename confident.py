@@ -90,7 +90,7 @@ class Config:
     cuda_graphs: bool = False        # capture each training step into a CUDA graph (CUDA only)
     impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
     log_every: int = 50              # print progress every N steps
-    # Diagnostics of joint training (GAN regimes): logged, and saved in results.json under "diagnostics".
+    # Diagnostics of training (every regime; G and D too in GAN regimes): logged, and in results.json.
     diag_every: int = 0              # also every N steps (0: only at the end of each epoch)
     val_ood: str = "none"            # a validation OOD set: its *train* split is scored against the in-set's
                                      # validation images (results.json "validation"; reported as seen)
@@ -100,6 +100,7 @@ class Config:
     d_lr_mult: float = 1.0           # D's learning rate = lr * this (two time-scale update)
     replay: int = 0                  # > 0: keep this many past G samples; half of each KL batch comes from them
     r1: float = 0.0                  # > 0: R1 penalty (r1 / 2) * |grad_x D(x)|^2 on real images
+    clip_grad: float = 0.0           # > 0: clip the classifier's gradient to this global L2 norm
     beta_warmup: int = 0             # > 0: beta ramps linearly from 0 over this many steps (G and classifier)
 
 
@@ -142,7 +143,8 @@ def resolve(cfg: Config) -> Config:
               ("log_every", cfg.log_every >= 1, ">= 1"), ("lr_drop_epoch", cfg.lr_drop_epoch >= 0, ">= 0"),
               ("diag_every", cfg.diag_every >= 0, ">= 0"), ("g_ema", 0 <= cfg.g_ema < 1, "in [0, 1)"),
               ("d_lr_mult", cfg.d_lr_mult > 0, "> 0"), ("replay", cfg.replay >= 0, ">= 0"),
-              ("r1", cfg.r1 >= 0, ">= 0"), ("beta_warmup", cfg.beta_warmup >= 0, ">= 0")]
+              ("r1", cfg.r1 >= 0, ">= 0"), ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
+              ("clip_grad", cfg.clip_grad >= 0, ">= 0")]
     for name, ok, want in checks:
         if not ok:
             raise ConfidentError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected {want}")
@@ -150,7 +152,7 @@ def resolve(cfg: Config) -> Config:
     parse_floats(cfg.epsilons, "epsilons", nonnegative=True)
     if cfg.val_ood != "none":
         check_dataset_name(cfg.val_ood)
-    stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup") if getattr(cfg, n)]
+    stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(cfg, n)]
     if cfg.d_lr_mult != 1.0:
         stabilisers.append("d_lr_mult")
     if stabilisers and cfg.method not in ("joint", "joint-pt"):
@@ -1387,7 +1389,7 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0                             # steps taken (beta warm-up)
         self.replay = torch.empty(0, 3, 32, 32, device=device)   # stabiliser: past G samples (--replay)
-        self.diagnostics = []                            # one dict per diagnostics point (GanProbe)
+        self.diagnostics = []                            # one dict per diagnostics point (TrainingProbe)
         # conf-gan: the first gan_epochs train an ordinary GAN, the rest the classifier on its samples
         self.total_epochs = cfg.epochs + (cfg.gan_epochs if cfg.method == "conf-gan" else 0)
 
@@ -1508,8 +1510,11 @@ class Trainer:
                 loss = confidence_loss(logits, targets, beta, cfg.impl)
         self.opt.zero_grad(set_to_none=True)             # also drops grads the G step left on the classifier
         loss.backward()
+        # the classifier's gradient norm (diagnostics), clipped with --clip-grad (a stabiliser beyond the paper)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
         self.opt.step()
         logs["c"] = loss.detach()
+        logs["gnorm"] = gnorm.detach()
         logs["acc"] = (logits[:B].detach()[:, :self.K].argmax(1) == y).float().mean()
         return logs
 
@@ -1669,8 +1674,8 @@ class GraphedStep:
             torch.cuda.synchronize()
 
 
-class GanProbe:
-    """Diagnostics of joint training at one point in time, without touching the run's randomness or state:
+class TrainingProbe:
+    """Diagnostics of training at one point in time, without touching the run's randomness or state:
     fixed latent codes (own generator), fixed real images (own permutation), G's BatchNorm buffers restored.
     What the classifier (eval mode, as the detectors see it) says about G's samples and about real training
     images, how far the samples sit from the data (nearest-neighbour RMS pixel distance to `n_ref` training
@@ -1685,26 +1690,31 @@ class GanProbe:
         self.ref = to_float(x_train[idx[n:]].to(device)).flatten(1)             # (n_ref, 3072)
         self.z = torch.randn(n, nz, generator=g).to(device)
 
+    def _sample(self, G):
+        bufs = [b.clone() for b in G.buffers()]
+        fake = G(self.z).float()                                                 # train mode, as in training
+        for b, saved in zip(G.buffers(), bufs):
+            b.copy_(saved)
+        return fake
+
     @staticmethod
     def _rms(a, b):                                                              # (n, m) RMS pixel distances
         return torch.cdist(a, b).div_(math.sqrt(a.shape[1]))
 
     @torch.no_grad()
     def __call__(self, tr: "Trainer") -> dict:
-        net, G = tr.raw["net"], tr.raw.get("G_ema", tr.raw["G"])                 # the classifier's sample source
-        bufs = [b.clone() for b in G.buffers()]
-        fake = G(self.z).float()                                                 # train mode, as in training
-        for b, saved in zip(G.buffers(), bufs):
-            b.copy_(saved)
+        net, G = tr.raw["net"], tr.raw.get("G_ema", tr.raw.get("G"))             # the classifier's sample source
         was = net.training
         net.eval()
         out = {}
-        for name, x in (("gen", fake), ("real", self.real)):
+        for name, x in (("real", self.real),) if G is None else (("gen", self._sample(G)), ("real", self.real)):
             z = net(x).float()[:, :tr.K]
             out[f"maxsoftmax_{name}"] = float(F.softmax(z, 1).max(1).values.mean())
             out[f"kl_{name}"] = float((torch.logsumexp(z, 1) - z.mean(1)).mean() - math.log(tr.K))
         net.train(was)
-        f, r = fake.flatten(1), self.real.flatten(1)
+        if G is None:
+            return out
+        f, r = self._sample(G).flatten(1), self.real.flatten(1)
         out["nn_dist_gen"] = float(self._rms(f, self.ref).min(1).values.mean())
         out["nn_dist_real"] = float(self._rms(r, self.ref).min(1).values.mean())
         n = len(f)
@@ -1756,7 +1766,7 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     x_train_dev, y_train_dev = x_train.to(device), y_train.to(device)   # uint8 on the device, batched there
     x_ood_dev = x_ood.to(device) if x_ood is not None else None
     prev_c = None                                             # last epoch's mean classifier loss
-    probe = GanProbe(x_train, cfg.nz, cfg.seed, device) if tr.G is not None and rank == 0 else None
+    probe = TrainingProbe(x_train, cfg.nz, cfg.seed, device) if rank == 0 else None
     while tr.epoch < tr.total_epochs:
         e = tr.epoch
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + e)       # same order on every rank and resume
@@ -1765,7 +1775,8 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
         if world > 1:                                         # per-rank GAN noise and dropout
             torch.manual_seed(cfg.seed * 7_919 + e * 101 + rank)
         t0, seen, sums, window = time.time(), 0, {}, {}           # window: every step's losses since the last log
-        dsums, dn = {}, 0                                         # D's accuracies since the last diagnostics
+        dsums, dn, dmax = {}, 0, None                             # means (and the largest gradient norm) since
+                                                                  # the last diagnostics
         for i in range(steps):
             idx = perm[i * B:(i + 1) * B]
             x = to_float(x_train_dev[idx])
@@ -1782,20 +1793,19 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                 sums[k] = sums.get(k, 0.0) + v
                 window.setdefault(k, []).append(v)
             seen += len(idx) * world
-            if probe is not None and "d_acc_real" in logs:
+            if probe is not None and "c" in logs:            # conf-gan's GAN epochs train no classifier
                 dn += 1
-                for k in ("d_acc_real", "d_acc_fake", "c", "acc"):
+                for k in ("d_acc_real", "d_acc_fake", "c", "acc", "gnorm"):
                     if k in logs:
                         dsums[k] = dsums.get(k, 0.0) + logs[k]
+                dmax = torch.maximum(dmax, logs["gnorm"]) if dmax is not None else logs["gnorm"]
                 if (cfg.diag_every and (i + 1) % cfg.diag_every == 0) or i + 1 == steps:
                     d = {"epoch": e + 1, "step": i + 1, "global_step": tr.global_step, "beta": tr.beta_now(),
-                         **{k: float(v) / dn for k, v in dsums.items()}, **probe(tr)}
+                         **{k: float(v) / dn for k, v in dsums.items()}, "gnorm_max": float(dmax), **probe(tr)}
                     tr.diagnostics.append(d)
-                    dsums, dn = {}, 0
-                    log(f"diag epoch {e + 1} step {i + 1} | D acc real {d['d_acc_real']:.3f} gen {d['d_acc_fake']:.3f}"
-                        f" | max-softmax gen {d['maxsoftmax_gen']:.3f} real {d['maxsoftmax_real']:.3f}"
-                        f" | KL gen {d['kl_gen']:.3f} real {d['kl_real']:.3f} | NN dist gen {d['nn_dist_gen']:.3f}"
-                        f" real {d['nn_dist_real']:.3f} | diversity {d['diversity']:.3f}")
+                    dsums, dn, dmax = {}, 0, None
+                    log(f"diag epoch {e + 1} step {i + 1} | " + " ".join(
+                        f"{k} {v:.3f}" for k, v in d.items() if k not in ("epoch", "step", "global_step", "beta")))
             # checked on every log step and always on the epoch's last step, so before its checkpoint is written
             if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
                 _check_finite(window, i + 1, e + 1, cfg.method, state_path)

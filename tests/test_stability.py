@@ -59,7 +59,7 @@ def test_probe_measures_what_it_says():
     """NN distance and diversity against a direct computation on the probe's own images and samples."""
     x, y = _data(64)
     tr = confident.Trainer(_cfg(), 10, torch.device("cpu"), log=_quiet)
-    probe = confident.GanProbe(x, 100, seed=0, device=torch.device("cpu"), n=8, n_ref=40)
+    probe = confident.TrainingProbe(x, 100, seed=0, device=torch.device("cpu"), n=8, n_ref=40)
     with torch.no_grad():
         state = copy.deepcopy(tr.G.state_dict())
         fake = tr.G(probe.z).flatten(1)
