@@ -226,3 +226,30 @@ def test_report_counts_collapses_and_wins(tmp_path):
     assert "| 1/2 |" in row                                  # 75.9 < 81 - 5: one collapse
     win = [l for l in text.splitlines() if l.startswith("| joint |")][1]
     assert win.startswith("| joint | 1/2 | 2/2 | 1/2 | 2/2 |")
+
+
+def test_clip_grad_bounds_the_classifier_gradient_and_logs_its_norm():
+    x, y = _data(32)
+    xb = confident.to_float(x)
+    norms = {}
+    for clip in (0.0, 1e-3):
+        torch.manual_seed(0)
+        tr = confident.Trainer(_cfg(clip_grad=clip), 10, torch.device("cpu"), log=_quiet)
+        logs = tr.step(xb, y)
+        g = torch.cat([p.grad.flatten() for p in tr.net.parameters() if p.grad is not None])
+        norms[clip] = (float(logs["gnorm"]), float(g.norm()))
+    unclipped, _ = norms[0.0]
+    assert norms[0.0][1] == pytest.approx(unclipped, rel=1e-5)        # the logged norm is the gradient's norm
+    assert norms[1e-3][0] == pytest.approx(unclipped, rel=1e-5)       # logged before clipping
+    assert norms[1e-3][1] == pytest.approx(1e-3, rel=1e-3)            # the step used the clipped gradient
+    with pytest.raises(ConfidentError, match="stabiliser of joint training"):
+        confident.resolve(Config(in_data="fashion-mnist", out_data="mnist", method="ce", clip_grad=1.0))
+
+
+def test_probe_runs_for_cross_entropy_too():
+    tr = _train(method="ce", diag_every=4)
+    assert [(d["epoch"], d["step"]) for d in tr.diagnostics] == [(1, 4), (1, 8), (2, 4), (2, 8)]
+    d = tr.diagnostics[-1]
+    assert {"c", "acc", "gnorm", "gnorm_max", "maxsoftmax_real", "kl_real"} <= set(d)
+    assert not any(k.endswith("_gen") or k.startswith("d_acc") for k in d)
+    assert d["gnorm_max"] >= d["gnorm"] > 0
