@@ -5,7 +5,7 @@ mean +- std, collapses and seed-by-seed comparisons against cross-entropy, and p
 that reads validation data only (README "Beyond the paper").
 
     python stability.py run --arms ce,joint,joint-ema --seeds 0-7 --jobs 12 --runs results/stability/runs
-    python stability.py report --runs results/stability/runs --out results/stability
+    python stability.py report --runs results/stability/runs --out results/stability   # report.md, diagnostics.png
 
 Each run is `python confident.py <scale flags> <arm flags> --seed S --output-dir <runs>/<arm>-s<S>`; a run
 whose results.json exists is not redone, so an interrupted study resumes where it stopped.
@@ -237,7 +237,7 @@ def cmd_report(args):
     png = plot(data, out, ce_acc)
     if png:
         text += f"\n![diagnostics per arm and seed; collapsed seeds in red]({png.name})\n"
-    (out / "README.md").write_text(text)
+    (out / "report.md").write_text(text)
     print(text)
 
 
