@@ -1899,7 +1899,9 @@ def _too_few_to_score(what: str, n: int, v: int) -> str:
 def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=print, val_sets=None) -> dict:
     """The paper's protocol: the first `val_size` test images of the in-set and of each OOD set tune ODIN's
     (T, eps) (minimum detection error) and fit temperature scaling; metrics on the rest. The baseline has
-    nothing to tune and is scored on the same held-out remainder, so both detectors see the same images."""
+    nothing to tune and is scored on the same held-out remainder, so both detectors see the same images.
+    Its detection error on each OOD set's validation images is recorded as well ("baseline_val_detection_error"):
+    --tune's grid point and --select-epoch best's epoch are chosen by it (paper App. B)."""
     Ts, Es = parse_floats(cfg.temperatures, "temperatures"), parse_floats(cfg.epsilons, "epsilons")
     v = cfg.val_size
     if len(x_in) <= v:
@@ -1945,7 +1947,9 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
         res["ood"][name] = {
             "baseline": ood_metrics(base_in[v:], base_out[v:]),
             "odin": {**ood_metrics(grid_in[t, j, v:], grid_out[t, j, v:]), "temperature": Ts[t], "epsilon": Es[j]},
-            "n_out_test": len(x_out) - v}
+            "n_out_test": len(x_out) - v,
+            # the baseline's detection error on the validation images: what --tune and --select-epoch best minimise
+            "baseline_val_detection_error": 1 - ood_metrics(base_in[:v], base_out[:v])["detection_acc"] if v else None}
         log(f"{name}: baseline TNR {res['ood'][name]['baseline']['tnr_at_tpr95']:.3f} | ODIN (T={Ts[t]:g}, "
             f"eps={Es[j]:g}) TNR {res['ood'][name]['odin']['tnr_at_tpr95']:.3f} ({time.time() - t1:.1f}s)")
     return res
