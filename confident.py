@@ -1868,7 +1868,7 @@ def _check_finite(window: dict, last_step: int, epoch: int, method: str, state_p
         step, k, v = first
         kept = f"{state_path} (epoch {epoch - 1})" if state_path is not None and epoch > 1 else "none"
         raise TrainingDiverged(f"{LOSS_NAMES.get(k, k)} loss ({k}) is {v} at epoch {epoch} step {step} "
-                             f"(method {method}): training stopped; last good checkpoint kept: {kept}")
+                               f"(method {method}): training stopped; last good checkpoint kept: {kept}")
 
 
 def _wrap_ddp(tr: Trainer, device):
