@@ -13,6 +13,9 @@ Run it:
     python confident.py --in fashion-mnist --out mnist --width 0.25 --epochs 3 ...   # CPU, see README
     python confident.py --in folder:my_images --out gaussian          # your own my_images/{train,test}/<class>/
     torchrun --nproc_per_node=2 confident.py --in svhn --out cifar10 # several processes / GPUs
+    python confident.py --in svhn --out cifar10 --tune paper --select-epoch best
+        # the paper's protocol (App. B): beta, batch and lr tuned per OOD set on its first --val-size test images,
+        # and each run's best epoch by the same validation error; the results are *tuned on the OOD set*
 Use it from your own code (this file works on its own; `kernels/` is optional):
     from confident import vgg13, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
 
@@ -78,6 +81,11 @@ class Config:
     val_size: int = 1000             # first N test images of each set tune ODIN and temperature scaling
     temperatures: str = "1,10,100,500,1000"   # ODIN grid (paper App. C.3)
     epsilons: str = "0,0.0001,0.001,0.01"     # ODIN grid (paper App. C.3)
+    select_epoch: str = "final"      # final | best: "best" also evaluates after every epoch and reports, per OOD set,
+                                     # the epoch with the lowest baseline detection error on its validation images
+                                     # (the paper's "best test result", chosen without a test image) beside the final
+    tune: str = ""                   # "": off | paper | a grid "beta=0,0.5,1;batch=64;lr=1e-3": one run per point
+                                     # (paper App. B), chosen per OOD set on its validation images (tune())
     extra_ood: str = "auto"          # also evaluate on: auto (every other set found locally) | none | a,b,c
     data_root: str = "data"          # where data sets are looked up first (then offline spots, then download)
     download: bool = True            # allow downloading missing sets (never for the "auto" extras)
@@ -150,6 +158,13 @@ def resolve(cfg: Config) -> Config:
             raise ConfidentError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected {want}")
     parse_floats(cfg.temperatures, "temperatures", positive=True)
     parse_floats(cfg.epsilons, "epsilons", nonnegative=True)
+    if cfg.select_epoch not in ("final", "best"):
+        raise ConfidentError(f"--select-epoch {cfg.select_epoch!r}: expected final or best")
+    if (cfg.tune or cfg.select_epoch == "best") and cfg.val_size == 0:
+        raise ConfidentError(f"--val-size 0 with {'--tune' if cfg.tune else '--select-epoch best'}: expected > 0 "
+                             "(the choice is made on the validation images)")
+    if cfg.tune:
+        tune_grid(cfg)                                        # a bad grid fails here, before anything runs
     if cfg.val_ood != "none":
         check_dataset_name(cfg.val_ood)
     stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(cfg, n)]
@@ -1724,10 +1739,11 @@ class TrainingProbe:
 
 
 def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None, log=print,
-          device=None, rank=0, world=1, num_classes: int | None = None) -> Trainer:
+          device=None, rank=0, world=1, num_classes: int | None = None, after_epoch=None) -> Trainer:
     """The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir, resumes
     from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation.
-    num_classes: None takes a named set's (NUM_CLASSES), else the largest label + 1."""
+    num_classes: None takes a named set's (NUM_CLASSES), else the largest label + 1. after_epoch(tr), if given,
+    is called on every rank after each epoch, before its checkpoint (--select-epoch best evaluates there)."""
     device = device or torch.device("cpu")
     set_seed(cfg.seed)
     if x_train.ndim != 4 or x_train.shape[1] not in (1, 3) or x_train.shape[2:] != (32, 32) \
@@ -1821,6 +1837,8 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                     f"that has gone with a collapse of accuracy and detection (README, main job)")
             prev_c = c
         tr.end_epoch()
+        if after_epoch is not None:
+            after_epoch(tr)
         if state_path is not None and rank == 0:
             atomic_save(tr.state_dict(), state_path)
     del ddp_models
@@ -1828,6 +1846,10 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
 
 
 LOSS_NAMES = {"d": "discriminator", "g": "generator", "c": "classifier"}
+
+
+class TrainingDiverged(ConfidentError):
+    """A loss became NaN / inf: this run stopped (--tune goes on with the other grid points)."""
 
 
 def _check_finite(window: dict, last_step: int, epoch: int, method: str, state_path) -> None:
@@ -1845,8 +1867,8 @@ def _check_finite(window: dict, last_step: int, epoch: int, method: str, state_p
     if first is not None:
         step, k, v = first
         kept = f"{state_path} (epoch {epoch - 1})" if state_path is not None and epoch > 1 else "none"
-        raise ConfidentError(f"{LOSS_NAMES.get(k, k)} loss ({k}) is {v} at epoch {epoch} step {step} "
-                             f"(method {method}): training stopped; last good checkpoint kept: {kept}")
+        raise TrainingDiverged(f"{LOSS_NAMES.get(k, k)} loss ({k}) is {v} at epoch {epoch} step {step} "
+                               f"(method {method}): training stopped; last good checkpoint kept: {kept}")
 
 
 def _wrap_ddp(tr: Trainer, device):
@@ -1899,7 +1921,9 @@ def _too_few_to_score(what: str, n: int, v: int) -> str:
 def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=print, val_sets=None) -> dict:
     """The paper's protocol: the first `val_size` test images of the in-set and of each OOD set tune ODIN's
     (T, eps) (minimum detection error) and fit temperature scaling; metrics on the rest. The baseline has
-    nothing to tune and is scored on the same held-out remainder, so both detectors see the same images."""
+    nothing to tune and is scored on the same held-out remainder, so both detectors see the same images.
+    Its detection error on each OOD set's validation images is recorded as well ("baseline_val_detection_error"):
+    --tune's grid point and --select-epoch best's epoch are chosen by it (paper App. B)."""
     Ts, Es = parse_floats(cfg.temperatures, "temperatures"), parse_floats(cfg.epsilons, "epsilons")
     v = cfg.val_size
     if len(x_in) <= v:
@@ -1945,7 +1969,9 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
         res["ood"][name] = {
             "baseline": ood_metrics(base_in[v:], base_out[v:]),
             "odin": {**ood_metrics(grid_in[t, j, v:], grid_out[t, j, v:]), "temperature": Ts[t], "epsilon": Es[j]},
-            "n_out_test": len(x_out) - v}
+            "n_out_test": len(x_out) - v,
+            # the baseline's detection error on the validation images: what --tune and --select-epoch best minimise
+            "baseline_val_detection_error": 1 - ood_metrics(base_in[:v], base_out[:v])["detection_acc"] if v else None}
         log(f"{name}: baseline TNR {res['ood'][name]['baseline']['tnr_at_tpr95']:.3f} | ODIN (T={Ts[t]:g}, "
             f"eps={Es[j]:g}) TNR {res['ood'][name]['odin']['tnr_at_tpr95']:.3f} ({time.time() - t1:.1f}s)")
     return res
@@ -1967,20 +1993,40 @@ def results_rows(res: dict, cfg: Config, seen: set) -> list[dict]:
     return rows
 
 
+def _detector_cells(m: dict, det: str) -> str:
+    """One detector's markdown cells: name, the metrics in percent, ODIN's (T, eps)."""
+    te = f"({m['temperature']:g}, {m['epsilon']:g})" if det == "odin" else ""
+    return f"{det} | " + " | ".join(f"{100 * m[k]:.1f}" for k in METRIC_KEYS) + f" | {te} |"
+
+
+METRIC_HEADER = "detector | TNR@TPR95 | AUROC | det. acc. | AUPR-in | AUPR-out | (T, eps) |"
+
+
 def markdown_table(res: dict, cfg: Config, seen: set) -> str:
     lines = [f"In-distribution **{cfg.in_data}**, method **{cfg.method}**, model {cfg.model} (width {cfg.width}), "
              f"seed {cfg.seed}: accuracy {100 * res['accuracy']:.2f}%, ECE {100 * res['ece']:.2f}% "
              f"-> {100 * res['ece_temperature_scaled']:.2f}% after temperature scaling "
              f"(T = {res['calibration_temperature']:.3f}).", "",
-             "| OOD set | detector | TNR@TPR95 | AUROC | det. acc. | AUPR-in | AUPR-out | (T, eps) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| OOD set | " + METRIC_HEADER, "|---|---|---|---|---|---|---|---|"]
     for name, r in res["ood"].items():
         for det in ("baseline", "odin"):
-            m = r[det]
-            te = f"({m['temperature']:g}, {m['epsilon']:g})" if det == "odin" else ""
-            lines.append(f"| {name}{' (seen)' if name in seen else ''} | {det} | "
-                         + " | ".join(f"{100 * m[k]:.1f}" for k in METRIC_KEYS) + f" | {te} |")
+            lines.append(f"| {name}{' (seen)' if name in seen else ''} | " + _detector_cells(r[det], det))
     lines += ["", "Percentages; in-distribution positive; the authors' metric conventions (README)."]
+    if "best_epoch" in res:                                   # --select-epoch best
+        lines += ["", f"### Best epoch (the table above is the final epoch, {res['final_epoch']})", "",
+                  "Per OOD set, the epoch with the lowest baseline detection error on the validation images "
+                  "(the paper's \"best test result\", chosen without the test images); metrics on the held-out rest."]
+        differ = {n: b for n, b in res["best_epoch"].items() if b["epoch"] != res["final_epoch"]}
+        if not differ:
+            lines += ["", "The best epoch is the final epoch for every OOD set."]
+        else:
+            lines += ["", "| OOD set | epoch | val. det. err. | accuracy | " + METRIC_HEADER,
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for name, b in differ.items():
+                for det in ("baseline", "odin"):
+                    lines.append(f"| {name}{' (seen)' if name in seen else ''} | {b['epoch']} | "
+                                 f"{100 * b['baseline_val_detection_error']:.1f} | {100 * b['accuracy']:.2f} | "
+                                 + _detector_cells(b[det], det))
     return "\n".join(lines)
 
 
@@ -2015,8 +2061,30 @@ def environment() -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
 
 
+def _default_out_dir(cfg: Config) -> str:
+    tag = f"folder-{_folder_path(cfg.in_data).resolve().name}" if cfg.in_data.startswith("folder:") else cfg.in_data
+    return f"runs/{tag}-{cfg.method}-s{cfg.seed}"
+
+
+def pick_by_validation(candidates) -> dict:
+    """{OOD set: label} of the candidate with the lowest baseline detection error on that set's validation images
+    (the first on ties). candidates: (label, {OOD set: metrics with "baseline_val_detection_error"}) pairs, e.g.
+    (epoch, res["ood"]). Only validation errors are read: no test metric takes part in a choice."""
+    best = {}
+    for label, per_set in candidates:
+        for name, r in per_set.items():
+            err = r["baseline_val_detection_error"]
+            if name not in best or err < best[name][1] - 1e-12:
+                best[name] = (label, err)
+    return {name: label for name, (label, _) in best.items()}
+
+
 def run(cfg: Config, log=print) -> dict:
-    """Train with cfg, evaluate against --out and every other OOD set found, write everything."""
+    """Train with cfg, evaluate against --out and every other OOD set found, write everything.
+    --select-epoch best also evaluates after every epoch (epochs.json, resumable) and adds "best_epoch": per OOD
+    set, the epoch with the lowest baseline detection error on the validation images, with that epoch's metrics
+    on the held-out rest. The paper reports "the best test result"; choosing the epoch on the test images would
+    flatter it, so the choice uses the validation images only, and the final epoch stays in "ood"."""
     cfg = resolve(cfg)
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -2032,8 +2100,7 @@ def run(cfg: Config, log=print) -> dict:
     master = rank == 0
     log0 = log if master else (lambda *a, **k: None)
     classes = class_names(cfg.in_data)          # label i is classes[i]; a labelled folder's layout is checked here
-    tag = f"folder-{_folder_path(cfg.in_data).resolve().name}" if cfg.in_data.startswith("folder:") else cfg.in_data
-    out_dir = Path(cfg.output_dir or f"runs/{tag}-{cfg.method}-s{cfg.seed}")
+    out_dir = Path(cfg.output_dir or _default_out_dir(cfg))
     root = Path(cfg.data_root)
     t0 = time.time()
     x_tr, y_tr = load_uint8(cfg.in_data, "train", root, download_ok=cfg.download)
@@ -2085,13 +2152,40 @@ def run(cfg: Config, log=print) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("results.json", "results.csv", "results.md"):   # no finished-looking result from an old run
             (out_dir / stale).unlink(missing_ok=True)
+        if not cfg.resume:
+            (out_dir / "epochs.json").unlink(missing_ok=True)
         atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out_dir / "config.json")
-    tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world, num_classes=len(classes))
+    # --select-epoch best: every epoch's evaluation, kept in epochs.json across a resume
+    evals = json.loads((out_dir / "epochs.json").read_text()) \
+        if cfg.select_epoch == "best" and cfg.resume and (out_dir / "epochs.json").exists() else []
+
+    def evaluate_epoch(tr):
+        if cfg.method == "conf-gan" and tr.epoch <= cfg.gan_epochs:
+            return                                            # GAN-only epochs: the classifier has not trained yet
+        rng = rng_state()                                     # training goes on exactly as without the evaluation
+        ev = evaluate(tr.raw["net"], x_te, y_te, ood_test, cfg, lambda *a: log0(f"epoch {tr.epoch} |", *a), val_sets)
+        set_rng_state(rng)
+        evals[:] = [e for e in evals if e["epoch"] < tr.epoch] + [{"epoch": tr.epoch, **ev}]
+        if master:                                            # written before the epoch's checkpoint
+            atomic_write_text(json.dumps(evals, indent=1), out_dir / "epochs.json")
+
+    tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world, num_classes=len(classes),
+               after_epoch=evaluate_epoch if cfg.select_epoch == "best" else None)
     model = tr.raw["net"]
     if master:
         atomic_save(model.state_dict(), out_dir / "checkpoint.pt")
     seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
-    res = evaluate(model, x_te, y_te, ood_test, cfg, log0, val_sets)   # sharded across ranks, gathered once
+    if evals and evals[-1]["epoch"] == tr.epoch:              # the final epoch is evaluated already
+        res = {k: v for k, v in evals[-1].items() if k != "epoch"}
+    else:
+        res = evaluate(model, x_te, y_te, ood_test, cfg, log0, val_sets)   # sharded across ranks, gathered once
+        if cfg.select_epoch == "best":                        # (--epochs 0, or --select-epoch best from a resume on)
+            evals.append({"epoch": tr.epoch, **res})
+    if cfg.select_epoch == "best":
+        by_epoch = {e["epoch"]: e for e in evals}
+        res.update(final_epoch=tr.epoch, epochs=evals, best_epoch={
+            name: {"epoch": e, "accuracy": by_epoch[e]["accuracy"], **by_epoch[e]["ood"][name]}
+            for name, e in pick_by_validation([(e["epoch"], e["ood"]) for e in evals]).items()})
     if master:
         res.update(classes=classes, config=dataclasses.asdict(cfg), env=environment(), seconds=time.time() - t0)
         if tr.diagnostics:
@@ -2113,11 +2207,150 @@ def run(cfg: Config, log=print) -> dict:
     return res
 
 
+# --tune: the paper's tuning protocol (App. B). Per OOD set, beta, the mini-batch size and the learning rate are chosen
+# on 1,000 of that set's images (drawn at random in the paper) for the lowest detection error. Here the validation
+# images are the first --val-size test images of the in-set and of each OOD set (those ODIN's (T, eps) is chosen on),
+# the detection error is the baseline detector's, and the metrics come from the held-out rest. The chosen numbers have
+# seen the OOD set they are reported on (its validation images): they are "tuned on the OOD set".
+
+TUNE_KEYS = {"beta": "beta", "batch": "batch_size", "lr": "lr"}          # --tune key -> Config field
+PAPER_GRID = {"beta": [i / 10 for i in range(21)], "batch_size": [64, 128], "lr": [1e-3, 5e-4, 2e-4]}
+BETA_METHODS = ("conf", "conf-gan", "joint", "joint-pt")                 # the regimes with a KL term weighted by beta
+# settings that change how a run is carried out, not its results: a finished grid point is reused across them
+RUN_ONLY = ("output_dir", "resume", "device", "log_every", "download", "data_root", "eval_batch_size", "tune")
+
+
+def tune_grid(cfg: Config) -> dict:
+    """--tune as {"beta": [...], "batch_size": [...], "lr": [...]}. "paper": App. B's grid (21 x 2 x 3 points);
+    else "key=v,v,...;key=v,..." with keys beta, batch, lr, e.g. "beta=0,0.5,1;batch=64;lr=1e-3"; a key left out
+    keeps the run's --beta / --batch-size / --lr. Methods without beta (ce, kplus1) tune batch and lr only."""
+    spec, cfg = cfg.tune.strip(), with_defaults(cfg)
+    example = "expected 'paper' or e.g. 'beta=0,0.5,1;batch=64;lr=1e-3' (keys beta, batch, lr)"
+    grid = {"beta": [cfg.beta], "batch_size": [cfg.batch_size], "lr": [cfg.lr]}
+    if spec == "paper":
+        grid = dict(PAPER_GRID)
+    else:
+        given = set()
+        for part in filter(str.strip, spec.split(";")):
+            key, eq, vals = (t.strip() for t in part.partition("="))
+            if not eq or key not in TUNE_KEYS or key in given:
+                raise ConfidentError(f"--tune {spec!r}: {'a repeated' if key in given else 'a bad'} part {part!r}; "
+                                     f"{example}")
+            given.add(key)
+            try:
+                v = [float(x) for x in vals.split(",")]
+            except ValueError:
+                raise ConfidentError(f"--tune {spec!r}: {key} values {vals!r}; "
+                                     "expected comma-separated numbers") from None
+            ok = {"beta": all(math.isfinite(x) and x >= 0 for x in v), "lr": all(math.isfinite(x) and x > 0 for x in v),
+                  "batch": all(x.is_integer() and x >= 2 for x in v)}[key]
+            if not ok:
+                want = {"beta": "numbers >= 0", "lr": "numbers > 0", "batch": "whole numbers >= 2"}[key]
+                raise ConfidentError(f"--tune {spec!r}: {key} values {vals!r}; expected {want}")
+            grid[TUNE_KEYS[key]] = [int(x) for x in v] if key == "batch" else v
+        if not given:
+            raise ConfidentError(f"--tune {spec!r}: no grid; {example}")
+    if cfg.method not in BETA_METHODS:
+        grid["beta"] = [cfg.beta]                             # beta weighs nothing here: one run per (batch, lr)
+    return {k: list(dict.fromkeys(v)) for k, v in grid.items()}      # each value once, in the order given
+
+
+def _reported(res: dict) -> dict:
+    """A run's reported metrics per OOD set: the final epoch's or, with --select-epoch best, each set's best epoch."""
+    return res.get("best_epoch") or {n: {**r, "accuracy": res["accuracy"]} for n, r in res["ood"].items()}
+
+
+def _check_same_point(cfg: Config, folder: Path) -> None:
+    """A grid point's folder from an earlier --tune is reused only if it was run with the same settings."""
+    if not (folder / "config.json").exists():
+        return
+    old, new = json.loads((folder / "config.json").read_text()), dataclasses.asdict(cfg)
+    for k, v in new.items():
+        if k not in RUN_ONLY and old.get(k) != v:
+            raise ConfidentError(f"{folder}: run with --{k.replace('_', '-')} {old.get(k)!r}, this tuning has {v!r}: "
+                                 "expected the same settings (or another --output-dir)")
+
+
+def tune(cfg: Config, log=print) -> dict:
+    """--tune: one run per grid point, each in its own sub-folder of --output-dir (a point whose results.json exists
+    is not run again; one with only train_state.pt resumes), then per OOD set the point with the lowest baseline
+    detection error on that set's validation images. Writes tuning.json and tuning.md: every point's validation
+    errors, and per OOD set the chosen point with its metrics on the held-out rest, marked tuned on the OOD set."""
+    cfg = resolve(cfg)
+    grid, master = tune_grid(cfg), int(os.environ.get("RANK", 0)) == 0
+    out_dir = Path(cfg.output_dir or _default_out_dir(cfg) + "-tune")
+    if cfg.method not in BETA_METHODS:
+        log(f"tune: --method {cfg.method} has no beta; tuning batch size and learning rate only")
+    grid_points = [(b, bs, lr) for b in grid["beta"] for bs in grid["batch_size"] for lr in grid["lr"]]
+    points = []
+    for i, (beta, bs, lr) in enumerate(grid_points):
+        sub = out_dir / f"beta{beta:g}-batch{bs}-lr{lr:g}"
+        pcfg = resolve(dataclasses.replace(cfg, tune="", beta=beta, batch_size=bs, lr=lr, output_dir=str(sub),
+                                           resume=False))
+        _check_same_point(pcfg, sub)
+        point = {"beta": beta, "batch_size": bs, "lr": lr, "dir": sub.name, "ood": {}}
+        points.append(point)
+        if (sub / "results.json").exists():
+            log(f"tune: point {i + 1}/{len(grid_points)} {sub.name}: finished before, not run again")
+            res = json.loads((sub / "results.json").read_text())
+        else:
+            log(f"tune: point {i + 1}/{len(grid_points)} {sub.name}")
+            try:
+                res = run(dataclasses.replace(pcfg, resume=(sub / "train_state.pt").exists()), log)
+            except TrainingDiverged as e:                    # one point failed, not the tuning: left out, go on
+                log(f"tune: {sub.name} diverged, left out of the choice: {e}")
+                point["diverged"] = str(e)
+                continue
+        point["ood"] = _reported(res)
+    if not any(p["ood"] for p in points):
+        raise ConfidentError(f"--tune {cfg.tune!r}: every grid point diverged (see above): nothing to choose from")
+    seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
+    chosen = {name: {"tuned_on_ood": True, "seen_in_training": name in seen,
+                     **{k: points[i][k] for k in ("beta", "batch_size", "lr", "dir")}, **points[i]["ood"][name]}
+              for name, i in pick_by_validation([(i, p["ood"]) for i, p in enumerate(points)]).items()}
+    out = {"tuned_on_ood": True, "in_data": cfg.in_data, "method": cfg.method, "val_size": cfg.val_size,
+           "select_epoch": cfg.select_epoch, "grid": grid,
+           "criterion": "baseline detection error on the first val_size test images of the in-set and of each OOD set",
+           "points": [{k: v for k, v in p.items() if k != "ood"} | {"baseline_val_detection_error": {
+               n: r["baseline_val_detection_error"] for n, r in p["ood"].items()}} for p in points],
+           "chosen": chosen}
+    if master:
+        atomic_write_text(json.dumps(out, indent=2), out_dir / "tuning.json")
+        atomic_write_text(tuning_markdown(out) + "\n", out_dir / "tuning.md")
+        log(f"\n{tuning_markdown(out)}\n\nwrote {out_dir}/tuning.json, tuning.md ({len(points)} points)")
+    return out
+
+
+def tuning_markdown(t: dict) -> str:
+    names = list(t["chosen"])
+    lines = [f"## Tuned on the OOD set: in-distribution **{t['in_data']}**, method **{t['method']}**", "",
+             "beta, batch size and learning rate chosen per OOD set (paper App. B) for the lowest baseline detection "
+             f"error on the validation images: the first {t['val_size']} test images of {t['in_data']} and of that "
+             "OOD set. Metrics on the held-out rest; they have seen the OOD set through the choice, so they are not "
+             "comparable with untuned runs." + (" Each point reports its best epoch (--select-epoch best)."
+                                               if t["select_epoch"] == "best" else ""), "",
+             "| OOD set | beta | batch | lr | val. det. err. | accuracy | " + METRIC_HEADER, "|---" * 13 + "|"]
+    for name, c in t["chosen"].items():
+        for det in ("baseline", "odin"):
+            lines.append(f"| {name}{' (seen)' if c['seen_in_training'] else ''} | {c['beta']:g} | {c['batch_size']} | "
+                         f"{c['lr']:g} | {100 * c['baseline_val_detection_error']:.1f} | {100 * c['accuracy']:.2f} | "
+                         + _detector_cells(c[det], det))
+    lines += ["", "Every grid point: baseline detection error (%) on each OOD set's validation images "
+              "(* the chosen point).", "", "| beta | batch | lr | " + " | ".join(names) + " |",
+              "|---|---|---|" + "---|" * len(names)]
+    for p in t["points"]:
+        errs = p["baseline_val_detection_error"]
+        lines.append(f"| {p['beta']:g} | {p['batch_size']} | {p['lr']:g} | " + " | ".join(
+            f"{100 * errs[n]:.1f}{'*' if t['chosen'][n]['dir'] == p['dir'] else ''}" if n in errs
+            else "diverged" if "diverged" in p else "-" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = Config(**vars(args))
     try:
-        run(cfg, log=lambda *a, **k: print(*a, **k, flush=True))
+        (tune if cfg.tune else run)(cfg, log=lambda *a, **k: print(*a, **k, flush=True))
     except ConfidentError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
