@@ -1814,10 +1814,12 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                 for k in ("d_acc_real", "d_acc_fake", "c", "acc", "gnorm"):
                     if k in logs:
                         dsums[k] = dsums.get(k, 0.0) + logs[k]
-                dmax = torch.maximum(dmax, logs["gnorm"]) if dmax is not None else logs["gnorm"]
+                if "gnorm" in logs:
+                    dmax = logs["gnorm"] if dmax is None else torch.maximum(dmax, logs["gnorm"])
                 if (cfg.diag_every and (i + 1) % cfg.diag_every == 0) or i + 1 == steps:
                     d = {"epoch": e + 1, "step": i + 1, "global_step": tr.global_step, "beta": tr.beta_now(),
-                         **{k: float(v) / dn for k, v in dsums.items()}, "gnorm_max": float(dmax), **probe(tr)}
+                         **{k: float(v) / dn for k, v in dsums.items()},
+                         **({"gnorm_max": float(dmax)} if dmax is not None else {}), **probe(tr)}
                     tr.diagnostics.append(d)
                     dsums, dn, dmax = {}, 0, None
                     log(f"diag epoch {e + 1} step {i + 1} | " + " ".join(

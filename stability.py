@@ -193,9 +193,10 @@ def report(data: dict, out: Path, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-DIAG_KEYS = (("d_acc_fake", "D accuracy on generated"), ("maxsoftmax_gen", "max-softmax on G samples"),
-             ("maxsoftmax_real", "max-softmax on real train images"), ("nn_dist_gen", "NN distance G -> data"),
-             ("diversity", "G diversity / real diversity"), ("acc", "classifier train accuracy"))
+DIAG_KEYS = (("acc", "classifier train accuracy"), ("maxsoftmax_real", "max-softmax, real train images"),
+             ("kl_real", "KL(U||p), real train images"), ("gnorm_max", "largest classifier grad norm"),
+             ("maxsoftmax_gen", "max-softmax, G samples"), ("d_acc_fake", "D accuracy on G samples"),
+             ("nn_dist_gen", "NN distance G -> data"), ("diversity", "G diversity / real diversity"))
 
 
 def plot(data: dict, out: Path, ce_acc: float):
@@ -217,6 +218,8 @@ def plot(data: dict, out: Path, ce_acc: float):
                         color="red" if collapsed else "grey", lw=1.6 if collapsed else 0.8, marker=".", ms=2,
                         label=f"s{s} (collapsed)" if collapsed else None)
             ax.set_title(f"{arm}: {name}", fontsize=8)
+            if k in ("kl_real", "gnorm_max"):
+                ax.set_yscale("log")
             ax.tick_params(labelsize=7)
             if any(100 * r["accuracy"] < ce_acc - COLLAPSE_POINTS for r in data[arm].values()) and j == 0:
                 ax.legend(fontsize=6)
