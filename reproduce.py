@@ -287,7 +287,8 @@ def _load_uint8(name, split="test", root="data", verify=True, download_ok=False)
 
 
 def _threads(jobs: int):
-    if not torch.cuda.is_available():
+    """A pool worker's share of the cores; a run in main() itself (jobs 1) keeps the threads main() chose."""
+    if jobs > 1 and not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, jobs)))
 
 
