@@ -6,7 +6,8 @@
 #                                   (3 seeds x {ce, conf, conf-gan, joint, joint-pt, kplus1} VGG-13 + AlexNet
 #                                   runs of 100 epochs on svhn and cifar10; a joint run costs ~4x a ce run).
 #                                   Data: svhn, cifar10, tinyimagenet, lsun, mnist under ./data (checked first;
-#                                   svhn / cifar10 / mnist are downloaded when missing and the network allows).
+#                                   each is downloaded when missing and the network allows, tinyimagenet / lsun
+#                                   from the ODIN authors' archives).
 #   bash reproduce.sh --quick       offline CPU analogue, ~20 min on 2 cores: fashion-mnist <-> mnist in the
 #                                   roles of svhn <-> cifar10; photos, uniform, gaussian as unseen OOD.
 #   bash reproduce.sh table1        one stage (table1..table6, figure1..figure5, figure7; also check-data, render);
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     --results) EXTRA+=(--results "$2"); shift ;;
     --results=*) EXTRA+=(--results "${1#*=}") ;;
     --jobs) EXTRA+=(--jobs "$2"); shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p;}' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) STAGE=$1 ;;
   esac
