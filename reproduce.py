@@ -760,7 +760,8 @@ def figure3ab(mode, results) -> dict:
 def figure3cd(mode, results) -> dict:
     plt = _plt()
     m = MODES[mode]
-    clf = load_model(FIG3_RUN, mode, results)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # full: 2 x 2000 DCGAN steps at width 1
+    clf = load_model(FIG3_RUN, mode, results).to(dev)
     for p in clf.parameters():
         p.requires_grad_(False)
     x = C.load_uint8("mnist", "train", data_root())[0]
@@ -771,12 +772,12 @@ def figure3cd(mode, results) -> dict:
     for k, (beta, name) in enumerate(((0.0, "original"), (1.0, "proposed"))):
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
-        G, D = C.Generator(width=m["dcgan_width"]), C.Discriminator(width=m["dcgan_width"])
+        G, D = C.Generator(width=m["dcgan_width"]).to(dev), C.Discriminator(width=m["dcgan_width"]).to(dev)
         oG = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
         oD = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
         for _ in range(m["dcgan_steps"]):
-            xb = C.to_float(x[torch.randint(0, len(x), (m["dcgan_batch"],), generator=g)])
-            fake = G(torch.randn(len(xb), G.nz))
+            xb = C.to_float(x[torch.randint(0, len(x), (m["dcgan_batch"],), generator=g)]).to(dev)
+            fake = G(torch.randn(len(xb), G.nz, device=dev))
             d_loss = C.gan_d_loss(D(xb), D(fake.detach()))
             oD.zero_grad()
             d_loss.backward()
@@ -787,9 +788,9 @@ def figure3cd(mode, results) -> dict:
             oG.step()
         G.eval()
         with torch.no_grad():
-            s = G(torch.randn(256, G.nz))
+            s = G(torch.randn(256, G.nz, device=dev))
             stats[name] = {"mean_conf": float(F.softmax(clf(s), 1).max(1).values.mean())}
-        grid = s[:64].mean(1).reshape(8, 8, 32, 32).permute(0, 2, 1, 3).reshape(256, 256).numpy()
+        grid = s[:64].mean(1).reshape(8, 8, 32, 32).permute(0, 2, 1, 3).reshape(256, 256).cpu().numpy()
         ax[k].imshow(grid, cmap="gray", vmin=0, vmax=1)
         ax[k].set(title=f"({'cd'[k]}) {name} GAN; classifier's mean max-softmax {stats[name]['mean_conf']:.2f}",
                   xticks=[], yticks=[])
