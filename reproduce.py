@@ -152,8 +152,9 @@ MODES = {
 }
 # A dress rehearsal (what tests/test_rehearsal.py runs on small files in the real formats): REPRODUCE_SIZES=tiny
 # gives every mode the tiny mode's sizes (the keys below) and turns downloads off; REPRODUCE_VERIFY=0 skips the
-# md5 checks of data files (fixtures cannot match the published files). The mode keeps everything else: its
-# roles, stages, runs, tables, figures and README. Unset (the default), nothing changes and every file is checked.
+# md5 checks of data files (fixtures cannot match the published files). Nothing else differs (its roles, stages,
+# runs, tables, figures and README are the mode's own) but a line saying so in every table and the README, no
+# no-GPU warning, and ./results refused as its output. Unset (the default), every file is checked.
 SIZE_KEYS = ("width", "epochs", "lr_drop_epoch", "train_limit", "eval_limit", "val_size", "seeds", "gan_seeds",
              "grid", "small_grid", "steps2d", "dcgan_steps", "dcgan_width", "dcgan_batch")
 SIZES = os.environ.get("REPRODUCE_SIZES", "")
