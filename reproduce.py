@@ -150,6 +150,26 @@ MODES = {
                  small_grid=("1", "0"), gan_epochs=1, steps2d=2, dcgan_steps=3, dcgan_width=0.125,
                  dcgan_batch=32, download=False),
 }
+# A dress rehearsal (what tests/test_rehearsal.py runs on small files in the real formats): REPRODUCE_SIZES=tiny
+# gives every mode the tiny mode's sizes (the keys below) and turns downloads off; REPRODUCE_VERIFY=0 skips the
+# md5 checks of data files (fixtures cannot match the published files). Nothing else differs (its roles, stages,
+# runs, tables, figures and README are the mode's own) but a line saying so in every table and the README, no
+# no-GPU warning, and ./results refused as its output. Unset (the default), every file is checked.
+SIZE_KEYS = ("width", "epochs", "lr_drop_epoch", "train_limit", "eval_limit", "val_size", "seeds", "gan_seeds",
+             "grid", "small_grid", "steps2d", "dcgan_steps", "dcgan_width", "dcgan_batch")
+SIZES = os.environ.get("REPRODUCE_SIZES", "")
+VERIFY = os.environ.get("REPRODUCE_VERIFY", "1") != "0"
+
+
+def resized(settings: dict, sizes: str) -> dict:
+    """A mode's settings with the sizes of mode `sizes` and downloads off."""
+    return {**settings, **{k: MODES[sizes][k] for k in SIZE_KEYS}, "download": False}
+
+
+if SIZES:
+    if SIZES not in MODES:
+        sys.exit(f"error: REPRODUCE_SIZES={SIZES!r}: expected one of {', '.join(MODES)} (or unset)")
+    MODES = {name: resized(settings, SIZES) for name, settings in MODES.items()}
 GAN_METHODS = ("conf-gan", "joint", "joint-pt")
 METHOD_NAMES = {"ce": "Cross entropy", "conf": "Confidence loss (explicit OOD)",
                 "conf-gan": "Confidence loss (original GAN samples)", "joint": "Joint confidence loss",
@@ -260,14 +280,16 @@ _ORIG_LOAD = C.load_uint8
 
 
 def _load_uint8(name, split="test", root="data", verify=True, download_ok=False):
-    """confident.load_uint8, memoised: the many runs of a stage read the same sets (nothing writes to them)."""
-    return _load_cached(name, split, str(root), verify, download_ok)
+    """confident.load_uint8, memoised: the many runs of a stage read the same sets (nothing writes to them).
+    REPRODUCE_VERIFY=0 skips the md5 checks (a rehearsal on fixtures); the other checks of the files stay."""
+    return _load_cached(name, split, str(root), verify and VERIFY, download_ok)
 
 
 
 
 def _threads(jobs: int):
-    if not torch.cuda.is_available():
+    """A pool worker's share of the cores; a run in main() itself (jobs 1) keeps the threads main() chose."""
+    if jobs > 1 and not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, jobs)))
 
 
@@ -317,7 +339,7 @@ def check_data(mode: str) -> list[str]:
             if n in ("gaussian", "uniform"):
                 continue
             try:
-                _ORIG_LOAD(n, split, data_root(), verify=True, download_ok=MODES[mode]["download"])
+                _ORIG_LOAD(n, split, data_root(), verify=VERIFY, download_ok=MODES[mode]["download"])
             except C.ConfidentError as e:
                 problems.append(f"{n} ({split}): {e}")
                 break
@@ -473,7 +495,19 @@ def header(title: str, mode: str, note: str) -> list[str]:
                   f"in for. Width {m['width']}, {m['train_limit']} training images x {m['epochs']} epochs, "
                   f"{m['eval_limit'] - m['val_size']} held-out test images per set. Expect no numeric agreement: "
                   "compare directions, not values."]
-    return lines + [""]
+    return lines + [""] + rehearsal_note(mode)
+
+
+def rehearsal_note(mode: str) -> list[str]:
+    """Under REPRODUCE_SIZES, a line saying so (the settings described elsewhere were not used)."""
+    if not SIZES:
+        return []
+    m = MODES[mode]
+    return [f"**A rehearsal, not results** (REPRODUCE_SIZES={SIZES}): the {mode} mode's runs, tables and figures at "
+            f"the {SIZES} mode's sizes (width {m['width']}, {m['train_limit']} training images x {m['epochs']} "
+            f"epoch(s), seeds {list(m['seeds'])}, GAN regimes {list(m['gan_seeds'])}, no downloads"
+            + ("; md5 checks off, REPRODUCE_VERIFY=0" if not VERIFY else "") + ") on the files under "
+            f"{data_root()}. It shows that the pipeline runs; its numbers say nothing about the paper.", ""]
 
 
 def pair_table(mode, results, title, note, model, methods, paper, paper_acc, detectors=("baseline",),
@@ -727,7 +761,8 @@ def figure3ab(mode, results) -> dict:
 def figure3cd(mode, results) -> dict:
     plt = _plt()
     m = MODES[mode]
-    clf = load_model(FIG3_RUN, mode, results)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # full: 2 x 2000 DCGAN steps at width 1
+    clf = load_model(FIG3_RUN, mode, results).to(dev)
     for p in clf.parameters():
         p.requires_grad_(False)
     x = C.load_uint8("mnist", "train", data_root())[0]
@@ -738,12 +773,12 @@ def figure3cd(mode, results) -> dict:
     for k, (beta, name) in enumerate(((0.0, "original"), (1.0, "proposed"))):
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
-        G, D = C.Generator(width=m["dcgan_width"]), C.Discriminator(width=m["dcgan_width"])
+        G, D = C.Generator(width=m["dcgan_width"]).to(dev), C.Discriminator(width=m["dcgan_width"]).to(dev)
         oG = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
         oD = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
         for _ in range(m["dcgan_steps"]):
-            xb = C.to_float(x[torch.randint(0, len(x), (m["dcgan_batch"],), generator=g)])
-            fake = G(torch.randn(len(xb), G.nz))
+            xb = C.to_float(x[torch.randint(0, len(x), (m["dcgan_batch"],), generator=g)]).to(dev)
+            fake = G(torch.randn(len(xb), G.nz, device=dev))
             d_loss = C.gan_d_loss(D(xb), D(fake.detach()))
             oD.zero_grad()
             d_loss.backward()
@@ -754,9 +789,9 @@ def figure3cd(mode, results) -> dict:
             oG.step()
         G.eval()
         with torch.no_grad():
-            s = G(torch.randn(256, G.nz))
+            s = G(torch.randn(256, G.nz, device=dev))
             stats[name] = {"mean_conf": float(F.softmax(clf(s), 1).max(1).values.mean())}
-        grid = s[:64].mean(1).reshape(8, 8, 32, 32).permute(0, 2, 1, 3).reshape(256, 256).numpy()
+        grid = s[:64].mean(1).reshape(8, 8, 32, 32).permute(0, 2, 1, 3).reshape(256, 256).cpu().numpy()
         ax[k].imshow(grid, cmap="gray", vmin=0, vmax=1)
         ax[k].set(title=f"({'cd'[k]}) {name} GAN; classifier's mean max-softmax {stats[name]['mean_conf']:.2f}",
                   xticks=[], yticks=[])
@@ -1050,6 +1085,7 @@ def write_readme(mode, results, figstats, timings):
                   f"on T in {{{m['grid'][0]}}}, eps in {{{m['grid'][1]}}}), seeds {list(m['seeds'])} "
                   f"(GAN regimes: {list(m['gan_seeds'])}). The paper's number for the pair ours stands in for "
                   "is printed beside ours; at this scale only the *direction* of an effect can be compared.", ""]
+    lines += rehearsal_note(mode)
     if env:
         lines += [f"Environment of the runs: commit `{env.get('commit')}`, torch {env.get('torch')}, "
                   f"python {env.get('python')}, device {env.get('device')}.", ""]
@@ -1117,6 +1153,9 @@ def _main(argv=None):
     p.add_argument("--jobs", type=int, default=0, help="runs at a time (0: 2 on a 2+-core CPU in quick mode, else 1)")
     a = p.parse_args(argv)
     results = Path(a.results)
+    if SIZES and results.resolve() == (HERE / "results").resolve():
+        sys.exit(f"error: REPRODUCE_SIZES={SIZES} is a rehearsal: give it another --results folder than "
+                 f"{HERE / 'results'} (its runs would pass for finished {a.mode}-mode runs there)")
     results.mkdir(parents=True, exist_ok=True)
     jobs = a.jobs or (2 if a.mode == "quick" and not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1)
     if not torch.cuda.is_available():
@@ -1130,7 +1169,7 @@ def _main(argv=None):
         if a.stage == "check-data":
             print(f"data for mode {a.mode}: all present")
             return
-    if a.mode == "full" and not torch.cuda.is_available():
+    if a.mode == "full" and not torch.cuda.is_available() and not SIZES:
         print("warning: full mode without a GPU will take weeks; use --quick for the CPU analogue", file=sys.stderr)
     stats_path = results / "figure_stats.json"
     figstats = json.loads(stats_path.read_text()) if stats_path.exists() else {}

@@ -6,12 +6,19 @@
 #                                   (3 seeds x {ce, conf, conf-gan, joint, joint-pt, kplus1} VGG-13 + AlexNet
 #                                   runs of 100 epochs on svhn and cifar10; a joint run costs ~4x a ce run).
 #                                   Data: svhn, cifar10, tinyimagenet, lsun, mnist under ./data (checked first;
-#                                   svhn / cifar10 / mnist are downloaded when missing and the network allows).
+#                                   each is downloaded when missing and the network allows, tinyimagenet / lsun
+#                                   from the ODIN authors' archives).
 #   bash reproduce.sh --quick       offline CPU analogue, ~20 min on 2 cores: fashion-mnist <-> mnist in the
 #                                   roles of svhn <-> cifar10; photos, uniform, gaussian as unseen OOD.
 #   bash reproduce.sh table1        one stage (table1..table6, figure1..figure5, figure7; also check-data, render);
 #   bash reproduce.sh --quick figure1   stages take --quick / --tiny too. Finished runs are never recomputed.
 #   bash reproduce.sh --tiny --results out/tiny  a one-epoch slice of the quick pipeline (what the test runs).
+#
+# Environment: DATA_ROOT (default ./data) is where the data sets are looked for. A dress rehearsal of the full
+# mode on small stand-in files (tests/test_rehearsal.py): REPRODUCE_SIZES=tiny runs any mode's own roles, stages,
+# tables, figures and README at the tiny mode's sizes, downloads off (refused for ./results); REPRODUCE_VERIFY=0
+# skips the md5 checks of data files (the default checks them). E.g.
+#   DATA_ROOT=stand-ins REPRODUCE_SIZES=tiny REPRODUCE_VERIFY=0 bash reproduce.sh --results out/rehearsal
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -26,7 +33,7 @@ while [ $# -gt 0 ]; do
     --results) EXTRA+=(--results "$2"); shift ;;
     --results=*) EXTRA+=(--results "${1#*=}") ;;
     --jobs) EXTRA+=(--jobs "$2"); shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p;}' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) STAGE=$1 ;;
   esac

@@ -2,9 +2,9 @@
 then checks of every table, figure, the runs CSV and the README it writes; plus the pieces that can be checked
 on their own (the transcribed paper numbers, guided backprop, the missing-data message)."""
 import csv
+import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,15 +21,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro")
-    t0 = time.time()
     p = subprocess.run(["bash", "reproduce.sh", "--tiny", "--results", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out, p.stdout, time.time() - t0
+    return out, p.stdout
 
 
 def test_tables(tiny):
-    out, _, _ = tiny
+    out, _ = tiny
     for k in range(1, 7):
         text = (out / f"table{k}.md").read_text()
         assert text.startswith(f"# Table {k}")
@@ -50,14 +49,14 @@ def test_tables(tiny):
 
 
 def test_figures(tiny):
-    out, _, _ = tiny
+    out, _ = tiny
     for f in ("figure1", "figure2", "figure3ab", "figure3cd", "figure4", "figure5", "figure7"):
         data = (out / f"{f}.png").read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, f
 
 
 def test_csv_and_readme(tiny):
-    out, _, _ = tiny
+    out, _ = tiny
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     need = {"table", "method", "in", "out", "detector", "metric", "value", "seed", "commit", "torch", "device"}
@@ -73,21 +72,19 @@ def test_csv_and_readme(tiny):
     verdicts = [ln for ln in readme.splitlines() if ln.endswith("| supported |") or ln.endswith("| not supported |")]
     assert len(verdicts) >= 20
     assert "tested claims are supported" in readme
+    # wall-clock per stage is recorded (speed is measured by benchmarks, not asserted by tests)
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"runs", "total", *R.STAGES} <= set(timings) and all(v >= 0 for v in timings.values())
 
 
 def test_finished_runs_are_not_recomputed(tiny):
-    out, _, _ = tiny
+    out, _ = tiny
     stamp = {p: p.stat().st_mtime_ns for p in (out / "runs" / "tiny").glob("*/results.json")}
     p = subprocess.run(["bash", "reproduce.sh", "--tiny", "table6", "--results", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "run(s) to do" not in p.stdout
     assert stamp == {p: p.stat().st_mtime_ns for p in (out / "runs" / "tiny").glob("*/results.json")}
-
-
-def test_tiny_is_fast(tiny):
-    _, _, seconds = tiny
-    assert seconds < 240, f"the tiny pipeline took {seconds:.0f}s"
 
 
 def test_paper_numbers_transcribed():
