@@ -35,6 +35,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA device (CI deselects these: -m 'not gpu')"))
 
 
+def main_in_root(args):
+    """confident.main(args) run from the repository root, so that the default --data-root is ./data."""
+    import confident
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        confident.main(args)
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same global RNG state."""

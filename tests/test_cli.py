@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import confident
+from conftest import main_in_root as _main_in_root
 from confident import Config, ConfidentError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,14 +58,6 @@ def e2e(tmp_path_factory):
     return out
 
 
-def _main_in_root(args):
-    """confident.main(args) run from the repository root, so that the default --data-root is ./data."""
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        confident.main(args)
-    finally:
-        os.chdir(cwd)
 
 
 def test_main_end_to_end_writes_every_output(e2e):

@@ -3,7 +3,6 @@ run per grid point and picks, per OOD set, the point with the lowest baseline de
 validation images; --select-epoch best evaluates after every epoch and picks the epoch the same way. Neither
 choice may look at a test image."""
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import confident
+from conftest import main_in_root as _main_in_root
 from confident import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,14 +23,6 @@ TINY = ["--in", "fashion-mnist", "--out", "mnist", "--method", "joint", "--model
 METRICS = ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out")
 
 
-def _main_in_root(args):
-    """confident.main(args) run from the repository root, so that the default --data-root is ./data."""
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        confident.main(args)
-    finally:
-        os.chdir(cwd)
 
 
 def _with(args, flag, value):
