@@ -1525,8 +1525,13 @@ class Trainer:
                 loss = confidence_loss(logits, targets, beta, cfg.impl)
         self.opt.zero_grad(set_to_none=True)             # also drops grads the G step left on the classifier
         loss.backward()
-        # the classifier's gradient norm (diagnostics), clipped with --clip-grad (a stabiliser beyond the paper)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
+        # the classifier's gradient norm (diagnostics), clipped with --clip-grad (a stabiliser beyond the paper);
+        # without clipping only the norm is computed (one fused call), no gradient is rescaled
+        if cfg.clip_grad > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad)
+        else:
+            grads = [q.grad for q in self.net.parameters() if q.grad is not None]
+            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.opt.step()
         logs["c"] = loss.detach()
         logs["gnorm"] = gnorm.detach()
