@@ -5,6 +5,7 @@ reproduce.py: the Python side of `reproduce.sh` -- the paper's Tables 1-6 and Fi
     python reproduce.py all --mode full      # the paper's settings (GPU, about a day)
     python reproduce.py all --mode quick     # offline CPU analogue (~20 min on 2 cores)
     python reproduce.py table1 --mode quick  # one stage; finished runs (results.json present) are reused
+    python reproduce.py all --mode gpu       # the quick mode's sets at the paper's scale, one GPU, in stages
 
 Every training run is `confident.run(Config(...))`, written to <results>/runs/<mode>/<run>/. Per-sample scores
 for the figures are recomputed from each run's checkpoint.pt. Tables put the paper's number beside ours in
@@ -13,7 +14,12 @@ everything and states, from the numbers, which of the paper's claims this scale 
 
 Modes. full: svhn / cifar10 in-distribution, tinyimagenet, lsun, gaussian unseen. quick (and tiny, its
 one-epoch slice for the test): fashion-mnist plays svhn, mnist plays cifar10 (each the other's seen OOD),
-photos / uniform / gaussian play tinyimagenet / lsun / gaussian.
+photos / uniform / gaussian play tinyimagenet / lsun / gaussian. gpu: the quick mode's sets and runs at the
+paper's scale (full width, lr 2e-4, the paper's beta and batch, 3 seeds, a few epochs), in three stages of runs
+(gpu1, gpu2, gpu3) that each render what they can; results in results/gpu/.
+
+On a GPU several runs train at once (processes); how many is chosen from a throughput probe (see `packing`).
+A run whose results.json exists is not redone; one interrupted mid-training resumes from its last epoch.
 """
 from __future__ import annotations
 
@@ -126,7 +132,7 @@ PAPER_T6_ACC = (79.61, 80.56)
 
 ROLES = {"full": dict(A="svhn", B="cifar10", unseen=("tinyimagenet", "lsun", "gaussian")),
          "quick": dict(A="fashion-mnist", B="mnist", unseen=("photos", "uniform", "gaussian"))}
-ROLES["tiny"] = ROLES["quick"]
+ROLES["tiny"] = ROLES["gpu"] = ROLES["quick"]
 # which of the paper's data sets each of ours stands in for (the "paper" number shown beside ours)
 PAPER_NAME = {"fashion-mnist": "svhn", "mnist": "cifar10", "photos": "tinyimagenet", "uniform": "lsun",
               "gaussian": "gaussian", "svhn": "svhn", "cifar10": "cifar10", "tinyimagenet": "tinyimagenet",
@@ -144,6 +150,14 @@ MODES = {
                   eval_limit=800, val_size=300, seeds=(0,), gan_seeds=(0, 1), grid=("1,1000", "0,0.001"),
                   small_grid=("1", "0"), gan_epochs=2, steps2d=100, dcgan_steps=200, dcgan_width=0.25,
                   dcgan_batch=64, download=False),
+    # one GPU, in three stages of runs (GPU_STAGES): the quick mode's sets and runs at the paper's scale -- full
+    # width, lr 2e-4 (x0.1 after 2 of 3 epochs, as after 60 of 100), beta 1 and batch 128 (the svhn setting, for
+    # both in-distribution sets), 3 seeds for every regime, 4,000 held-out test images per set (1,000 more tune
+    # ODIN on the quick mode's 2x2 grid). 3 epochs, not 100: what fits the mode's budget of 15 min on one H200.
+    "gpu": dict(width=1.0, epochs=3, lr=2e-4, lr_drop_epoch=2, batch_size=-1, train_limit=0,
+                eval_limit=5000, val_size=1000, seeds=(0, 1, 2), gan_seeds=(0, 1, 2), grid=("1,1000", "0,0.001"),
+                small_grid=("1", "0"), gan_epochs=-1, steps2d=100, dcgan_steps=2000, dcgan_width=1.0,
+                dcgan_batch=128, download=False),
     # the test's slice: one epoch on a few hundred images
     "tiny": dict(width=0.0625, epochs=1, lr=1e-3, lr_drop_epoch=1, batch_size=32, train_limit=192,
                  eval_limit=120, val_size=40, seeds=(0,), gan_seeds=(0, 1), grid=("1000", "0"),
@@ -246,6 +260,21 @@ def plan(stage: str, mode: str) -> list[Run]:
 
 STAGES = ("table1", "table2", "table3", "table4", "table5", "table6",
           "figure1", "figure2", "figure3", "figure4", "figure5", "figure7")
+# The gpu mode's stages: every run of the mode, split by regime into three parts of similar GPU time (each
+# <= 8 min of one H200 by the estimate in results/gpu/README.md); each part then renders every table and figure
+# whose runs are all finished. The regimes of each part:
+GPU_STAGES = {"gpu1": ("ce", "conf", "kplus1"), "gpu2": ("conf-gan", "joint"), "gpu3": ("joint-pt",)}
+
+
+def stage_runs(stage: str, mode: str) -> list[Run]:
+    """The runs a stage trains: a table's or figure's own (plan), or a gpu part's share of all of them."""
+    if stage in GPU_STAGES:
+        return [r for r in all_runs(mode) if r.method in GPU_STAGES[stage]]
+    return plan(stage, mode)
+
+
+def finished(stage: str, mode: str, results: Path) -> bool:
+    return all((run_dir(r, mode, results) / "results.json").exists() for r in plan(stage, mode))
 
 
 def config_for(run: Run, mode: str, results: Path) -> C.Config:
@@ -257,7 +286,8 @@ def config_for(run: Run, mode: str, results: Path) -> C.Config:
                     train_limit=m["train_limit"], eval_limit=m["eval_limit"], val_size=m["val_size"],
                     temperatures=T, epsilons=E, extra_ood=run.extra, data_root=str(data_root()),
                     download=m["download"], output_dir=str(run_dir(run, mode, results)), log_every=10 ** 9,
-                    impl="auto" if mode == "full" else "torch")   # CPU modes: the plain PyTorch reference
+                    resume=(run_dir(run, mode, results) / "train_state.pt").exists(),   # an interrupted run
+                    impl="auto" if mode in ("full", "gpu") else "torch")   # CPU modes: the plain PyTorch reference
 
 
 def data_root() -> Path:
@@ -327,6 +357,96 @@ def execute(runs: list[Run], mode: str, results: Path, jobs: int):
             for i, f in enumerate(cf.as_completed(futs)):
                 name, s = f.result()
                 print(f"  [{i + 1}/{len(todo)}] {name}: {s:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing: how many runs train at once on one device, chosen from measured throughput.
+
+def _probe(mode: str, device: str, jobs: int, steps: int, barrier) -> tuple[float, float, int]:
+    """(start, end, images) of `steps` training steps of one joint VGG-13 run at the mode's width and batch,
+    while `jobs` such probes run at once (they start the timed steps together, at the barrier)."""
+    _threads(jobs)
+    m, dev = MODES[mode], torch.device(device)
+    cfg = C.resolve(C.Config(in_data=ROLES[mode]["A"], out_data=ROLES[mode]["B"], method="joint",
+                             width=m["width"], batch_size=m["batch_size"],
+                             impl="auto" if mode in ("full", "gpu") else "torch"))
+    torch.manual_seed(0)
+    tr = C.Trainer(cfg, 10, dev, log=lambda *a: None)
+    B = cfg.batch_size
+    x = torch.randint(0, 256, (4 * B, 3, 32, 32), dtype=torch.uint8, device=dev)
+    y = torch.randint(0, 10, (4 * B,), device=dev)
+
+    def step(i):
+        j = i % 4
+        tr.step(C.to_float(x[j * B:(j + 1) * B]), y[j * B:(j + 1) * B])
+
+    for i in range(2):                                     # warm-up (allocator, cuDNN choices)
+        step(i)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    barrier.wait()
+    t0 = time.time()                                       # wall clock: comparable across the processes
+    for i in range(steps):
+        step(i)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return t0, time.time(), B * steps
+
+
+def choose_jobs(rates: dict[int, float], within: float = 0.05) -> int:
+    """The fewest runs at once whose aggregate images/s is within `within` of the best measured."""
+    best = max(rates.values())
+    return min(k for k, r in rates.items() if r >= (1 - within) * best)
+
+
+def measure_jobs(mode: str, device: str, k: int, steps: int = 20) -> float:
+    """Aggregate training images/s of k probes at once: all their images over the span from the first start to
+    the last end."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as mgr, cf.ProcessPoolExecutor(k, mp_context=ctx) as ex:
+        barrier = mgr.Barrier(k)
+        got = [f.result() for f in [ex.submit(_probe, mode, device, k, steps, barrier) for _ in range(k)]]
+    return sum(n for _, _, n in got) / (max(e for _, e, _ in got) - min(s for s, _, _ in got))
+
+
+def measure_packing(mode: str, device: str, candidates=(1, 2, 3, 4, 6, 8), steps: int = 20, log=print,
+                    measure=measure_jobs) -> dict:
+    """measure(mode, device, k, steps) for k in candidates, until one more run adds less than 10% or a probe
+    fails (e.g. out of memory); then the fewest runs at once within 5% of the best (choose_jobs)."""
+    rates = {}
+    for k in candidates:
+        try:
+            rates[k] = measure(mode, device, k, steps)
+        except Exception as e:                           # a failed probe ends the search; what was measured stands
+            log(f"  packing: {k} at once failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            break
+        log(f"  packing: {k} run(s) at once: {rates[k]:.0f} images/s in all")
+        if len(rates) > 1 and rates[k] < 1.1 * max(v for j, v in rates.items() if j != k):
+            break
+    if not rates:
+        raise C.ConfidentError(f"packing: no probe finished on {device}")
+    k = choose_jobs(rates)
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    return {"device": name, "probe": f"joint VGG-13, width {MODES[mode]['width']}, {steps} steps",
+            "images_per_s": {str(j): round(r, 1) for j, r in rates.items()}, "jobs": k,
+            "speedup_vs_one": round(rates[k] / rates[min(rates)], 2)}
+
+
+def packing(mode: str, results: Path, device: str, log=print) -> dict:
+    """The measured packing for this device, kept in <results>/packing.json (measured again on another device)."""
+    path = results / "packing.json"
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    if path.exists():
+        got = json.loads(path.read_text())
+        if got.get("device") == name:
+            return got
+    log(f"[{mode}] measuring how many runs to train at once on {name}")
+    got = measure_packing(mode, device, log=log)
+    results.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(got, indent=2))
+    return got
 
 
 def check_data(mode: str) -> list[str]:
@@ -489,10 +609,11 @@ def header(title: str, mode: str, note: str) -> list[str]:
              "(sample std); percentages; in-distribution is the positive class; metrics with the authors' "
              "conventions (`confident.ood_metrics`)."]
     if mode != "full":
-        lines += ["", f"**{mode} mode** (offline CPU analogue, not the paper's data): fashion-mnist plays SVHN, "
+        where = "offline analogue at the paper's scale, 3 epochs" if mode == "gpu" else "offline CPU analogue"
+        lines += ["", f"**{mode} mode** ({where}, not the paper's data): fashion-mnist plays SVHN, "
                   "mnist plays CIFAR-10 (each the other's seen OOD), photos / uniform / gaussian play "
                   "TinyImageNet / LSUN / Gaussian; the paper's number shown is the one for the pair ours stands "
-                  f"in for. Width {m['width']}, {m['train_limit']} training images x {m['epochs']} epochs, "
+                  f"in for. Width {m['width']}, {m['train_limit'] or 'all'} training images x {m['epochs']} epochs, "
                   f"{m['eval_limit'] - m['val_size']} held-out test images per set. Expect no numeric agreement: "
                   "compare directions, not values."]
     return lines + [""] + rehearsal_note(mode)
@@ -1060,6 +1181,31 @@ def claims(mode, results, figstats) -> list[tuple[str, str, str]]:
     return out
 
 
+def gpu_status(mode, results, timings) -> list[str]:
+    """The gpu mode's stages: which have run (all their runs finished), their wall-clock, the packing measured."""
+    lines = ["## Stages", "", "| stage | regimes | runs finished | wall-clock |", "|---|---|---:|---:|"]
+    todo = []
+    for part, methods in GPU_STAGES.items():
+        runs = stage_runs(part, mode)
+        done = sum((run_dir(r, mode, results) / "results.json").exists() for r in runs)
+        if done < len(runs):
+            todo.append(part)
+        lines.append(f"| {part} | {', '.join(methods)} | {done} / {len(runs)} | "
+                     + (f"{timings[part]:.0f} s |" if part in timings else "not run |"))
+    lines += ["", ("Every stage has run." if not todo else
+                   f"**Stages still to run: {', '.join(todo)}** (`bash reproduce.sh --gpu {todo[0]}`); tables and "
+                   "figures whose runs are missing are not rendered yet, and the claims below count them as missing."),
+              ""]
+    pk = results / "packing.json"
+    if pk.exists():
+        p = json.loads(pk.read_text())
+        rates = p["images_per_s"]
+        lines += [f"Packing (measured on {p['device']}, {p['probe']}): training images/s in all with k runs at once: "
+                  + ", ".join(f"{k}: {v:.0f}" for k, v in rates.items())
+                  + f". Chosen: {p['jobs']} at once, {p['speedup_vs_one']}x one at a time.", ""]
+    return lines
+
+
 def write_readme(mode, results, figstats, timings):
     m = MODES[mode]
     r = ROLES[mode]
@@ -1075,6 +1221,18 @@ def write_readme(mode, results, figstats, timings):
     if mode == "full":
         lines += ["Mode **full**: the paper's settings (VGG-13 / AlexNet, 100 epochs, svhn and cifar10 in-distribution, "
                   f"{len(m['seeds'])} seeds).", ""]
+    elif mode == "gpu":
+        lines += [f"Mode **gpu**: the quick mode's offline sets at the paper's scale on one GPU, *not* the paper's data. "
+                  f"{r['A']} plays SVHN and {r['B']} plays CIFAR-10 (each the other's seen OOD set); "
+                  f"{', '.join(r['unseen'])} play TinyImageNet, LSUN and Gaussian noise as unseen OOD sets. "
+                  f"Full-width networks, every training image, lr {m['lr']} (x0.1 after epoch {m['lr_drop_epoch']}), "
+                  "the paper's svhn setting of beta 1 and batch 128 for both sets, "
+                  f"**{m['epochs']} epoch(s) instead of the paper's 100** (what fits the mode's budget), "
+                  f"{m['eval_limit'] - m['val_size']} held-out test images per set ({m['val_size']} more tune ODIN "
+                  f"on T in {{{m['grid'][0]}}}, eps in {{{m['grid'][1]}}}), seeds {list(m['seeds'])} for every "
+                  "regime. Untuned: no per-OOD-set choice of beta or lr (the paper's Appendix B protocol is "
+                  "`confident.py --tune`).", ""]
+        lines += gpu_status(mode, results, timings)
     else:
         lines += [f"Mode **{mode}**: an offline CPU analogue of the paper, *not* its data or scale. "
                   f"{r['A']} plays SVHN and {r['B']} plays CIFAR-10 (each the other's seen OOD set); "
@@ -1089,7 +1247,7 @@ def write_readme(mode, results, figstats, timings):
     if env:
         lines += [f"Environment of the runs: commit `{env.get('commit')}`, torch {env.get('torch')}, "
                   f"python {env.get('python')}, device {env.get('device')}.", ""]
-    if timings:
+    if timings and mode != "gpu":
         lines += ["Wall-clock: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "load")
                   + (f" (machine load at the end: 1-min load average {timings['load']:.1f} on "
                      f"{os.cpu_count()} cores, other jobs included)" if "load" in timings else "") + ".", ""]
@@ -1118,7 +1276,7 @@ def write_readme(mode, results, figstats, timings):
         if mode != "full":
             lines += ["", "Where a claim is not supported here, the disagreement is with the paper's full-scale "
                       "result only as far as this small, short, offline setting can speak to it: networks at "
-                      f"{m['width']} width trained for {m['epochs']} epochs on {m['train_limit']} images are far from "
+                      f"{m['width']} width trained for {m['epochs']} epochs on {m['train_limit'] or 'all'} images are far from "
                       "converged, and the GAN regimes swing by tens of points between seeds (see the ± in the tables "
                       "and REFERENCE's pilot). The paper reports the best test result per method; we report the "
                       "mean and spread over seeds."]
@@ -1147,21 +1305,28 @@ def main(argv=None):
 
 def _main(argv=None):
     p = argparse.ArgumentParser(description="Reproduce the paper's tables and figures (see reproduce.sh).")
-    p.add_argument("stage", choices=("all", "check-data", "render") + STAGES)
+    p.add_argument("stage", choices=("all", "check-data", "render") + STAGES + tuple(GPU_STAGES))
     p.add_argument("--mode", choices=tuple(MODES), default="full")
-    p.add_argument("--results", default=str(HERE / "results"), help="output folder (tables, figures, runs/)")
-    p.add_argument("--jobs", type=int, default=0, help="runs at a time (0: 2 on a 2+-core CPU in quick mode, else 1)")
+    p.add_argument("--results", default=None,
+                   help="output folder: tables, figures, runs/ (default results/, in the gpu mode results/gpu/)")
+    p.add_argument("--jobs", default="0", help="runs at a time: a number, or auto (measured: see packing). "
+                   "0: on a GPU auto, on a 2+-core CPU 2 in the quick mode, else 1")
     a = p.parse_args(argv)
-    results = Path(a.results)
-    if SIZES and results.resolve() == (HERE / "results").resolve():
-        sys.exit(f"error: REPRODUCE_SIZES={SIZES} is a rehearsal: give it another --results folder than "
+    results = Path(a.results) if a.results else HERE / "results" / ("gpu" if a.mode == "gpu" else "")
+    if SIZES and (results.resolve() == (HERE / "results").resolve()
+                  or (HERE / "results").resolve() in results.resolve().parents):
+        sys.exit(f"error: REPRODUCE_SIZES={SIZES} is a rehearsal: give it a --results folder outside "
                  f"{HERE / 'results'} (its runs would pass for finished {a.mode}-mode runs there)")
+    if a.stage in GPU_STAGES and a.mode != "gpu":
+        sys.exit(f"error: stage {a.stage} belongs to the gpu mode (--mode gpu), not --mode {a.mode}")
+    if a.jobs != "auto" and not a.jobs.isdigit():
+        sys.exit(f"error: --jobs {a.jobs!r}: expected a number of runs at a time, or auto")
     results.mkdir(parents=True, exist_ok=True)
-    jobs = a.jobs or (2 if a.mode == "quick" and not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1 if jobs > 1 or a.mode != "full" else torch.get_num_threads())
+    cuda = torch.cuda.is_available()
     stages = STAGES if a.stage in ("all", "render") else (() if a.stage == "check-data" else (a.stage,))
-    if a.stage in ("all", "check-data") or a.mode == "full":
+    if a.mode == "gpu" and a.stage == "all":
+        stages = tuple(GPU_STAGES)
+    if a.stage in ("all", "check-data") or a.mode in ("full", "gpu"):
         problems = check_data(a.mode)
         if problems:
             print("error: missing data:\n  " + "\n  ".join(problems) + "\n" + DATA_HELP, file=sys.stderr)
@@ -1169,37 +1334,80 @@ def _main(argv=None):
         if a.stage == "check-data":
             print(f"data for mode {a.mode}: all present")
             return
-    if a.mode == "full" and not torch.cuda.is_available() and not SIZES:
-        print("warning: full mode without a GPU will take weeks; use --quick for the CPU analogue", file=sys.stderr)
+    if a.mode in ("full", "gpu") and not cuda and not SIZES:
+        print(f"warning: {a.mode} mode without a GPU will take {'weeks' if a.mode == 'full' else 'days'}; "
+              "use --quick for the CPU analogue", file=sys.stderr)
+    if a.jobs == "auto" or (a.jobs == "0" and cuda and a.stage != "render"):
+        pack = packing(a.mode, results, "cuda" if cuda else "cpu")
+        jobs = pack["jobs"]
+        print(f"[{a.mode}] {jobs} run(s) at a time: {pack['images_per_s'][str(jobs)]:.0f} training images/s in "
+              f"all against {pack['images_per_s'][min(pack['images_per_s'], key=int)]:.0f} one at a time "
+              f"({results / 'packing.json'})", flush=True)
+    else:
+        jobs = int(a.jobs) or (2 if a.mode == "quick" and not cuda and (os.cpu_count() or 1) >= 2 else 1)
+    if not cuda:
+        torch.set_num_threads(1 if jobs > 1 or a.mode != "full" else torch.get_num_threads())
     stats_path = results / "figure_stats.json"
     figstats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     timings_path = results / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     t0 = time.time()
+    for part in [st for st in stages if st in GPU_STAGES]:   # the gpu mode: each part's runs, then what they finish
+        t1 = time.time()
+        _execute_or_exit([r for r in stage_runs(part, a.mode)], a.mode, results, jobs)
+        renders = [st for st in STAGES if finished(st, a.mode, results)
+                   and (st in TABLES or st in ("figure1", "figure3") and not _figure_files(st, results)
+                        or any(r.method in GPU_STAGES[part] for r in plan(st, a.mode)))]
+        _render(renders, a.mode, results, figstats, timings)
+        timings[part] = time.time() - t1
+        _finish(a, results, figstats, timings, stats_path, timings_path, t0)
+    stages = tuple(st for st in stages if st not in GPU_STAGES)
+    if not stages and a.mode == "gpu" and a.stage != "render":
+        return
     if a.stage != "render":
-        runs = [r for st in stages for r in plan(st, a.mode)]
-        try:
-            execute(runs, a.mode, results, jobs)
-        except C.ConfidentError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        _execute_or_exit([r for st in stages for r in plan(st, a.mode)], a.mode, results, jobs)
         timings["runs" if a.stage == "all" else f"{a.stage} runs"] = time.time() - t0
-    n = write_csv(a.mode, results)
+    if a.mode == "gpu" and a.stage == "render":
+        stages = tuple(st for st in stages if finished(st, a.mode, results))
+    _render(stages, a.mode, results, figstats, timings)
+    if a.stage == "all":
+        timings["total"] = time.time() - t0
+    _finish(a, results, figstats, timings, stats_path, timings_path, t0)
+
+
+def _figure_files(stage: str, results: Path) -> list[Path]:
+    names = {"figure3": ["figure3ab.png", "figure3cd.png"]}.get(stage, [f"{stage}.png"])
+    return [results / n for n in names if (results / n).exists()]
+
+
+def _execute_or_exit(runs, mode, results, jobs):
+    try:
+        execute(runs, mode, results, jobs)
+    except C.ConfidentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _render(stages, mode, results, figstats, timings):
+    write_csv(mode, results)
     for st in stages:
         t1 = time.time()
         if st in TABLES:
-            (results / f"{st}.md").write_text(TABLES[st](a.mode, results))
+            (results / f"{st}.md").write_text(TABLES[st](mode, results))
         else:
-            figstats.update(FIGURES[st](a.mode, results))
+            figstats.update(FIGURES[st](mode, results))
         timings[st] = time.time() - t1
         print(f"  wrote {st} ({time.time() - t1:.0f}s)", flush=True)
-    if a.stage == "all":
-        timings["total"] = time.time() - t0
+
+
+def _finish(a, results, figstats, timings, stats_path, timings_path, t0):
     stats_path.write_text(json.dumps(figstats, indent=2))
     if a.stage == "all" and hasattr(os, "getloadavg"):
         timings["load"] = os.getloadavg()[0]
     timings_path.write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2))
-    write_readme(a.mode, results, figstats, {k: v for k, v in timings.items() if k in ("runs", "total", "load")})
+    keep = ("runs", "total", "load") + tuple(GPU_STAGES)
+    write_readme(a.mode, results, figstats, {k: v for k, v in timings.items() if k in keep})
+    n = sum(1 for _ in open(results / "runs.csv")) - 1 if (results / "runs.csv").exists() else 0
     print(f"[{a.mode}] {n} CSV rows; results in {results}/ (README.md) in {time.time() - t0:.0f}s", flush=True)
 
 

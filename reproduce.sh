@@ -10,8 +10,14 @@
 #                                   from the ODIN authors' archives).
 #   bash reproduce.sh --quick       offline CPU analogue, ~20 min on 2 cores: fashion-mnist <-> mnist in the
 #                                   roles of svhn <-> cifar10; photos, uniform, gaussian as unseen OOD.
+#   bash reproduce.sh --gpu         the quick mode's sets at the paper's scale (full width, lr 2e-4, beta 1, batch
+#                                   128, 3 seeds, 3 epochs) on one GPU, into results/gpu/. Three stages, each
+#                                   training its runs and then rendering every table and figure they complete:
+#                                   gpu1 (ce, conf, K+1), gpu2 (conf-gan, joint), gpu3 (joint-pt);
+#                                   one alone: bash reproduce.sh --gpu gpu2.
+#                                   On a GPU several runs train at once; how many is measured first (packing.json).
 #   bash reproduce.sh table1        one stage (table1..table6, figure1..figure5, figure7; also check-data, render);
-#   bash reproduce.sh --quick figure1   stages take --quick / --tiny too. Finished runs are never recomputed.
+#   bash reproduce.sh --quick figure1   stages take --quick / --gpu / --tiny too. Finished runs are never recomputed.
 #   bash reproduce.sh --tiny --results out/tiny  a one-epoch slice of the quick pipeline (what the test runs).
 #
 # Environment: DATA_ROOT (default ./data) is where the data sets are looked for. A dress rehearsal of the full
@@ -30,6 +36,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --quick) MODE=quick ;;
     --tiny) MODE=tiny ;;
+    --gpu) MODE=gpu ;;
     --results) EXTRA+=(--results "$2"); shift ;;
     --results=*) EXTRA+=(--results "${1#*=}") ;;
     --jobs) EXTRA+=(--jobs "$2"); shift ;;
@@ -55,11 +62,14 @@ figure3() { stage figure3; } # original vs proposed GAN: 2-D mixture (a,b) and m
 figure4() { stage figure4; } # baseline detector per regime on unseen OOD sets
 figure5() { stage figure5; } # guided-backprop maps per loss, in- and out-of-distribution inputs
 figure7() { stage figure7; } # baseline vs ODIN, ce vs joint
+gpu1() { stage gpu1; }       # --gpu: the ce, conf and K+1 runs, then every table / figure they finish
+gpu2() { stage gpu2; }       # --gpu: the conf-gan and joint runs, the same
+gpu3() { stage gpu3; }       # --gpu: the joint-pt runs, the same
 all() { stage all; }         # every run in one pool, then every table and figure, then results/README.md
 
 case "$STAGE" in
-  all|check_data|table1|table2|table3|table4|table5|table6|figure1|figure2|figure3|figure4|figure5|figure7) "$STAGE" ;;
+  all|check_data|table1|table2|table3|table4|table5|table6|figure1|figure2|figure3|figure4|figure5|figure7|gpu1|gpu2|gpu3) "$STAGE" ;;
   check-data) check_data ;;
   render) stage render ;;
-  *) echo "unknown stage $STAGE (all, check-data, render, table1..table6, figure1..figure5, figure7)" >&2; exit 2 ;;
+  *) echo "unknown stage $STAGE (all, check-data, render, table1..table6, figure1..figure5, figure7, gpu1..gpu3)" >&2; exit 2 ;;
 esac
