@@ -35,6 +35,7 @@ ARMS = {
     "ce": "--method ce",
     "joint": "--method joint",
     "joint-ema": "--method joint --g-ema 0.999",
+    "joint-ema99": "--method joint --g-ema 0.99",
     "joint-replay": "--method joint --replay 6400",
     "joint-warmup": "--method joint --beta-warmup 468",
     "joint-ttur": "--method joint --d-lr-mult 4",
