@@ -123,3 +123,18 @@ def test_missing_data_message(tmp_path, monkeypatch):
     for name in ("svhn", "cifar10", "tinyimagenet", "lsun"):
         assert name in text
     assert "train_32x32.mat" in text and str(tmp_path) in text
+
+
+def test_quick_all_leaves_out_its_optional_stages_and_render_takes_them_once_finished(tmp_path, monkeypatch):
+    skip = R.MODES["quick"]["not_in_all"]
+    assert set(skip) == {"table4", "table5", "figure2"}
+    assert R.stages_for("all", "quick", tmp_path) == tuple(st for st in R.STAGES if st not in skip)
+    assert R.stages_for("render", "quick", tmp_path) == R.stages_for("all", "quick", tmp_path)
+    assert R.stages_for("table4", "quick", tmp_path) == ("table4",)          # on its own it runs
+    assert R.stages_for("all", "full", tmp_path) == R.STAGES                 # the paper's mode leaves out nothing
+    for run in R.plan("table5", "quick"):                                    # table 5's runs finished: rendered
+        d = R.run_dir(run, "quick", tmp_path)
+        d.mkdir(parents=True)
+        (d / "results.json").write_text("{}")
+    assert "table5" in R.stages_for("render", "quick", tmp_path)
+    assert "table5" not in R.stages_for("all", "quick", tmp_path)
