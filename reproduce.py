@@ -148,7 +148,7 @@ MODES = {
     # paper's lr grid, x0.1 after 5), 800 test images per set (300 tune ODIN), a 2x2 ODIN grid, one seed. Enough
     # steps for the cross-entropy VGG-13 to learn its task (a width-1/8 network on 5,000 images x 3 epochs reached
     # 35% on fashion-mnist). To make room, the GAN regimes' second seed was dropped, and `all` leaves out the
-    # stages in `not_in_all` (Table 4's AlexNet, Table 5's pull-away term, Figure 2's simple CNNs: about 12 more
+    # stages in `not_in_all` (Table 4's AlexNet, Table 5's pull-away term, Figure 2's simple CNNs: about 14 more
     # minutes); each still runs on its own (`bash reproduce.sh --quick table4`).
     "quick": dict(width=0.25, epochs=6, lr=1e-3, lr_drop_epoch=5, batch_size=64, train_limit=10000,
                   eval_limit=800, val_size=300, seeds=(0,), gan_seeds=(0,), grid=("1,1000", "0,0.001"),

@@ -10,7 +10,7 @@
 #                                   from the ODIN authors' archives).
 #   bash reproduce.sh --quick       offline CPU analogue, ~20 min on 2 cores: fashion-mnist <-> mnist in the
 #                                   roles of svhn <-> cifar10; photos, uniform, gaussian as unseen OOD. Its `all`
-#                                   leaves out table4, table5 and figure2 (about 12 min more; each runs alone).
+#                                   leaves out table4, table5 and figure2 (about 14 min more; each runs alone).
 #   bash reproduce.sh --gpu         the quick mode's sets at the paper's scale (full width, lr 2e-4, beta 1, batch
 #                                   128, 3 seeds, 3 epochs) on one GPU, into results/gpu/. Three stages, each
 #                                   training its runs and then rendering every table and figure they complete:
