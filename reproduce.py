@@ -144,10 +144,10 @@ MODES = {
                  eval_limit=0, val_size=1000, seeds=(0, 1, 2), gan_seeds=(0, 1, 2), grid=FULL_GRID,
                  small_grid=FULL_GRID, gan_epochs=-1, steps2d=100, dcgan_steps=2000, dcgan_width=1.0,
                  dcgan_batch=128, download=True),
-    # CPU, offline, ~22 min on 2 cores (22.5 measured, 2026-11-30): width 1/4, 10,000 training images x 6 epochs (lr 1e-3, the top of the
-    # paper's lr grid, x0.1 after 5), 800 test images per set (300 tune ODIN), a 2x2 ODIN grid, one seed. Enough
-    # steps for the cross-entropy VGG-13 to learn its task (a width-1/8 network on 5,000 images x 3 epochs reached
-    # 35% on fashion-mnist). To make room, the GAN regimes' second seed was dropped, and `all` leaves out the
+    # CPU, offline, ~22 min on 2 cores (22.5 measured, 2026-11-30): width 1/4, 10,000 training images x 6 epochs
+    # (lr 1e-3, the top of the paper's lr grid, x0.1 after 5), 800 test images per set (300 tune ODIN), a 2x2 ODIN
+    # grid, one seed. Enough steps for the cross-entropy VGG-13 to learn its task (a width-1/8 network on 5,000
+    # images x 3 epochs reached 35% on fashion-mnist). To make room, the GAN regimes' second seed was dropped, and `all` leaves out the
     # stages in `not_in_all` (Table 4's AlexNet, Table 5's pull-away term, Figure 2's simple CNNs: about 14 more
     # minutes); each still runs on its own (`bash reproduce.sh --quick table4`).
     "quick": dict(width=0.25, epochs=6, lr=1e-3, lr_drop_epoch=5, batch_size=64, train_limit=10000,
@@ -278,18 +278,29 @@ def stage_runs(stage: str, mode: str) -> list[Run]:
 
 
 def stages_for(stage: str, mode: str, results: Path) -> tuple:
-    """The tables and figures a command makes: one stage; or every stage, less the mode's not_in_all (which
-    `render` still renders once their runs are finished)."""
+    """The stages a command makes: one stage; in the gpu mode `all` is its three parts; otherwise every table and
+    figure, less the mode's not_in_all (which `render` still renders once their runs are finished)."""
     if stage == "check-data":
         return ()
     if stage not in ("all", "render"):
         return (stage,)
+    if mode == "gpu" and stage == "all":
+        return tuple(GPU_STAGES)
     skip = MODES[mode].get("not_in_all", ())
     return tuple(st for st in STAGES if st not in skip or stage == "render" and finished(st, mode, results))
 
 
+def done(run: Run, mode: str, results: Path) -> bool:
+    return (run_dir(run, mode, results) / "results.json").exists()
+
+
 def finished(stage: str, mode: str, results: Path) -> bool:
-    return all((run_dir(r, mode, results) / "results.json").exists() for r in plan(stage, mode))
+    """Every run of the stage (a table, figure or gpu part) is done."""
+    return all(done(r, mode, results) for r in stage_runs(stage, mode))
+
+
+def impl_for(mode: str) -> str:
+    return "auto" if mode in ("full", "gpu") else "torch"     # CPU modes: the plain PyTorch reference
 
 
 def config_for(run: Run, mode: str, results: Path) -> C.Config:
@@ -302,7 +313,7 @@ def config_for(run: Run, mode: str, results: Path) -> C.Config:
                     temperatures=T, epsilons=E, extra_ood=run.extra, data_root=str(data_root()),
                     download=m["download"], output_dir=str(run_dir(run, mode, results)), log_every=10 ** 9,
                     resume=(run_dir(run, mode, results) / "train_state.pt").exists(),   # an interrupted run
-                    impl="auto" if mode in ("full", "gpu") else "torch")   # CPU modes: the plain PyTorch reference
+                    impl=impl_for(mode))
 
 
 def data_root() -> Path:
@@ -352,7 +363,7 @@ def _do_run(run: Run, mode: str, results: str, jobs: int) -> tuple[str, float]:
 def execute(runs: list[Run], mode: str, results: Path, jobs: int):
     todo, seen = [], set()
     for r in runs:
-        if r not in seen and not (run_dir(r, mode, results) / "results.json").exists():
+        if r not in seen and not done(r, mode, results):
             todo.append(r)
         seen.add(r)
     if not todo:
@@ -384,7 +395,7 @@ def _probe(mode: str, device: str, jobs: int, steps: int, barrier) -> tuple[floa
     m, dev = MODES[mode], torch.device(device)
     cfg = C.resolve(C.Config(in_data=ROLES[mode]["A"], out_data=ROLES[mode]["B"], method="joint",
                              width=m["width"], batch_size=m["batch_size"],
-                             impl="auto" if mode in ("full", "gpu") else "torch"))
+                             impl=impl_for(mode)))
     torch.manual_seed(0)
     tr = C.Trainer(cfg, 10, dev, log=lambda *a: None)
     B = cfg.batch_size
@@ -1219,11 +1230,11 @@ def gpu_status(mode, results, timings) -> list[str]:
     todo = []
     for part, methods in GPU_STAGES.items():
         runs = stage_runs(part, mode)
-        done = sum((run_dir(r, mode, results) / "results.json").exists() for r in runs)
-        if done < len(runs):
+        n = sum(done(r, mode, results) for r in runs)
+        if n < len(runs):
             todo.append(part)
         est = sum(r.cost() for r in runs) * m["epochs"] * H200_S_PER_UNIT_EPOCH
-        lines.append(f"| {part} | {', '.join(methods)} | {done} / {len(runs)} | "
+        lines.append(f"| {part} | {', '.join(methods)} | {n} / {len(runs)} | "
                      + (f"{timings[part]:.0f} s |" if part in timings else "not run |") + f" {est / 60:.1f} min |")
     lines += ["", "The estimate is not a measurement: each run's relative cost (`Run.cost`) x epochs x the H200's "
               f"measured {H200_S_PER_UNIT_EPOCH:.1f} s per unit and epoch (four joint and two ce full-width runs "
@@ -1287,20 +1298,21 @@ def write_readme(mode, results, figstats, timings):
                       "once its runs have finished. "
                       + ("Here: " + ", ".join(f"{st} {'is' if finished(st, mode, results) else 'is not'} included"
                                               for st in skip) + ".")]
-            core = [r for st in STAGES if st not in skip for r in plan(st, mode)]
-            secs = [load_result(r, mode, results).get("seconds", 0.0) for r in dict.fromkeys(core)
-                    if load_result(r, mode, results)]
-            if len(secs) == len(dict.fromkeys(core)):
-                lines[-1] += (f" The {len(secs)} runs that `all` makes took {sum(secs):.0f} s of run time here "
-                              f"(about {sum(secs) / 2:.0f} s of wall-clock two at a time), the figures "
-                              f"{sum(timings.get(st, 0.0) for st in STAGES if st.startswith('figure') and st not in skip):.0f} s.")
+            core = [load_result(r, mode, results)
+                    for r in dict.fromkeys(r for st in STAGES if st not in skip for r in plan(st, mode))]
+            if all(core):
+                secs = sum(res.get("seconds", 0.0) for res in core)
+                figs = sum(timings.get(st, 0.0) for st in STAGES if st.startswith("figure") and st not in skip)
+                lines[-1] += (f" The {len(core)} runs that `all` makes took {secs:.0f} s of run time here "
+                              f"(about {secs / 2:.0f} s of wall-clock two at a time), the figures {figs:.0f} s.")
             lines += [""]
     lines += rehearsal_note(mode)
     if env:
         lines += [f"Environment of the runs: commit `{env.get('commit')}`, torch {env.get('torch')}, "
                   f"python {env.get('python')}, device {env.get('device')}.", ""]
     if timings and mode != "gpu":
-        lines += ["Wall-clock of the command that wrote this folder: " + ", ".join(f"{k} {timings[k]:.0f}s" for k in ("runs", "total") if k in timings)
+        lines += ["Wall-clock of the command that wrote this folder: "
+                  + ", ".join(f"{k} {timings[k]:.0f}s" for k in ("runs", "total") if k in timings)
                   + (f" (machine load at the end: 1-min load average {timings['load']:.1f} on "
                      f"{os.cpu_count()} cores, other jobs included)" if "load" in timings else "") + ".", ""]
     lines += ["## Files", ""]
@@ -1376,8 +1388,6 @@ def _main(argv=None):
     results.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     stages = stages_for(a.stage, a.mode, results)
-    if a.mode == "gpu" and a.stage == "all":
-        stages = tuple(GPU_STAGES)
     if a.stage in ("all", "check-data") or a.mode in ("full", "gpu"):
         problems = check_data(a.mode)
         if problems:
@@ -1406,13 +1416,13 @@ def _main(argv=None):
     t0 = time.time()
     for part in [st for st in stages if st in GPU_STAGES]:   # the gpu mode: each part's runs, then what they finish
         t1 = time.time()
-        _execute_or_exit([r for r in stage_runs(part, a.mode)], a.mode, results, jobs)
+        _execute_or_exit(stage_runs(part, a.mode), a.mode, results, jobs)
         renders = [st for st in STAGES if finished(st, a.mode, results)
                    and (st in TABLES or st == "figure1" and part == "gpu1"      # figure 1 trains no run: with gpu1
                         or any(r.method in GPU_STAGES[part] for r in plan(st, a.mode)))]
-        _render(renders, a.mode, results, figstats, timings)
+        n = _render(renders, a.mode, results, figstats, timings)
         timings[part] = time.time() - t1
-        _finish(a, results, figstats, timings, stats_path, timings_path, t0)
+        _finish(a, results, figstats, timings, stats_path, timings_path, t0, n)
     stages = tuple(st for st in stages if st not in GPU_STAGES)
     if not stages and a.mode == "gpu" and a.stage != "render":
         return
@@ -1421,12 +1431,11 @@ def _main(argv=None):
         timings["runs" if a.stage == "all" else f"{a.stage} runs"] = time.time() - t0
     if a.mode == "gpu" and a.stage == "render":    # what is complete; figure 1 (no runs) once gpu1 has run
         stages = tuple(st for st in stages if finished(st, a.mode, results)
-                       and (st != "figure1" or all((run_dir(r, a.mode, results) / "results.json").exists()
-                                                   for r in stage_runs("gpu1", a.mode))))
-    _render(stages, a.mode, results, figstats, timings)
+                       and (st != "figure1" or finished("gpu1", a.mode, results)))
+    n = _render(stages, a.mode, results, figstats, timings)
     if a.stage == "all":
         timings["total"] = time.time() - t0
-    _finish(a, results, figstats, timings, stats_path, timings_path, t0)
+    _finish(a, results, figstats, timings, stats_path, timings_path, t0, n)
 
 
 def _execute_or_exit(runs, mode, results, jobs):
@@ -1437,8 +1446,9 @@ def _execute_or_exit(runs, mode, results, jobs):
         sys.exit(2)
 
 
-def _render(stages, mode, results, figstats, timings):
-    write_csv(mode, results)
+def _render(stages, mode, results, figstats, timings) -> int:
+    """runs.csv, then each stage's table or figure; returns the CSV's row count."""
+    n = write_csv(mode, results)
     for st in stages:
         t1 = time.time()
         if st in TABLES:
@@ -1447,15 +1457,15 @@ def _render(stages, mode, results, figstats, timings):
             figstats.update(FIGURES[st](mode, results))
         timings[st] = time.time() - t1
         print(f"  wrote {st} ({time.time() - t1:.0f}s)", flush=True)
+    return n
 
 
-def _finish(a, results, figstats, timings, stats_path, timings_path, t0):
+def _finish(a, results, figstats, timings, stats_path, timings_path, t0, n):
     stats_path.write_text(json.dumps(figstats, indent=2))
     if a.stage == "all" and hasattr(os, "getloadavg"):
         timings["load"] = os.getloadavg()[0]
     timings_path.write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2))
     write_readme(a.mode, results, figstats, timings)
-    n = sum(1 for _ in open(results / "runs.csv")) - 1 if (results / "runs.csv").exists() else 0
     print(f"[{a.mode}] {n} CSV rows; results in {results}/ (README.md) in {time.time() - t0:.0f}s", flush=True)
 
 
