@@ -104,6 +104,7 @@ class Config:
                                      # validation images (results.json "validation"; reported as seen)
     # Stabilisers of joint training, beyond the paper (README "Beyond the paper"); each default is the paper's.
     g_ema: float = 0.0               # > 0: the classifier's KL samples come from an EMA of G with this decay
+    ema_raw_frac: float = 0.0        # with g_ema: this fraction of each KL batch comes from the raw G instead
     d_sn: bool = False               # spectral normalisation on D's convolutions
     d_lr_mult: float = 1.0           # D's learning rate = lr * this (two time-scale update)
     replay: int = 0                  # > 0: keep this many past G samples; half of each KL batch comes from them
@@ -152,7 +153,7 @@ def resolve(cfg: Config) -> Config:
               ("diag_every", cfg.diag_every >= 0, ">= 0"), ("g_ema", 0 <= cfg.g_ema < 1, "in [0, 1)"),
               ("d_lr_mult", cfg.d_lr_mult > 0, "> 0"), ("replay", cfg.replay >= 0, ">= 0"),
               ("r1", cfg.r1 >= 0, ">= 0"), ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
-              ("clip_grad", cfg.clip_grad >= 0, ">= 0")]
+              ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("ema_raw_frac", 0 <= cfg.ema_raw_frac <= 1, "in [0, 1]")]
     for name, ok, want in checks:
         if not ok:
             raise ConfidentError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected {want}")
@@ -167,6 +168,9 @@ def resolve(cfg: Config) -> Config:
         tune_grid(cfg)                                        # a bad grid fails here, before anything runs
     if cfg.val_ood != "none":
         check_dataset_name(cfg.val_ood)
+    if cfg.ema_raw_frac and not cfg.g_ema:
+        raise ConfidentError(f"--ema-raw-frac {cfg.ema_raw_frac!r} mixes raw G samples into the EMA generator's: "
+                             "expected --g-ema > 0 too")
     stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(cfg, n)]
     if cfg.d_lr_mult != 1.0:
         stabilisers.append("d_lr_mult")
@@ -1483,9 +1487,13 @@ class Trainer:
 
     def _kl_samples(self, B: int) -> torch.Tensor:
         """The classifier's OOD batch in joint training: fresh samples of G (Algorithm 1), of its EMA copy
-        (--g-ema), and half of them replaced by past samples once the replay buffer holds enough (--replay)."""
+        (--g-ema; the last round(B * --ema-raw-frac) of them from the raw G), and half of them replaced by past
+        samples once the replay buffer holds enough (--replay)."""
         with torch.no_grad(), self._amp():
             x_out = (self.G_ema if self.G_ema is not None else self.G)(self._noise(B)).float()
+            k = round(B * self.cfg.ema_raw_frac) if self.G_ema is not None else 0
+            if k:                                         # stabiliser mix: raw G's fresh samples in the batch's tail
+                x_out = torch.cat([x_out[:B - k], self.G(self._noise(k)).float()])
         n = self.cfg.replay
         if n > 0:
             if len(self.replay) >= B // 2:

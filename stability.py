@@ -36,6 +36,7 @@ ARMS = {
     "joint": "--method joint",
     "joint-ema": "--method joint --g-ema 0.999",
     "joint-ema99": "--method joint --g-ema 0.99",
+    "joint-ema-mix": "--method joint --g-ema 0.999 --ema-raw-frac 0.5",
     "joint-replay": "--method joint --replay 6400",
     "joint-warmup": "--method joint --beta-warmup 468",
     "joint-ttur": "--method joint --d-lr-mult 4",
@@ -191,7 +192,35 @@ def report(data: dict, out: Path, title: str) -> str:
             cells.append("" if r is None else f"{100 * r['accuracy']:.1f}; "
                          + "/".join(f"{tnr(r, n, 'baseline'):.0f}" for n in TEST_SETS))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += correlations(data)
     return "\n".join(lines) + "\n"
+
+
+def correlations(data: dict) -> list[str]:
+    """What goes with detection, read after the runs (exploratory; no arm is chosen by it): over every run of the
+    GAN arms, Spearman's rank correlation between the classifier's state at the end of training (the last
+    diagnostics point) and its baseline TNR on each OOD set."""
+    from scipy.stats import spearmanr
+    runs = [r for a, rs in data.items() if a != "ce" for r in rs.values() if r.get("diagnostics")]
+    if len(runs) < 4:
+        return []
+    keys = (("kl_real", "KL(U‖p) on real training images"), ("maxsoftmax_real", "max-softmax on real training images"),
+            ("gnorm", "classifier gradient norm"), ("diversity", "G's diversity"), ("nn_dist_gen", "G's NN distance"))
+    out = ["", f"What goes with detection (read after the runs, exploratory; no arm is chosen by it): Spearman's rank "
+           f"correlation over the {len(runs)} runs of the GAN arms between the last diagnostics point and the baseline "
+           "TNR:", "", "| at the end of training | " + " | ".join(TEST_SETS) + " |",
+           "|---|" + "---:|" * len(TEST_SETS)]
+    for k, name in keys:
+        xs = [r["diagnostics"][-1].get(k, float("nan")) for r in runs]
+        cells = []
+        for n in TEST_SETS:
+            pairs = [(x, tnr(r, n, "baseline")) for x, r in zip(xs, runs) if not math.isnan(x)]
+            a, b = [x for x, _ in pairs], [y for _, y in pairs]
+            defined = len(pairs) >= 4 and len(set(a)) > 1 and len(set(b)) > 1      # else a rank correlation is not
+            rho, pv = spearmanr(a, b) if defined else (math.nan, math.nan)
+            cells.append("—" if math.isnan(rho) else f"{rho:+.2f} (p {pv:.3f})")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 DIAG_KEYS = (("acc", "classifier train accuracy"), ("maxsoftmax_real", "max-softmax, real train images"),

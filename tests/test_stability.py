@@ -126,6 +126,24 @@ def test_g_ema_is_an_exponential_moving_average():
     assert all(not p.requires_grad for p in tr.G_ema.parameters())
 
 
+def test_ema_raw_frac_takes_the_batch_tail_from_the_raw_generator():
+    x, y = _data(32)
+    tr = confident.Trainer(_cfg(g_ema=0.9, ema_raw_frac=0.25), 10, torch.device("cpu"), log=_quiet)
+    tr.step(confident.to_float(x), y)                           # G and its EMA now differ
+    torch.manual_seed(5)
+    out = tr._kl_samples(8)
+    torch.manual_seed(5)                                        # the same codes: 8 for the EMA, then 2 for raw G
+    with torch.no_grad():
+        z_ema, z_raw = torch.randn(8, tr.cfg.nz), torch.randn(2, tr.cfg.nz)
+        ema, raw = tr.G_ema(z_ema), tr.G(z_raw)
+    assert torch.allclose(out[:6], ema[:6]) and torch.allclose(out[6:], raw)
+    assert not torch.allclose(out[6:], tr.G_ema(z_raw))
+    with pytest.raises(ConfidentError, match="--ema-raw-frac 0.5 .*expected --g-ema > 0"):
+        confident.resolve(_cfg(ema_raw_frac=0.5))
+    with pytest.raises(ConfidentError, match="--ema-raw-frac 1.5: expected in \\[0, 1\\]"):
+        confident.resolve(_cfg(g_ema=0.9, ema_raw_frac=1.5))
+
+
 def test_spectral_norm_and_d_learning_rate():
     tr = confident.Trainer(_cfg(d_sn=True, d_lr_mult=4.0, lr=1e-3), 10, torch.device("cpu"), log=_quiet)
     convs = [m for m in tr.D.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -253,3 +271,23 @@ def test_probe_runs_for_cross_entropy_too():
     assert {"c", "acc", "gnorm", "gnorm_max", "maxsoftmax_real", "kl_real"} <= set(d)
     assert not any(k.endswith("_gen") or k.startswith("d_acc") for k in d)
     assert d["gnorm_max"] >= d["gnorm"] > 0
+
+
+def test_report_correlates_the_end_of_training_with_detection(tmp_path):
+    # five GAN runs whose KL on real images falls as their mnist TNR rises (a rank correlation of -1 by definition)
+    # and whose G diversity rises with it (+1); ce's runs are left out of the correlation
+    data = {"ce": {s: _res(80, 80, 30, [10, 50, 50, 50]) for s in range(2)},
+            "joint": {}}
+    for s, (kl, t) in enumerate([(30, 1), (20, 5), (12, 9), (11, 40), (3, 70)]):
+        r = _res(80, 80, 50, [t, 50 + s, 60, 60 - s])
+        r["diagnostics"] = [{"kl_real": 99.0, "diversity": 0.0}, {"kl_real": kl, "diversity": t / 10}]  # last counts
+        data["joint"][s] = r
+    text = stability.report(data, tmp_path, "t")
+    assert "over the 5 runs of the GAN arms" in text
+    kl = next(l for l in text.splitlines() if l.startswith("| KL(U‖p) on real training images |"))
+    div = next(l for l in text.splitlines() if l.startswith("| G's diversity |"))
+    assert kl.split(" | ")[1].startswith("-1.00") and div.split(" | ")[1].startswith("+1.00")
+    assert kl.split(" | ")[2].startswith("-1.00") and kl.split(" | ")[4].startswith("+1.00")   # gaussian, photos
+    assert kl.split(" | ")[3] == "—"                                               # uniform: constant, undefined
+    grad = next(l for l in text.splitlines() if l.startswith("| classifier gradient norm |"))
+    assert grad.endswith("| — | — | — | — |")                                                  # not logged
