@@ -208,7 +208,7 @@ def correlations(data: dict) -> list[str]:
             ("gnorm", "classifier gradient norm"), ("diversity", "G's diversity"), ("nn_dist_gen", "G's NN distance"))
     out = ["", f"What goes with detection (read after the runs, exploratory; no arm is chosen by it): Spearman's rank "
            f"correlation over the {len(runs)} runs of the GAN arms between the last diagnostics point and the baseline "
-           "TNR:", "", "| at the end of training | " + " | ".join(TEST_SETS) + " |",
+           "TNR (p not corrected for the number of correlations):", "", "| at the end of training | " + " | ".join(TEST_SETS) + " |",
            "|---|" + "---:|" * len(TEST_SETS)]
     for k, name in keys:
         xs = [r["diagnostics"][-1].get(k, float("nan")) for r in runs]
