@@ -1491,7 +1491,7 @@ class Trainer:
         samples once the replay buffer holds enough (--replay)."""
         with torch.no_grad(), self._amp():
             x_out = (self.G_ema if self.G_ema is not None else self.G)(self._noise(B)).float()
-            k = round(B * self.cfg.ema_raw_frac) if self.G_ema is not None else 0
+            k = round(B * self.cfg.ema_raw_frac)          # resolve() allows it only with --g-ema
             if k:                                         # stabiliser mix: raw G's fresh samples in the batch's tail
                 x_out = torch.cat([x_out[:B - k], self.G(self._noise(k)).float()])
         n = self.cfg.replay

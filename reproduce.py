@@ -278,14 +278,18 @@ def stage_runs(stage: str, mode: str) -> list[Run]:
 
 
 def stages_for(stage: str, mode: str, results: Path) -> tuple:
-    """The stages a command makes: one stage; in the gpu mode `all` is its three parts; otherwise every table and
-    figure, less the mode's not_in_all (which `render` still renders once their runs are finished)."""
+    """The stages a command makes: one stage; in the gpu mode `all` is its three parts and `render` every table and
+    figure whose runs are finished; otherwise every table and figure, less the mode's not_in_all (which `render`
+    still renders once their runs are finished)."""
     if stage == "check-data":
         return ()
     if stage not in ("all", "render"):
         return (stage,)
     if mode == "gpu" and stage == "all":
         return tuple(GPU_STAGES)
+    if mode == "gpu":                  # render: what is complete; figure 1 (no runs) once gpu1 has run
+        return tuple(st for st in STAGES if finished(st, mode, results)
+                     and (st != "figure1" or finished("gpu1", mode, results)))
     skip = MODES[mode].get("not_in_all", ())
     return tuple(st for st in STAGES if st not in skip or stage == "render" and finished(st, mode, results))
 
@@ -454,16 +458,19 @@ def measure_packing(mode: str, device: str, candidates=(1, 2, 3, 4, 6, 8), steps
     if not rates:
         raise C.ConfidentError(f"packing: no probe finished on {device}")
     k = choose_jobs(rates)
-    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
-    return {"device": name, "probe": f"joint VGG-13, width {MODES[mode]['width']}, {steps} steps",
+    return {"device": device_name(device), "probe": f"joint VGG-13, width {MODES[mode]['width']}, {steps} steps",
             "images_per_s": {str(j): round(r, 1) for j, r in rates.items()}, "jobs": k,
             "speedup_vs_one": round(rates[k] / rates[min(rates)], 2)}
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
 
 
 def packing(mode: str, results: Path, device: str, log=print) -> dict:
     """The measured packing for this device, kept in <results>/packing.json (measured again on another device)."""
     path = results / "packing.json"
-    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    name = device_name(device)
     if path.exists():
         got = json.loads(path.read_text())
         if got.get("device") == name:
@@ -723,18 +730,17 @@ def table2(mode, results):
     lines = header("Table 2: classification accuracy of VGG-13 per training regime",
                    mode, "Test-set accuracy (%) on the held-out in-distribution test images.")
     lines += ["| In-dist | " + " | ".join(METHOD_NAMES[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
-    behind = []
+    behind, have_ce = [], False
     for i_ in (r["A"], r["B"]):
         acc = {m: values(vgg_runs(mode, i_, m), mode, results, lambda x: x['accuracy']) for m in methods}
         cells = [f"{fmt(acc[m], 2)} ({PAPER_T2[PAPER_NAME[i_]][m]:g})" for m in methods]
         lines.append(f"| {label(i_, mode)} | " + " | ".join(cells) + " |")
-        ce = mean_std(acc["ce"])[0]
+        ce, have_ce = mean_std(acc["ce"])[0], have_ce or bool(acc["ce"])
         for m in ("conf-gan", "joint", "conf", "joint-pt", "kplus1"):     # Table 2's regimes, and Tables 5 and 6's
             a = acc.get(m) or values(vgg_runs(mode, i_, m), mode, results, lambda x: x["accuracy"])
             if a and acc["ce"] and mean_std(a)[0] < ce - 0.03:
                 behind.append(f"{METHOD_NAMES[m]} on {i_} ({100 * (mean_std(a)[0] - ce):+.2f})")
-    if mode != "full" and any(values(vgg_runs(mode, i_, "ce"), mode, results, lambda x: x["accuracy"])
-                              for i_ in (r["A"], r["B"])):
+    if mode != "full" and have_ce:
         lines += ["", "VGG-13 regimes (those of Tables 2, 5 and 6) more than 3 points below cross entropy's accuracy: "
                   + ("; ".join(behind) if behind else "none") + "."]
     return "\n".join(lines) + "\n"
@@ -1429,9 +1435,6 @@ def _main(argv=None):
     if a.stage != "render":
         _execute_or_exit([r for st in stages for r in plan(st, a.mode)], a.mode, results, jobs)
         timings["runs" if a.stage == "all" else f"{a.stage} runs"] = time.time() - t0
-    if a.mode == "gpu" and a.stage == "render":    # what is complete; figure 1 (no runs) once gpu1 has run
-        stages = tuple(st for st in stages if finished(st, a.mode, results)
-                       and (st != "figure1" or finished("gpu1", a.mode, results)))
     n = _render(stages, a.mode, results, figstats, timings)
     if a.stage == "all":
         timings["total"] = time.time() - t0

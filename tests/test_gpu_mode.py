@@ -98,6 +98,7 @@ def test_a_stage_trains_its_runs_and_says_which_stages_are_still_to_run(gpu3, ti
     assert "| gpu1 | ce, conf, kplus1 | 0 / " in readme and "not run |" in readme
     # table 5 needs the joint runs of gpu2: not rendered until they exist; nothing else is complete either
     assert not list(gpu3.glob("table*.md"))
+    assert R.stages_for("render", "gpu", gpu3) == ()          # render: nothing complete, figure 1 waits for gpu1
     untested = [ln for ln in readme.splitlines() if ln.endswith("| n/a (runs missing) |")]   # no numbers yet
     assert untested and all(ln.endswith("| — | n/a (runs missing) |") for ln in untested)
     assert "nan" not in readme and "None/" not in readme
