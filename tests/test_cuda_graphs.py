@@ -116,7 +116,7 @@ def test_a_failed_capture_says_why_and_trains_on_as_if_never_tried(monkeypatch):
     assert not any(g["capturable"] for o in tra.opts.values() for g in o.param_groups)
 
 
-@pytest.mark.parametrize("method,extra", [("joint", dict(g_ema=0.9, d_sn=True, r1=1.0)), ("ce", {}),
+@pytest.mark.parametrize("method,extra", [("joint", dict(g_ema=0.9, g_ema_debias=True, d_sn=True, r1=1.0)), ("ce", {}),
                                           ("joint-pt", dict(amp=True)), ("conf-gan", {})])
 @pytest.mark.parametrize("first_steps", [0, 2])
 def test_warm_up_leaves_no_trace(method, extra, first_steps):
@@ -186,7 +186,7 @@ CASES = {                                             # id: (method, Config over
     "joint-torch-loss": ("joint", dict(impl="torch")),           # the masked loss inside the graph
     "joint-amp-channels-last": ("joint", dict(amp=True, channels_last=True)),
     "joint-pt": ("joint-pt", {}),
-    "joint-stabilisers": ("joint", dict(g_ema=0.99, d_sn=True, r1=1.0, d_lr_mult=2.0)),
+    "joint-stabilisers": ("joint", dict(g_ema=0.99, g_ema_debias=True, d_sn=True, r1=1.0, d_lr_mult=2.0)),
     "conf": ("conf", {}),
     "kplus1": ("kplus1", {}),
     "conf-gan-gan-phase": ("conf-gan", {}),

@@ -126,6 +126,25 @@ def test_g_ema_is_an_exponential_moving_average():
     assert all(not p.requires_grad for p in tr.G_ema.parameters())
 
 
+def test_g_ema_debias_is_the_bias_corrected_average_of_the_updated_generators():
+    # Adam's bias correction (Kingma & Ba 2015, Algorithm 1): m_t = d m_(t-1) + (1 - d) g_t from m_0 = 0, and the
+    # estimate m_t / (1 - d^t). Here g_t is G's weights after its t-th update; G's initialisation takes no part.
+    x, y = _data(32)
+    d = 0.9
+    tr = confident.Trainer(_cfg(g_ema=d, g_ema_debias=True), 10, torch.device("cpu"), log=_quiet)
+    m = [torch.zeros_like(p) for p in tr.G.parameters()]
+    for t in range(1, 5):
+        tr.step(confident.to_float(x), y)
+        m = [d * mi + (1 - d) * p.detach() for mi, p in zip(m, tr.G.parameters())]
+        for mi, e in zip(m, tr.G_ema.parameters()):
+            assert torch.allclose(e, mi / (1 - d ** t), atol=1e-6)
+    g0 = confident.Trainer(_cfg(g_ema=d), 10, torch.device("cpu"), log=_quiet)
+    g0.step(confident.to_float(x), y)                           # without the flag: 0.9 of the initialisation left
+    assert not torch.allclose(next(g0.G_ema.parameters()), next(g0.G.parameters()))
+    with pytest.raises(ConfidentError, match="--g-ema-debias .*expected --g-ema > 0"):
+        confident.resolve(_cfg(g_ema_debias=True))
+
+
 def test_ema_raw_frac_takes_the_batch_tail_from_the_raw_generator():
     x, y = _data(32)
     tr = confident.Trainer(_cfg(g_ema=0.9, ema_raw_frac=0.25), 10, torch.device("cpu"), log=_quiet)
