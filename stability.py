@@ -38,6 +38,7 @@ ARMS = {
     "joint-ema99": "--method joint --g-ema 0.99",
     "joint-ema-mix": "--method joint --g-ema 0.999 --ema-raw-frac 0.5",
     "joint-ema-debias": "--method joint --g-ema 0.999 --g-ema-debias",
+    "joint-ema-beta2": "--method joint --g-ema 0.999 --beta 2",
     "joint-replay": "--method joint --replay 6400",
     "joint-warmup": "--method joint --beta-warmup 468",
     "joint-ttur": "--method joint --d-lr-mult 4",
