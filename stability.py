@@ -46,6 +46,7 @@ ARMS = {
     "joint-r1": "--method joint --r1 1",
     "joint-sn-r1": "--method joint --d-sn --r1 1",
     "joint-sn-beta2": "--method joint --d-sn --beta 2",
+    "joint-sn-warmup": "--method joint --d-sn --beta-warmup 468",
     "joint-clip": "--method joint --clip-grad 10",
 }
 TEST_SETS = ("mnist", "gaussian", "uniform", "photos")   # unseen: never read by the selection rule
