@@ -108,6 +108,7 @@ class Config:
     g_ema_debias: bool = False       # with g_ema: average G's trained weights only, without its initialisation
     d_sn: bool = False               # spectral normalisation on D's convolutions
     d_lr_mult: float = 1.0           # D's learning rate = lr * this (two time-scale update)
+    gan_lr_mult: float = 1.0         # G's and D's learning rates = lr * this (D's times d_lr_mult); the classifier's: lr
     replay: int = 0                  # > 0: keep this many past G samples; half of each KL batch comes from them
     r1: float = 0.0                  # > 0: R1 penalty (r1 / 2) * |grad_x D(x)|^2 on real images
     clip_grad: float = 0.0           # > 0: clip the classifier's gradient to this global L2 norm
@@ -152,7 +153,8 @@ def resolve(cfg: Config) -> Config:
               ("impl", cfg.impl in ("auto", "torch", "triton"), "auto, torch or triton"),
               ("log_every", cfg.log_every >= 1, ">= 1"), ("lr_drop_epoch", cfg.lr_drop_epoch >= 0, ">= 0"),
               ("diag_every", cfg.diag_every >= 0, ">= 0"), ("g_ema", 0 <= cfg.g_ema < 1, "in [0, 1)"),
-              ("d_lr_mult", cfg.d_lr_mult > 0, "> 0"), ("replay", cfg.replay >= 0, ">= 0"),
+              ("d_lr_mult", cfg.d_lr_mult > 0, "> 0"), ("gan_lr_mult", cfg.gan_lr_mult > 0, "> 0"),
+              ("replay", cfg.replay >= 0, ">= 0"),
               ("r1", cfg.r1 >= 0, ">= 0"), ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
               ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("ema_raw_frac", 0 <= cfg.ema_raw_frac <= 1, "in [0, 1]")]
     for name, ok, want in checks:
@@ -175,8 +177,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.g_ema_debias and not cfg.g_ema:
         raise ConfidentError("--g-ema-debias corrects the EMA generator's average: expected --g-ema > 0 too")
     stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(cfg, n)]
-    if cfg.d_lr_mult != 1.0:
-        stabilisers.append("d_lr_mult")
+    stabilisers += [n for n in ("d_lr_mult", "gan_lr_mult") if getattr(cfg, n) != 1.0]
     if stabilisers and cfg.method not in ("joint", "joint-pt"):
         raise ConfidentError(f"--{stabilisers[0].replace('_', '-')} is a stabiliser of joint training: "
                              f"expected --method joint or joint-pt, not {cfg.method}")
@@ -1404,8 +1405,9 @@ class Trainer:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.opts = {"net": self.opt}
         if uses_gan:
-            self.opts["G"] = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-            self.opts["D"] = torch.optim.Adam(self.D.parameters(), lr=cfg.lr * cfg.d_lr_mult, betas=(0.5, 0.999))
+            gan_lr = cfg.lr * cfg.gan_lr_mult
+            self.opts["G"] = torch.optim.Adam(self.G.parameters(), lr=gan_lr, betas=(0.5, 0.999))
+            self.opts["D"] = torch.optim.Adam(self.D.parameters(), lr=gan_lr * cfg.d_lr_mult, betas=(0.5, 0.999))
         self.scheds = {k: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[cfg.lr_drop_epoch], gamma=0.1)
                        for k, o in self.opts.items()}
         self.epoch = 0

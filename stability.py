@@ -47,6 +47,7 @@ ARMS = {
     "joint-sn-r1": "--method joint --d-sn --r1 1",
     "joint-sn-beta2": "--method joint --d-sn --beta 2",
     "joint-sn-warmup": "--method joint --d-sn --beta-warmup 468",
+    "joint-ganlr": "--method joint --gan-lr-mult 0.2",
     "joint-clip": "--method joint --clip-grad 10",
 }
 TEST_SETS = ("mnist", "gaussian", "uniform", "photos")   # unseen: never read by the selection rule

@@ -102,10 +102,12 @@ def test_results_json_has_diagnostics_and_validation(tmp_path):
 
 def test_stabilisers_default_to_the_paper():
     cfg = Config()
-    assert (cfg.g_ema, cfg.d_sn, cfg.d_lr_mult, cfg.replay, cfg.r1, cfg.beta_warmup) == (0.0, False, 1.0, 0, 0.0, 0)
+    assert (cfg.g_ema, cfg.d_sn, cfg.d_lr_mult, cfg.gan_lr_mult, cfg.replay, cfg.r1, cfg.beta_warmup) == \
+        (0.0, False, 1.0, 1.0, 0, 0.0, 0)
 
 
-@pytest.mark.parametrize("flag", [dict(g_ema=0.9), dict(d_sn=True), dict(d_lr_mult=2.0), dict(replay=10),
+@pytest.mark.parametrize("flag", [dict(g_ema=0.9), dict(d_sn=True), dict(d_lr_mult=2.0), dict(gan_lr_mult=0.2),
+                                  dict(replay=10),
                                   dict(r1=1.0), dict(beta_warmup=5)])
 def test_stabilisers_refused_outside_joint_training(flag):
     with pytest.raises(ConfidentError, match="stabiliser of joint training"):
@@ -175,6 +177,15 @@ def test_spectral_norm_and_d_learning_rate():
         assert float(sigma) == pytest.approx(1.0, rel=0.05)
     assert tr.opts["D"].param_groups[0]["lr"] == pytest.approx(4e-3)
     assert tr.opts["G"].param_groups[0]["lr"] == tr.opts["net"].param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_gan_learning_rate_multiplier_leaves_the_classifier_alone():
+    tr = confident.Trainer(_cfg(gan_lr_mult=0.2, d_lr_mult=4.0, lr=1e-3), 10, torch.device("cpu"), log=_quiet)
+    assert tr.opts["net"].param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert tr.opts["G"].param_groups[0]["lr"] == pytest.approx(2e-4)
+    assert tr.opts["D"].param_groups[0]["lr"] == pytest.approx(8e-4)
+    with pytest.raises(ConfidentError, match="--gan-lr-mult 0.0: expected > 0"):
+        confident.resolve(_cfg(gan_lr_mult=0.0))
 
 
 def test_replay_buffer_fills_and_feeds_half_the_kl_batch():
