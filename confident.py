@@ -154,8 +154,8 @@ def resolve(cfg: Config) -> Config:
               ("log_every", cfg.log_every >= 1, ">= 1"), ("lr_drop_epoch", cfg.lr_drop_epoch >= 0, ">= 0"),
               ("diag_every", cfg.diag_every >= 0, ">= 0"), ("g_ema", 0 <= cfg.g_ema < 1, "in [0, 1)"),
               ("d_lr_mult", cfg.d_lr_mult > 0, "> 0"), ("gan_lr_mult", cfg.gan_lr_mult > 0, "> 0"),
-              ("replay", cfg.replay >= 0, ">= 0"),
-              ("r1", cfg.r1 >= 0, ">= 0"), ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
+              ("replay", cfg.replay >= 0, ">= 0"), ("r1", cfg.r1 >= 0, ">= 0"),
+              ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
               ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("ema_raw_frac", 0 <= cfg.ema_raw_frac <= 1, "in [0, 1]")]
     for name, ok, want in checks:
         if not ok:

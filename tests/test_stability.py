@@ -107,8 +107,7 @@ def test_stabilisers_default_to_the_paper():
 
 
 @pytest.mark.parametrize("flag", [dict(g_ema=0.9), dict(d_sn=True), dict(d_lr_mult=2.0), dict(gan_lr_mult=0.2),
-                                  dict(replay=10),
-                                  dict(r1=1.0), dict(beta_warmup=5)])
+                                  dict(replay=10), dict(r1=1.0), dict(beta_warmup=5)])
 def test_stabilisers_refused_outside_joint_training(flag):
     with pytest.raises(ConfidentError, match="stabiliser of joint training"):
         confident.resolve(Config(in_data="fashion-mnist", out_data="mnist", method="ce", **flag))
