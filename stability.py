@@ -187,7 +187,9 @@ def report(data: dict, out: Path, title: str) -> str:
         lines.append(f"| {arm} | " + " | ".join(wins) + f" | {'yes' if spread <= 10 else 'no'} (max {spread:.1f}) | "
                      f"{'yes' if acc >= ce_acc - 1 else 'no'} ({acc - ce_acc:+.2f}) |")
     pick, notes = select(data)
-    lines += ["", "Selection rule (validation data only): " + "; ".join(notes) + f". **Pick: {pick}.**", "",
+    rule = ("Selection rule (validation data only): " + "; ".join(notes) + f". **Pick: {pick}.**" if notes
+            else "Selection rule: not applied (no stabilised arm among these runs).")
+    lines += ["", rule, "",
               "Per seed (accuracy; baseline TNR on " + ", ".join(TEST_SETS) + "):", "",
               "| arm | " + " | ".join(f"s{s}" for s in sorted({s for rs in data.values() for s in rs})) + " |",
               "|---|" + "---|" * len({s for rs in data.values() for s in rs})]

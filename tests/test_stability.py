@@ -273,6 +273,9 @@ def test_report_counts_collapses_and_wins(tmp_path):
     assert "| 1/2 |" in row                                  # 75.9 < 81 - 5: one collapse
     win = [l for l in text.splitlines() if l.startswith("| joint |")][1]
     assert win.startswith("| joint | 1/2 | 2/2 | 1/2 | 2/2 |")
+    assert "Selection rule: not applied (no stabilised arm among these runs)." in text   # joint alone: nothing to pick
+    data["joint-x"] = data["joint"]
+    assert "**Pick: joint-x.**" in stability.report(data, tmp_path, "t")
 
 
 def test_clip_grad_bounds_the_classifier_gradient_and_logs_its_norm():
