@@ -67,6 +67,8 @@ class Config:
     method: str = "joint"            # ce | conf | conf-gan | joint | joint-pt | kplus1
     model: str = "vgg13"             # vgg13 | alexnet | simple_cnn
     width: float = 1.0               # multiplies every layer's width (classifier and GAN); < 1 for CPU runs
+    gan_width: float = 0.0           # > 0: G's and D's width multiplier instead of `width` (beyond the paper:
+                                     # separates the classifier's capacity from the GAN's); 0: = width
     epochs: int = 100                # paper: 100 epochs
     gan_epochs: int = -1             # conf-gan only: epochs of the separately trained GAN (-1: = epochs)
     lr: float = 2e-4                 # Adam, all three networks (authors' code)
@@ -145,6 +147,7 @@ def resolve(cfg: Config) -> Config:
         raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)} or "
                              "folder:PATH (images in PATH/train/<class>/ and PATH/test/<class>/)")
     checks = [("beta", cfg.beta >= 0, ">= 0"), ("width", 0 < cfg.width <= 8, "in (0, 8]"),
+              ("gan_width", 0 <= cfg.gan_width <= 8, "0 (= width) or in (0, 8]"),
               ("epochs", cfg.epochs >= 0, ">= 0"), ("gan_epochs", cfg.gan_epochs >= 0, ">= 0"),
               ("lr", cfg.lr > 0, "> 0"), ("batch_size", cfg.batch_size >= 2, ">= 2"),
               ("pt_weight", cfg.pt_weight >= 0, ">= 0"), ("val_size", cfg.val_size >= 0, ">= 0"),
@@ -176,6 +179,9 @@ def resolve(cfg: Config) -> Config:
                              "expected --g-ema > 0 too")
     if cfg.g_ema_debias and not cfg.g_ema:
         raise ConfidentError("--g-ema-debias corrects the EMA generator's average: expected --g-ema > 0 too")
+    if cfg.gan_width and cfg.method not in ("conf-gan", "joint", "joint-pt"):
+        raise ConfidentError(f"--gan-width {cfg.gan_width!r} sets the GAN's width: expected --method conf-gan, joint "
+                             f"or joint-pt, not {cfg.method} (it has no GAN)")
     stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(cfg, n)]
     stabilisers += [n for n in ("d_lr_mult", "gan_lr_mult") if getattr(cfg, n) != 1.0]
     if stabilisers and cfg.method not in ("joint", "joint-pt"):
@@ -1385,8 +1391,9 @@ class Trainer:
         self.K = num_classes
         uses_gan = cfg.method in ("conf-gan", "joint", "joint-pt")
         self.net = build_classifier(cfg.model, num_classes, cfg.width, ood_class=cfg.method == "kplus1").to(device)
-        self.G = Generator(cfg.nz, width=cfg.width).to(device) if uses_gan else None
-        self.D = Discriminator(width=cfg.width).to(device) if uses_gan else None
+        gw = cfg.gan_width or cfg.width                  # G's and D's width (--gan-width; default: the classifier's)
+        self.G = Generator(cfg.nz, width=gw).to(device) if uses_gan else None
+        self.D = Discriminator(width=gw).to(device) if uses_gan else None
         if self.D is not None and cfg.d_sn:                # stabiliser: spectral norm on every conv of D
             for name, m in list(self.D.net.named_children()):
                 if isinstance(m, nn.Conv2d):
@@ -1394,7 +1401,7 @@ class Trainer:
         # stabiliser: an EMA copy of G (train mode, no gradients) supplies the classifier's KL samples
         self.G_ema = None
         if self.G is not None and cfg.g_ema > 0:
-            self.G_ema = Generator(cfg.nz, width=cfg.width).to(device).requires_grad_(False)
+            self.G_ema = Generator(cfg.nz, width=gw).to(device).requires_grad_(False)
             self.G_ema.load_state_dict(self.G.state_dict())
         # the plain modules (checkpoints, evaluation); self.net / G / D may become DDP wrappers (train())
         self.raw = {k: v for k, v in (("net", self.net), ("G", self.G), ("D", self.D), ("G_ema", self.G_ema))

@@ -6,6 +6,7 @@ that reads validation data only (README "Beyond the paper").
 
     python stability.py run --arms ce,joint,joint-ema --seeds 0-7 --jobs 12 --runs results/stability/runs
     python stability.py report --runs results/stability/runs --out results/stability   # report.md, diagnostics.png
+    python stability.py report --runs DIR_A,DIR_B --out OUT      # the arms of several folders in one report
 
 Each run is `python confident.py <scale flags> <arm flags> --seed S --output-dir <runs>/<arm>-s<S>`; a run
 whose results.json exists is not redone, so an interrupted study resumes where it stopped.
@@ -49,7 +50,11 @@ ARMS = {
     "joint-sn-warmup": "--method joint --d-sn --beta-warmup 468",
     "joint-ganlr": "--method joint --gan-lr-mult 0.2",
     "joint-clip": "--method joint --clip-grad 10",
+    # Not a stabiliser: the paper's joint training with G and D at width 1/8 whatever the classifier's --width
+    # (with --extra "--width 0.25": the classifier's capacity apart from the GAN's). The selection rule skips it.
+    "joint-narrow-gan": "--method joint --gan-width 0.125",
 }
+NOT_STABILISERS = {"joint-narrow-gan"}
 TEST_SETS = ("mnist", "gaussian", "uniform", "photos")   # unseen: never read by the selection rule
 COLLAPSE_POINTS = 5.0                                     # accuracy more than this below the ce mean
 
@@ -100,14 +105,20 @@ def cmd_run(args):
 # ------------------------------------------------------------------------------------------------
 # Report
 
-def load(runs: Path) -> dict:
-    """{arm: {seed: results.json}} for every finished run."""
+def load(runs: Path | str) -> dict:
+    """{arm: {seed: results.json}} for every finished run in `runs`: a folder, or several joined by commas
+    (one arm's seed found in two of them is an error, not a silent choice)."""
     out = {}
-    for d in sorted(runs.glob("*-s*")):
-        f = d / "results.json"
-        if f.exists():
-            arm, _, seed = d.name.rpartition("-s")
-            out.setdefault(arm, {})[int(seed)] = json.loads(f.read_text())
+    for folder in str(runs).split(","):
+        if not Path(folder).is_dir():
+            raise SystemExit(f"error: --runs {folder!r}: expected a folder of runs (<arm>-s<seed>/results.json)")
+        for d in sorted(Path(folder).glob("*-s*")):
+            f = d / "results.json"
+            if f.exists():
+                arm, _, seed = d.name.rpartition("-s")
+                if int(seed) in out.get(arm, {}):
+                    raise SystemExit(f"error: {arm} seed {seed} is in more than one of --runs {runs!r}")
+                out.setdefault(arm, {})[int(seed)] = json.loads(f.read_text())
     order = list(ARMS)
     return {a: dict(sorted(out[a].items())) for a in sorted(out, key=lambda a: (order.index(a) if a in order
                                                                                   else len(order), a))}
@@ -137,7 +148,7 @@ def select(data: dict) -> tuple[str | None, list[str]]:
     floor = mean_std(ce_val)[0] - COLLAPSE_POINTS
     notes, best = [], None
     for arm, rs in data.items():
-        if not arm.startswith("joint-"):
+        if not arm.startswith("joint-") or arm in NOT_STABILISERS:
             continue
         acc = [100 * r["validation"]["accuracy"] for r in rs.values()]
         val = [100 * r["validation"]["ood"]["photos"]["baseline"]["tnr_at_tpr95"] for r in rs.values()]
@@ -270,7 +281,7 @@ def plot(data: dict, out: Path, ce_acc: float):
 
 
 def cmd_report(args):
-    data = load(Path(args.runs))
+    data = load(args.runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = report(data, out, args.title)
@@ -295,7 +306,7 @@ def main(argv=None):
     r.add_argument("--device", default="auto")
     r.add_argument("--extra", default="", help="more confident.py flags for every run")
     q = sub.add_parser("report")
-    q.add_argument("--runs", default="results/stability/runs")
+    q.add_argument("--runs", default="results/stability/runs", help="a folder of runs, or several joined by commas")
     q.add_argument("--out", default="results/stability")
     q.add_argument("--title", default="Joint training over seeds")
     args = p.parse_args(argv)

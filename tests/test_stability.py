@@ -187,6 +187,26 @@ def test_gan_learning_rate_multiplier_leaves_the_classifier_alone():
         confident.resolve(_cfg(gan_lr_mult=0.0))
 
 
+def test_gan_width_sets_g_and_d_and_leaves_the_classifier_alone():
+    # DCGAN's layer sizes (ngf = ndf = 64; the sizes asserted in test_models.py) times the GAN's width, 1/8 here:
+    # G 100 -> 64 -> 32 -> 16 -> 3, D 3 -> 16 -> 32 -> 64 -> 1; the classifier keeps its own width, 1/4.
+    torch.manual_seed(0)
+    tr = confident.Trainer(_cfg(width=0.25, gan_width=0.125, g_ema=0.9), 10, torch.device("cpu"), log=_quiet)
+    for G in (tr.G, tr.G_ema):
+        assert [(m.in_channels, m.out_channels) for m in G.modules() if isinstance(m, torch.nn.ConvTranspose2d)] \
+            == [(100, 64), (64, 32), (32, 16), (16, 3)]
+    assert [(m.in_channels, m.out_channels) for m in tr.D.modules() if isinstance(m, torch.nn.Conv2d)] == \
+        [(3, 16), (16, 32), (32, 64), (64, 1)]
+    torch.manual_seed(0)                                    # the classifier is built first: the same initial weights
+    same = confident.Trainer(_cfg(width=0.25), 10, torch.device("cpu"), log=_quiet)
+    assert all(torch.equal(a, b) for a, b in zip(tr.net.state_dict().values(), same.net.state_dict().values()))
+    assert [m.out_channels for m in same.D.modules() if isinstance(m, torch.nn.Conv2d)][0] == 32   # default: = width
+    with pytest.raises(ConfidentError, match="--gan-width 0.125 sets the GAN's width: expected .* not ce"):
+        confident.resolve(_cfg(method="ce", gan_width=0.125))
+    with pytest.raises(ConfidentError, match="--gan-width -1.0: expected 0 \\(= width\\) or in \\(0, 8\\]"):
+        confident.resolve(_cfg(gan_width=-1.0))
+
+
 def test_replay_buffer_fills_and_feeds_half_the_kl_batch():
     x, y = _data(32)
     tr = confident.Trainer(_cfg(replay=40), 10, torch.device("cpu"), log=_quiet)
@@ -263,6 +283,8 @@ def test_selection_rule_reads_validation_only():
     pick, notes = stability.select(data)
     assert pick == "joint-b"
     assert any(n.startswith("joint-a: out") for n in notes)
+    data["joint-narrow-gan"] = {0: _res(80, 80, 99, [10] * 4), 1: _res(80, 80, 99, [10] * 4)}   # not a stabiliser
+    assert stability.select(data)[0] == "joint-b"
 
 
 def test_report_counts_collapses_and_wins(tmp_path):
@@ -323,3 +345,20 @@ def test_report_correlates_the_end_of_training_with_detection(tmp_path):
     assert kl.split(" | ")[3] == "—"                                               # uniform: constant, undefined
     grad = next(l for l in text.splitlines() if l.startswith("| classifier gradient norm |"))
     assert grad.endswith("| — | — | — | — |")                                                  # not logged
+
+
+def test_load_joins_several_folders_and_refuses_a_seed_twice(tmp_path):
+    for folder, arm, seed in (("a", "ce", 0), ("a", "joint", 0), ("b", "joint-narrow-gan", 0), ("b", "joint", 1)):
+        d = tmp_path / folder / f"{arm}-s{seed}"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(_res(80, 80, 30, [10, 50, 50, 50])))
+    (tmp_path / "b" / "ce-s1").mkdir()                       # an unfinished run: no results.json, not loaded
+    data = stability.load(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert {a: sorted(rs) for a, rs in data.items()} == {"ce": [0], "joint": [0, 1], "joint-narrow-gan": [0]}
+    assert list(data) == ["ce", "joint", "joint-narrow-gan"]
+    (tmp_path / "b" / "joint-s0").mkdir()
+    (tmp_path / "b" / "joint-s0" / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match="joint seed 0 is in more than one"):
+        stability.load(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    with pytest.raises(SystemExit, match="expected a folder of runs"):
+        stability.load(str(tmp_path / "missing"))
