@@ -119,6 +119,7 @@ class Config:
 
 PAPER_DEFAULTS = {"cifar10": dict(beta=0.1, batch_size=64), "svhn": dict(beta=1.0, batch_size=128)}
 METHODS = ("ce", "conf", "conf-gan", "joint", "joint-pt", "kplus1")
+GAN_METHODS = ("conf-gan", "joint", "joint-pt")       # the regimes that build G and D
 
 
 def with_defaults(cfg: Config) -> Config:
@@ -179,7 +180,7 @@ def resolve(cfg: Config) -> Config:
                              "expected --g-ema > 0 too")
     if cfg.g_ema_debias and not cfg.g_ema:
         raise ConfidentError("--g-ema-debias corrects the EMA generator's average: expected --g-ema > 0 too")
-    if cfg.gan_width and cfg.method not in ("conf-gan", "joint", "joint-pt"):
+    if cfg.gan_width and cfg.method not in GAN_METHODS:
         raise ConfidentError(f"--gan-width {cfg.gan_width!r} sets the GAN's width: expected --method conf-gan, joint "
                              f"or joint-pt, not {cfg.method} (it has no GAN)")
     stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(cfg, n)]
@@ -1389,7 +1390,7 @@ class Trainer:
         cfg = with_defaults(cfg)                         # the paper's values for -1 (a Config built in code)
         self.cfg, self.device, self.log = cfg, device, log
         self.K = num_classes
-        uses_gan = cfg.method in ("conf-gan", "joint", "joint-pt")
+        uses_gan = cfg.method in GAN_METHODS
         self.net = build_classifier(cfg.model, num_classes, cfg.width, ood_class=cfg.method == "kplus1").to(device)
         gw = cfg.gan_width or cfg.width                  # G's and D's width (--gan-width; default: the classifier's)
         self.G = Generator(cfg.nz, width=gw).to(device) if uses_gan else None
@@ -1543,7 +1544,7 @@ class Trainer:
             logs.update(self._gan_step(x, 0.0 if gan_phase else beta, cfg.pt_weight if m == "joint-pt" else 0.0))
         if gan_phase:
             return logs
-        if m in ("conf-gan", "joint", "joint-pt"):       # fresh samples; the classifier step does not train G
+        if m in GAN_METHODS:                             # fresh samples; the classifier step does not train G
             x_out = self._kl_samples(x.shape[0])
         B = x.shape[0]
         with self._amp():
