@@ -188,7 +188,7 @@ if SIZES:
     if SIZES not in MODES:
         sys.exit(f"error: REPRODUCE_SIZES={SIZES!r}: expected one of {', '.join(MODES)} (or unset)")
     MODES = {name: resized(settings, SIZES) for name, settings in MODES.items()}
-GAN_METHODS = ("conf-gan", "joint", "joint-pt")
+GAN_METHODS = C.GAN_METHODS
 METHOD_NAMES = {"ce": "Cross entropy", "conf": "Confidence loss (explicit OOD)",
                 "conf-gan": "Confidence loss (original GAN samples)", "joint": "Joint confidence loss",
                 "joint-pt": "Joint confidence loss + PT", "kplus1": "K+1 class loss"}
