@@ -5,7 +5,7 @@ simple_cnn has no dropout and no BatchNorm, so 2 ranks x batch 32 (DDP averages 
 same updates as 1 process x batch 64 over the same global batches, up to the order of floating-point sums.
 The runs are 4 steps long (128 images, 2 epochs): Adam's early updates are close to lr * sign(gradient), so a
 sum-order difference (1e-7) in a near-zero gradient grows into whole lr-sized steps; after 16 steps the two runs
-differed by 2e-3 on one CPU and by under 1e-4 on another, after 4 steps by under 1e-6 (2 steps: 4e-7).
+differed by 7e-3 on one CPU (8 steps: 2e-3) and by under 1e-4 on another, after 4 steps by under 1e-6.
 """
 import dataclasses
 import json
