@@ -50,6 +50,8 @@ ARMS = {
     "joint-sn-warmup": "--method joint --d-sn --beta-warmup 468",
     "joint-ganlr": "--method joint --gan-lr-mult 0.2",
     "joint-clip": "--method joint --clip-grad 10",
+    "joint-ema-warmup": "--method joint --g-ema 0.999 --beta-warmup 468",
+    "joint-ema-replay": "--method joint --g-ema 0.999 --replay 6400",
     # Not a stabiliser: the paper's joint training with G and D at width 1/8 whatever the classifier's --width
     # (with --extra "--width 0.25": the classifier's capacity apart from the GAN's). The selection rule skips it.
     "joint-narrow-gan": "--method joint --gan-width 0.125",
