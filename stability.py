@@ -52,6 +52,9 @@ ARMS = {
     "joint-clip": "--method joint --clip-grad 10",
     "joint-ema-warmup": "--method joint --g-ema 0.999 --beta-warmup 468",
     "joint-ema-replay": "--method joint --g-ema 0.999 --replay 6400",
+    # the paper's own entropy option (App. D, the pull-away term in G's loss) on top of the average
+    "joint-ema-pt": "--method joint-pt --g-ema 0.999",
+    "joint-ema-warmup-pt": "--method joint-pt --g-ema 0.999 --beta-warmup 468",
     # Not a stabiliser: the paper's joint training with G and D at width 1/8 whatever the classifier's --width
     # (with --extra "--width 0.25": the classifier's capacity apart from the GAN's). The selection rule skips it.
     "joint-narrow-gan": "--method joint --gan-width 0.125",
