@@ -216,8 +216,24 @@ def report(data: dict, out: Path, title: str) -> str:
             cells.append("" if r is None else f"{100 * r['accuracy']:.1f}; "
                          + "/".join(f"{tnr(r, n, 'baseline'):.0f}" for n in TEST_SETS))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += correlations(data)
+    lines += samples(data) + correlations(data)
     return "\n".join(lines) + "\n"
+
+
+def samples(data: dict) -> list[str]:
+    """The classifier's OOD samples at the end of training (the last diagnostics point), per GAN arm: their
+    diversity (mean pairwise distance as a fraction of real images') and nearest-neighbour distance to the data."""
+    keys = (("diversity", "G's diversity"), ("nn_dist_gen", "G's NN distance"))
+    rows = []
+    for arm, rs in data.items():
+        last = [r["diagnostics"][-1] for r in rs.values() if r.get("diagnostics")]
+        vals = [[d[k] for d in last if k in d] for k, _ in keys]
+        if all(vals):
+            rows.append(f"| {arm} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in map(mean_std, vals)) + " |")
+    if not rows:
+        return []
+    return ["", "The classifier's OOD samples at the end of training (last diagnostics point), mean ± std over seeds:",
+            "", "| arm | " + " | ".join(n for _, n in keys) + " |", "|---|---:|---:|"] + rows
 
 
 def correlations(data: dict) -> list[str]:

@@ -345,6 +345,14 @@ def test_report_correlates_the_end_of_training_with_detection(tmp_path):
     assert kl.split(" | ")[3] == "—"                                               # uniform: constant, undefined
     grad = next(l for l in text.splitlines() if l.startswith("| classifier gradient norm |"))
     assert grad.endswith("| — | — | — | — |")                                                  # not logged
+    # the samples' table: joint's five runs end at diversity 0.1, 0.5, 0.9, 4.0, 7.0 (mean 2.5, sample std 2.950);
+    # no NN distance was logged, so no row; ce has no samples
+    assert "| arm | G's diversity | G's NN distance |" not in text
+    data["joint"][0]["diagnostics"][-1]["nn_dist_gen"] = 0.2
+    for s in range(1, 5):
+        data["joint"][s]["diagnostics"][-1]["nn_dist_gen"] = 0.1 * s
+    text = stability.report(data, tmp_path, "t")
+    assert "| joint | 2.500 ± 2.950 | 0.240 ± 0.114 |" in text and "| ce | " not in text.split("G's NN distance |")[1]
 
 
 def test_load_joins_several_folders_and_refuses_a_seed_twice(tmp_path):
