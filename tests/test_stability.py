@@ -327,6 +327,28 @@ def test_probe_runs_for_cross_entropy_too():
     assert d["gnorm_max"] >= d["gnorm"] > 0
 
 
+def test_sign_test_is_the_binomial_tail():
+    # P(X >= k), X ~ Binomial(n, 1/2): 6 of 8 is (C(8,6) + C(8,7) + C(8,8)) / 2^8 = (28 + 8 + 1) / 256 = 37/256;
+    # the rest against scipy's exact binomial test, an implementation that is not ours
+    from scipy.stats import binomtest
+    assert stability.sign_p(6, 8) == 37 / 256 and stability.sign_p(8, 8) == 1 / 256 and stability.sign_p(0, 8) == 1
+    for n in (1, 4, 8, 12):
+        for k in range(n + 1):
+            assert stability.sign_p(k, n) == pytest.approx(binomtest(k, n, 0.5, alternative="greater").pvalue)
+
+
+def test_report_gives_paired_differences_from_ce(tmp_path):
+    # seeds 0-3; joint's mnist TNR minus ce's: +10, +20, -6, 0 (the tie is not a win): mean +6.0, sample std 11.43
+    # (squared deviations 16 + 196 + 144 + 36 = 392, / 3, sqrt), 2 wins of 4: p = (6 + 4 + 1) / 16 = 0.6875
+    data = {"ce": {s: _res(80, 80, 30, [10, 50, 50, 50]) for s in range(4)},
+            "joint": {s: _res(80, 80, 30, [10 + d, 50, 90, 50]) for s, d in enumerate([10, 20, -6, 0])}}
+    data["joint"][4] = _res(80, 80, 30, [99, 99, 99, 99])           # no ce seed 4: not paired
+    text = stability.report(data, tmp_path, "t")
+    row = next(l for l in text.splitlines() if l.startswith("| joint | +"))
+    assert row == ("| joint | +6.0 ± 11.4 (p 0.688) | +0.0 ± 0.0 (p 1.000) | +40.0 ± 0.0 (p 0.062) "
+                   "| +0.0 ± 0.0 (p 1.000) |")
+
+
 def test_report_correlates_the_end_of_training_with_detection(tmp_path):
     # five GAN runs whose KL on real images falls as their mnist TNR rises (a rank correlation of -1 by definition)
     # and whose G diversity rises with it (+1); ce's runs are left out of the correlation
