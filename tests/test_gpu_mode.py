@@ -153,3 +153,28 @@ def test_a_rehearsal_refuses_the_gpu_results_folder():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "is a rehearsal" in p.stderr
     assert not (ROOT / "results" / "gpu" / "runs").exists()
+
+
+def test_gpu_stages_script_passes_its_settings_to_each_stage(tmp_path):
+    # .ci/gpu-stages with python3 and nvidia-smi replaced by stubs that record their arguments: the stability
+    # stage gets the arms, seeds, scale and extra flags it was given (what a device call would run)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    log = tmp_path / "calls.txt"
+    for name in ("python3", "nvidia-smi"):
+        stub = bin_ / name
+        stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "{name} $*" >> "{log}"\n')
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "DATA_ROOT": "gd", "ARMS": "ce,joint-ema-warmup", "SEEDS": "0-3", "SCALE": "paper", "EXTRA": "--epochs 3"}
+    subprocess.run(["bash", str(ROOT / ".ci" / "gpu-stages")], env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines()
+    stab = [c for c in calls if c.startswith("python3 stability.py run")]
+    assert stab == ["python3 stability.py run --arms ce,joint-ema-warmup --seeds 0-3 --jobs 20 --threads 1 "
+                    f"--scale paper --runs {tmp_path / 'out'}/stability --extra --data-root gd --epochs 3"]
+    assert any(c.startswith("python3 -m pytest") and "tests/test_cuda_graphs.py" in c for c in calls)
+    assert any(c.startswith("python3 bench.py --device cuda") for c in calls)
+    del env["SCALE"], env["EXTRA"]
+    log.unlink()
+    subprocess.run(["bash", str(ROOT / ".ci" / "gpu-stages")], env=env, capture_output=True, text=True, timeout=60)
+    assert "--scale main " in next(c for c in log.read_text().splitlines() if "stability.py run" in c)
