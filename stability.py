@@ -55,6 +55,10 @@ ARMS = {
     # the paper's own entropy option (App. D, the pull-away term in G's loss) on top of the average
     "joint-ema-pt": "--method joint-pt --g-ema 0.999",
     "joint-ema-warmup-pt": "--method joint-pt --g-ema 0.999 --beta-warmup 468",
+    # spectral normalisation in D (no collapse on 8 seeds, raw samples) with half of each KL batch from the
+    # average (far-away sets held on every seed), or with a smaller KL weight
+    "joint-sn-ema-mix": "--method joint --d-sn --g-ema 0.999 --ema-raw-frac 0.5",
+    "joint-sn-beta05": "--method joint --d-sn --beta 0.5",
     # Not a stabiliser: the paper's joint training with G and D at width 1/8 whatever the classifier's --width
     # (with --extra "--width 0.25": the classifier's capacity apart from the GAN's). The selection rule skips it.
     "joint-narrow-gan": "--method joint --gan-width 0.125",
