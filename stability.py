@@ -147,6 +147,11 @@ def tnr(r: dict, name: str, det: str) -> float:
     return 100 * r["ood"][name][det]["tnr_at_tpr95"]
 
 
+def over_ce(rs: dict, ce: dict, name: str) -> list[float]:
+    """Baseline TNR on `name` minus the same seed's ce, for every seed the arm and ce both have."""
+    return [tnr(rs[s], name, "baseline") - tnr(ce[s], name, "baseline") for s in rs if s in ce]
+
+
 def select(data: dict) -> tuple[str | None, list[str]]:
     """The selection rule, fixed before the comparison ran (README "Beyond the paper"). It reads only the
     in-distribution validation images (the first --val-size test images) and the validation OOD set (photos,
@@ -200,8 +205,7 @@ def report(data: dict, out: Path, title: str) -> str:
         if arm == "ce":
             continue
         common = [s for s in rs if s in ce]
-        wins = [f"{sum(tnr(rs[s], n, 'baseline') > tnr(ce[s], n, 'baseline') for s in common)}/{len(common)}"
-                for n in TEST_SETS]
+        wins = [f"{sum(x > 0 for x in over_ce(rs, ce, n))}/{len(common)}" for n in TEST_SETS]
         spread = max(mean_std([tnr(r, n, "baseline") for r in rs.values()])[1] for n in TEST_SETS)
         acc = mean_std([100 * r["accuracy"] for r in rs.values()])[0]
         lines.append(f"| {arm} | " + " | ".join(wins) + f" | {'yes' if spread <= 10 else 'no'} (max {spread:.1f}) | "
@@ -236,12 +240,11 @@ def paired(data: dict) -> list[str]:
     ce = data["ce"]
     rows = []
     for arm, rs in data.items():
-        common = [s for s in rs if s in ce]
-        if arm == "ce" or not common:
+        if arm == "ce" or not any(s in ce for s in rs):
             continue
         cells = []
         for n in TEST_SETS:
-            d = [tnr(rs[s], n, "baseline") - tnr(ce[s], n, "baseline") for s in common]
+            d = over_ce(rs, ce, n)
             m, sd = mean_std(d)
             cells.append(f"{m:+.1f} ± {sd:.1f} (p {sign_p(sum(x > 0 for x in d), len(d)):.3f})")
         rows.append(f"| {arm} | " + " | ".join(cells) + " |")
