@@ -743,6 +743,8 @@ def load_dataset(name: str, split: str = "test", root: str | Path = "data", veri
 def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A batch of stored images -> (B, 3, 32, 32) floats in [0, 1], float32 unless `dtype` says otherwise;
     grayscale replicated to 3 channels."""
+    if not x.is_floating_point() and x.dtype != torch.uint8:   # int64 pixels 0-255 would pass unscaled
+        raise ConfidentError(f"images of type {x.dtype}: expected uint8 (0-255) or floats in [0, 1]")
     x = x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
@@ -923,14 +925,17 @@ def _kernels():
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
     if impl == "torch":
         return False
+    if impl not in ("auto", "triton"):
+        raise ConfidentError(f"impl {impl!r}: expected auto, torch or triton")
     k = _kernels()
     ok = k is not None and k.can_run(t)
     if impl == "triton" and not ok:
         raise ConfidentError("impl='triton' needs the kernels/ package, Triton, and a CUDA tensor "
                              "(or TRITON_INTERPRET=1)")
-    if impl not in ("auto", "triton"):
-        raise ConfidentError(f"impl {impl!r}: expected auto, torch or triton")
-    return ok
+    kernel_dtype = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if impl == "triton" and not kernel_dtype:                  # auto: float64 takes the exact torch path
+        raise ConfidentError(f"impl='triton': {t.dtype} logits, the kernels take float32, float16 or bfloat16")
+    return ok and kernel_dtype
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -990,11 +995,12 @@ def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, im
         raise ConfidentError(f"confidence_loss: targets in [{int(targets.min())}, {int(targets.max())}], "
                              f"expected a class in [0, {K}) or -1 for OOD")
     is_in = targets >= 0
-    loss = logits.new_zeros((), dtype=torch.float32)
+    z = logits if logits.dtype == torch.float64 else logits.float()     # fp32 at least; keep fp64 exact
+    loss = z.new_zeros(())
     if is_in.any():
-        loss = loss + F.cross_entropy(logits[is_in].float(), targets[is_in])
+        loss = loss + F.cross_entropy(z[is_in], targets[is_in])
     if (~is_in).any():
-        loss = loss + beta * kl_to_uniform(logits[~is_in], impl="torch")
+        loss = loss + beta * kl_to_uniform(z[~is_in], impl="torch")
     return loss
 
 
@@ -1033,6 +1039,8 @@ def pull_away_term(samples: torch.Tensor) -> torch.Tensor:
     """App. D (Zhao et al. 2017): mean squared cosine similarity over pairs i != j of generated samples;
     minimising it spreads the generator's samples (a proxy for maximising their entropy)."""
     M = samples.shape[0]
+    if M < 2:
+        raise ConfidentError(f"pull_away_term: {M} sample(s), expected at least 2 (it averages over pairs)")
     s = F.normalize(samples.reshape(M, -1).float(), dim=1)
     gram = s @ s.t()                                                                  # (M, M)
     return (gram.pow(2).sum() - gram.diagonal().pow(2).sum()) / (M * (M - 1))
@@ -1308,7 +1316,9 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
                              "(were logits passed? apply softmax first)")
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).float()
-    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    # the bin (m-1)/M < conf <= m/M, found in float64: in float32, conf * M can round onto an edge
+    # (0.90000004 * 20 == 18.0 in float32) and put a score just above it into the bin below
+    idx = (torch.ceil(conf.double() * n_bins) - 1).clamp(0, n_bins - 1).long()
     acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
     conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
     return float(torch.sum((acc_sum - conf_sum).abs()) / len(probs))
@@ -1792,7 +1802,14 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                              f"{tuple(y_train.shape)}: expected (N, 1 or 3, 32, 32) and (N,)")
     if len(y_train) == 0:
         raise ConfidentError(f"{cfg.in_data}: no training images (an empty set)")
+    for what, xs in (("training", x_train), ("OOD training", x_ood)):
+        if xs is not None and not xs.is_floating_point() and xs.dtype != torch.uint8:
+            raise ConfidentError(f"{cfg.in_data}: {what} images of type {xs.dtype}, expected uint8 (0-255) "
+                                 "or floats in [0, 1]")
     num_classes = num_classes or NUM_CLASSES.get(cfg.in_data, int(y_train.max()) + 1)
+    if num_classes < 2:
+        raise ConfidentError(f"{cfg.in_data}: {num_classes} class, expected at least 2 (with one class every "
+                             "prediction is certain and no detector can score)")
     if int(y_train.min()) < 0 or int(y_train.max()) >= num_classes:
         raise ConfidentError(f"{cfg.in_data}: training labels in [{int(y_train.min())}, {int(y_train.max())}], "
                              f"expected [0, {num_classes})")
@@ -1816,8 +1833,9 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     ddp_models = _wrap_ddp(tr, device) if world > 1 else None
     step = GraphedStep(tr, log, world) if cfg.cuda_graphs else tr.step    # captured on the first full batch
     N, B = len(x_train), cfg.batch_size
-    if N < B:
-        raise ConfidentError(f"{cfg.in_data}: {N} training images, fewer than one batch of {B}")
+    if N < B * world:                                         # (--batch-size is per process under torchrun)
+        raise ConfidentError(f"{cfg.in_data}: {N} training images, fewer than one batch of {B}"
+                             + (f" on each of {world} processes" if world > 1 else ""))
     steps = N // (B * world)                                  # drop the last partial batch (as a sampler would)
     x_train_dev, y_train_dev = x_train.to(device), y_train.to(device)   # uint8 on the device, batched there
     x_ood_dev = x_ood.to(device) if x_ood is not None else None
@@ -1840,10 +1858,10 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
                 x = x.contiguous(memory_format=torch.channels_last)
             x_out = None
             if cfg.method in ("conf", "kplus1"):
-                j = perm_ood[(i * B) % len(perm_ood):][:B]
-                if len(j) < B:
-                    j = torch.cat([j, perm_ood[:B - len(j)]])
-                x_out = to_float(x_ood_dev[j])
+                # B OOD images on every rank, this rank's own ones, the permutation read cyclically
+                # (a set smaller than a batch repeats within it)
+                k = (i * world + rank) * B + torch.arange(B, device=perm_ood.device)
+                x_out = to_float(x_ood_dev[perm_ood[k % len(perm_ood)]])
             logs = step(x, y_train_dev[idx], x_out)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v

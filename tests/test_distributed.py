@@ -134,3 +134,51 @@ def test_amp_training_learns_like_fp32():
         acc[amp] = float((logits.argmax(1) == yt).float().mean())
     assert acc[False] > 0.5 and acc[True] > 0.5, acc
     assert abs(acc[True] - acc[False]) < 0.03, acc
+
+
+# ------------------------------------------------------------------------------------------------
+# Each rank's batches, read from train() with DDP itself stubbed out (the process group is tested above)
+
+def _batches_seen(monkeypatch, rank, world, n_ood, n=64, B=8, epochs=1):
+    """The (in, OOD) batches train() feeds the step on this rank, each image told apart by its constant pixel
+    value: in-distribution images 0..n-1, OOD images 100..100+n_ood-1."""
+    import confident
+    monkeypatch.setattr(confident, "_wrap_ddp", lambda tr, device: None)
+    seen = []
+
+    def step(self, x, y, x_out=None):
+        seen.append((x[:, 0, 0, 0].mul(255).round().long().tolist(), x_out[:, 0, 0, 0].mul(255).round().long().tolist()))
+        return {}
+    monkeypatch.setattr(confident.Trainer, "step", step)
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 32, 32).contiguous()
+    x_ood = (100 + torch.arange(n_ood, dtype=torch.uint8)).view(-1, 1, 1, 1).expand(-1, 1, 32, 32).contiguous()
+    cfg = confident.Config(in_data="fashion-mnist", method="conf", model="simple_cnn", width=0.125, epochs=epochs,
+                           batch_size=B, beta=1.0, impl="torch", log_every=10 ** 9)
+    confident.train(cfg, x, torch.arange(n) % 10, x_ood=x_ood, log=lambda *a: None, rank=rank, world=world)
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")   # the stub step runs no optimiser
+def test_each_rank_takes_its_own_ood_images(monkeypatch):
+    """2 ranks x 4 steps x batch 8 over 64 OOD images: every OOD image once per epoch, as every in-distribution
+    image (before, both ranks read the same OOD batch at each step)."""
+    a, b = (_batches_seen(monkeypatch, r, 2, n_ood=64) for r in (0, 1))
+    assert len(a) == len(b) == 4
+    for (ina, outa), (inb, outb) in zip(a, b):
+        assert len(outa) == len(outb) == 8
+        assert not set(ina) & set(inb) and not set(outa) & set(outb)
+    assert sorted(i for s in a + b for i in s[0]) == list(range(64))
+    assert sorted(i for s in a + b for i in s[1]) == list(range(100, 164))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")   # the stub step runs no optimiser
+def test_an_ood_set_smaller_than_a_batch_fills_every_batch(monkeypatch):
+    seen = _batches_seen(monkeypatch, 0, 1, n_ood=3)
+    assert len(seen) == 8 and all(len(out) == 8 and set(out) == {100, 101, 102} for _, out in seen)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")   # the stub step runs no optimiser
+def test_too_few_images_for_one_batch_on_each_process(monkeypatch):
+    import confident
+    with pytest.raises(confident.ConfidentError, match="fewer than one batch of 8 on each of 16 processes"):
+        _batches_seen(monkeypatch, 0, 16, n_ood=8, n=64, B=8)

@@ -555,3 +555,23 @@ def test_package_flags():
     assert kernels.can_run(torch.zeros(1, device=DEVICE))
     for name in ("kl_uniform_rows", "confidence_loss", "odin_logit_grads", "odin_perturb"):
         assert callable(getattr(kernels, name))
+
+
+def test_float64_logits_take_the_exact_path_under_auto_and_are_refused_by_triton():
+    """The kernels take fp32/fp16/bf16: with impl auto, where they could run, float64 logits go to the torch path
+    (exact, the authors' kl_div times K in float64) instead of failing; impl triton names the dtype."""
+    import confident
+    z = (torch.randn(6, 10, dtype=torch.float64) * 3).to(DEVICE)
+    t = torch.tensor([1, -1, 3, -1, 0, 9], device=DEVICE)
+    U = torch.full_like(z, 0.1)
+    authors = F.kl_div(F.log_softmax(z, dim=1), U, reduction="mean") * 10
+    got = confident.kl_to_uniform(z, impl="auto")
+    assert got.dtype == torch.float64 and abs(float(got - authors)) < 1e-12
+    cl = confident.confidence_loss(z, t, 0.5, impl="auto")
+    want = F.nll_loss(F.log_softmax(z[t >= 0], 1), t[t >= 0]) \
+        + 0.5 * F.kl_div(F.log_softmax(z[t < 0], 1), U[t < 0], reduction="mean") * 10
+    assert cl.dtype == torch.float64 and abs(float(cl - want)) < 1e-12
+    for fn in (lambda: confident.kl_to_uniform(z, impl="triton"),
+               lambda: confident.confidence_loss(z, t, 0.5, impl="triton")):
+        with pytest.raises(confident.ConfidentError, match="torch.float64 logits"):
+            fn()

@@ -357,6 +357,21 @@ def test_ece_bin_edges_are_right_closed():
     assert abs(got - (0.5 + 2 * abs(0.5 - (0.75 + above) / 2) + 0 + 0.375) / 5) > 0.05
 
 
+@pytest.mark.parametrize("edge", [0.9, 0.95])
+def test_ece_score_just_above_an_edge_where_float32_products_round_onto_it(edge):
+    """The next float32 above 0.9 (0.90000004) times 20 rounds to exactly 18.0 in float32: a bin index computed in
+    float32 would put it in (0.85, 0.9] beside 0.9 itself. One sample per bin: ECE = mean |correct - conf|."""
+    at = float(np.float32(edge))                                # 0.89999998 <= 0.9: the bin below the edge
+    above = float(np.nextafter(np.float32(edge), np.float32(1)))
+    assert np.float32(above) * np.float32(20) == np.float32(round(edge * 20))   # the rounding this is about
+    conf = torch.tensor([at, above])
+    probs = torch.stack([conf, 1 - conf], 1)
+    labels = torch.tensor([1, 0])                               # the first wrong, the second right
+    want = (abs(0 - at) + abs(1 - above)) / 2                   # 0.5; sharing a bin would give |0.5 - conf| = 0.4
+    assert expected_calibration_error(probs, labels) == pytest.approx(want, abs=1e-7)
+    assert expected_calibration_error(probs, labels) == pytest.approx(_ece_bruteforce(probs, labels), abs=1e-7)
+
+
 def test_ece_perfectly_calibrated_construction_is_near_zero():
     g = torch.Generator().manual_seed(3)
     n, K = 200_000, 5

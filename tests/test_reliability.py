@@ -12,6 +12,7 @@
 4. Bad input at the API and CLI: wrong shapes, empty sets, NaN scores, bad labels, negative beta or eps,
    T <= 0 raise ConfidentError instead of returning a wrong number.
 """
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -735,6 +736,33 @@ def test_training_refuses_empty_ood_set_and_mismatched_data(tmp_path):
         confident.train(_tiny_cfg(tmp_path), x, y[:-1], None, None, log=lambda *a: None)
     with pytest.raises(ConfidentError, match="shape"):                  # 28x28: the models take 32x32
         confident.train(_tiny_cfg(tmp_path), x[:, :, 2:-2, 2:-2], y, None, None, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_training_refuses_integer_images_other_than_uint8(tmp_path, dtype):
+    """int64 pixels 0-255 would enter the network unscaled (to_float divides uint8 only): refused, naming the type,
+    for the in-distribution and the OOD training images, before anything is written."""
+    x, y = _tiny_data()
+    with pytest.raises(ConfidentError, match=f"training images of type {dtype}, expected uint8"):
+        confident.train(_tiny_cfg(tmp_path), x.to(dtype), y, None, tmp_path / "run", log=lambda *a: None)
+    with pytest.raises(ConfidentError, match=f"OOD training images of type {dtype}"):
+        confident.train(_tiny_cfg(tmp_path, method="conf"), x, y, x.to(dtype), tmp_path / "run", log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfidentError, match=f"{dtype}: expected uint8"):
+        confident.to_float(x.to(dtype))
+
+
+def test_training_refuses_a_single_class(tmp_path):
+    x, y = _tiny_data()
+    with pytest.raises(ConfidentError, match="1 class, expected at least 2"):
+        cfg = dataclasses.replace(_tiny_cfg(tmp_path), in_data="folder:mine")     # labels give the class count
+        confident.train(cfg, x, torch.zeros_like(y), None, tmp_path / "run", log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_pull_away_term_refuses_fewer_than_two_samples():
+    with pytest.raises(ConfidentError, match="1 sample"):
+        confident.pull_away_term(torch.rand(1, 3, 32, 32))
 
 
 def test_evaluate_refuses_empty_or_too_small_ood_set(tiny_model, tmp_path):
