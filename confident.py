@@ -104,7 +104,7 @@ class Config:
     diag_every: int = 0              # also every N steps (0: only at the end of each epoch)
     val_ood: str = "none"            # a validation OOD set: its *train* split is scored against the in-set's
                                      # validation images (results.json "validation"; reported as seen)
-    # Stabilisers of joint training, beyond the paper (README "Beyond the paper"); each default is the paper's.
+    # Stabilisers of joint training, beyond the paper (results/stability/README.md); each default is the paper's.
     g_ema: float = 0.0               # > 0: the classifier's KL samples come from an EMA of G with this decay
     ema_raw_frac: float = 0.0        # with g_ema: this fraction of each KL batch comes from the raw G instead
     g_ema_debias: bool = False       # with g_ema: average G's trained weights only, without its initialisation
@@ -161,9 +161,24 @@ def resolve(cfg: Config) -> Config:
               ("replay", cfg.replay >= 0, ">= 0"), ("r1", cfg.r1 >= 0, ">= 0"),
               ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
               ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("ema_raw_frac", 0 <= cfg.ema_raw_frac <= 1, "in [0, 1]")]
+    for f in dataclasses.fields(cfg):                         # inf passes every ">" check above: refuse it first
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfidentError(f"--{f.name.replace('_', '-')} {v!r}: expected a finite number")
     for name, ok, want in checks:
         if not ok:
             raise ConfidentError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected {want}")
+    if _same_set(cfg.out_data, cfg.in_data):
+        raise ConfidentError(f"--out {cfg.out_data} is the in-distribution set (--in): expected another set")
+    _check_device(cfg.device)
+    if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfidentError(f"--output-dir {cfg.output_dir}: a file is there, expected a folder (or none)")
+    if cfg.impl == "triton":
+        k = _kernels()
+        cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        if k is None or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ConfidentError("--impl triton needs Triton and a CUDA device (or TRITON_INTERPRET=1): "
+                                 "expected --impl auto or torch here")
     parse_floats(cfg.temperatures, "temperatures", positive=True)
     parse_floats(cfg.epsilons, "epsilons", nonnegative=True)
     if cfg.select_epoch not in ("final", "best"):
@@ -191,6 +206,26 @@ def resolve(cfg: Config) -> Config:
     if cfg.cuda_graphs and _uncapturable(cfg):
         raise ConfidentError(f"--cuda-graphs {_uncapturable(cfg)}; drop one of the two")
     return cfg
+
+
+def _check_device(name: str) -> None:
+    """--device: auto, cpu, cuda or cuda:N, and a CUDA device only where there is one."""
+    if name == "auto":
+        return
+    try:
+        d = torch.device(name)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise ConfidentError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfidentError(f"--device {name}: no CUDA device here (this torch "
+                                 f"{'has no CUDA support' if torch.version.cuda is None else 'finds none'}): "
+                                 "expected auto or cpu")
+        if d.index is not None and d.index >= n:
+            raise ConfidentError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
 
 
 def parse_floats(text: str, what: str, positive=False, nonnegative=False) -> list[float]:
@@ -311,6 +346,7 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
             raise ConfidentError(f"{url}: checksum mismatch after download (expected md5 {md5})")
         if check is not None:
             check(Path(tmp))
+        _as_created(tmp)
         os.replace(tmp, dest)
     except ConfidentError:
         raise
@@ -1363,6 +1399,14 @@ def set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _as_created(tmp: str) -> None:
+    """mkstemp makes its file readable by its owner only: give it the mode an ordinary new file gets (0644 under
+    the usual umask), so results and checkpoints can be shared like any other file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+
+
 def atomic_save(obj, path: Path):
     """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1372,6 +1416,7 @@ def atomic_save(obj, path: Path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())                  # on disk before the rename makes it the checkpoint
+        _as_created(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1386,6 +1431,7 @@ def atomic_write_text(text: str, path: Path):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _as_created(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1821,12 +1867,12 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     if cfg.resume:
         if state_path is None or not state_path.exists():
             raise ConfidentError(f"--resume: no checkpoint at {state_path}")
-        try:   # weights_only: a checkpoint is tensors and plain containers; anything else is refused, never run
-            sd = torch.load(state_path, map_location=device, weights_only=True)
-            tr.load_state_dict(sd)
+        try:
+            tr.load_state_dict(_load_train_state(state_path, device))
+        except ConfidentError:
+            raise
         except Exception as e:
-            raise ConfidentError(f"--resume: {state_path} is not a training checkpoint of this run "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            raise _not_resumable(state_path, e) from None
         log(f"resumed from {state_path} at epoch {tr.epoch}")
     if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
         raise ConfidentError(f"--method {cfg.method} needs OOD training images from --out {cfg.out_data}")
@@ -2123,7 +2169,52 @@ def environment() -> dict:
 
 def _default_out_dir(cfg: Config) -> str:
     tag = f"folder-{_folder_path(cfg.in_data).resolve().name}" if cfg.in_data.startswith("folder:") else cfg.in_data
-    return f"runs/{tag}-{cfg.method}-s{cfg.seed}"
+    out = f"folder-{_folder_path(cfg.out_data).resolve().name}" if cfg.out_data.startswith("folder:") else cfg.out_data
+    return f"runs/{tag}-{out}-{cfg.method}-s{cfg.seed}"
+
+
+# what a checkpoint's tensors depend on: a resume with another value cannot load it
+SHAPES_STATE = ("in_data", "method", "model", "width", "gan_width", "nz", "d_sn", "g_ema", "replay")
+
+
+def _not_resumable(state: Path, e: Exception) -> ConfidentError:
+    # (torch's own message would advise weights_only=False, i.e. running the file's code: not repeated)
+    why = "not a checkpoint of tensors" if isinstance(e, pickle.UnpicklingError) or "eights only" in str(e) \
+        else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ConfidentError(f"--resume: {state} is not a training checkpoint of this run ({why}); expected a "
+                          "train_state.pt written by confident.py with the same settings: delete it, or drop "
+                          "--resume to start afresh")
+
+
+def _load_train_state(state: Path, device, mmap: bool = False) -> dict:
+    """weights_only: a checkpoint is tensors and plain containers; anything else is refused, never run."""
+    try:
+        sd = torch.load(state, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise _not_resumable(state, e) from None
+    if not isinstance(sd, dict) or not {"epoch", "models", "opts", "scheds", "rng"} <= set(sd):
+        raise _not_resumable(state, ValueError("not the fields of a training state"))
+    return sd
+
+
+def _check_resumable(cfg: Config, out_dir: Path) -> None:
+    """--resume's checks before anything in out_dir changes: the checkpoint is there, loads (memory-mapped, so
+    cheaply) as a training state, and was trained with the settings its tensors' shapes depend on."""
+    state = out_dir / "train_state.pt"
+    if not state.exists():
+        raise ConfidentError(f"--resume: no checkpoint at {state}")
+    _load_train_state(state, "cpu", mmap=True)
+    try:
+        before = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        before = None
+    if isinstance(before, dict):
+        now = dataclasses.asdict(cfg)
+        diff = [k for k in SHAPES_STATE if k in before and before[k] != now[k]]
+        if diff:
+            raise ConfidentError(f"--resume: {state} was trained with " + ", ".join(
+                f"--{k.replace('_', '-')} {before[k]!r}" for k in diff) + "; this run has " + ", ".join(
+                f"--{k.replace('_', '-')} {now[k]!r}" for k in diff) + " (the same values resume it)")
 
 
 def pick_by_validation(candidates) -> dict:
@@ -2208,6 +2299,8 @@ def run(cfg: Config, log=print) -> dict:
         val_sets[cfg.val_ood] = load_uint8(cfg.val_ood, "train", root, download_ok=cfg.download)[0]
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
+    if cfg.resume:                                  # checked before the folder is touched: a failed resume loses nothing
+        _check_resumable(cfg, out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("results.json", "results.csv", "results.md"):   # no finished-looking result from an old run

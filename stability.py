@@ -2,7 +2,7 @@
 stability.py: does joint training (Algorithm 1) hold on every seed? Runs the main job over many seeds for
 cross-entropy, the paper's joint training and stabilised variants (flags beyond the paper), then reports
 mean +- std, collapses and seed-by-seed comparisons against cross-entropy, and picks a variant by a rule
-that reads validation data only (README "Beyond the paper").
+that reads validation data only (results/stability/README.md).
 
     python stability.py run --arms ce,joint,joint-ema --seeds 0-7 --jobs 12 --runs results/stability/runs
     python stability.py report --runs results/stability/runs --out results/stability   # report.md, diagnostics.png
@@ -31,7 +31,7 @@ SCALES = {
 }
 COMMON = "--diag-every 50 --val-ood photos"       # diagnostics, and the one validation OOD source (seen)
 
-# Arms: cross-entropy, the paper's joint training, and one stabiliser each (README "Beyond the paper").
+# Arms: cross-entropy, the paper's joint training, and one stabiliser each (results/stability/README.md).
 ARMS = {
     "ce": "--method ce",
     "joint": "--method joint",
@@ -153,7 +153,7 @@ def over_ce(rs: dict, ce: dict, name: str) -> list[float]:
 
 
 def select(data: dict) -> tuple[str | None, list[str]]:
-    """The selection rule, fixed before the comparison ran (README "Beyond the paper"). It reads only the
+    """The selection rule, fixed before the comparison ran (results/stability/README.md). It reads only the
     in-distribution validation images (the first --val-size test images) and the validation OOD set (photos,
     train split: photographs disjoint from the test split's). 1. An arm is out if any seed's validation accuracy
     is more than 5 points below the mean validation accuracy of ce. 2. Of the stabilised arms left, the highest

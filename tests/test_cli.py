@@ -362,10 +362,10 @@ def _folder_args(folder, *more):
 
 def test_main_trains_on_a_labelled_folder(tmp_path, write, monkeypatch, capsys):
     folder = write.labelled_folder(tmp_path / "mine")       # 3 classes x (24 train + 12 test), many sizes, some gray
-    monkeypatch.chdir(tmp_path)                              # the default --output-dir: runs/folder-mine-ce-s0/
+    monkeypatch.chdir(tmp_path)                              # the default --output-dir: runs/folder-mine-gaussian-ce-s0/
     confident.main(_folder_args(folder, "--data-root", str(tmp_path / "empty")))
     assert f"data: folder:{folder} train 72 test 36 | OOD test: gaussian 36" in capsys.readouterr().out
-    out = tmp_path / "runs" / "folder-mine-ce-s0"
+    out = tmp_path / "runs" / "folder-mine-gaussian-ce-s0"
     res = json.loads((out / "results.json").read_text())
     assert res["classes"] == ["ant", "mole", "zebra"]                        # sorted class folders: labels 0, 1, 2
     assert res["config"]["in_data"] == f"folder:{folder}"

@@ -1,4 +1,4 @@
-"""Reliability and security (issue #6): bad data, faults and hostile files lose nothing and run nothing.
+"""Reliability and security: bad data, faults and hostile files lose nothing and run nothing.
 
 1. Data integrity: idx files are checked (size, magic, shape, label range, md5 of the decompressed bytes);
    downloads from a local HTTP server on 127.0.0.1 (good, truncated, wrong, slow, missing) either leave the
@@ -442,6 +442,20 @@ def test_train_state_is_weights_only_loadable(tmp_path):
     assert [p.name for p in out.iterdir()] == ["train_state.pt"]          # no temporary files left
 
 
+def test_written_files_get_an_ordinary_files_mode(tmp_path):
+    """Written through a private temporary file (mode 0600), results and checkpoints end with the mode any new
+    file gets: 0644 under umask 022, 0640 under 027."""
+    for mask, want in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(mask)
+        try:
+            confident.atomic_write_text("{}", tmp_path / f"r{mask}.json")
+            confident.atomic_save({"w": torch.zeros(2)}, tmp_path / f"c{mask}.pt")
+        finally:
+            os.umask(old)
+        for name in (f"r{mask}.json", f"c{mask}.pt"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+
+
 # ------------------------------------------------------------------------------------------------
 # Faults: SIGKILL mid-epoch + --resume is bit-identical; NaN stops training and keeps the last checkpoint
 
@@ -779,10 +793,51 @@ def test_evaluate_refuses_empty_or_too_small_ood_set(tiny_model, tmp_path):
     (["--temperatures", "nan"], "temperatures"), (["--epsilons=-0.1"], "epsilons"),
     (["--lr", "nan"], "--lr"), (["--log-every", "0"], "--log-every"), (["--batch-size", "1"], "--batch-size"),
     (["--in", "gaussian"], "no labels"), (["--method", "magic"], "unknown method"),
+    (["--lr", "inf"], "--lr inf: expected a finite number"), (["--beta", "inf"], "--beta inf"),
+    (["--in", "mnist", "--out", "mnist"], "--out mnist is the in-distribution set"),
+    (["--device", "foo"], "--device 'foo': expected auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "--device cuda:99"),                 # no such device, with or without a GPU
+    (["--impl", "triton", "--device", "cpu"], "--impl triton needs Triton and a CUDA device"),
 ])
-def test_cli_bad_flags_exit_2_with_one_line(flags, match, capsys):
+def test_cli_bad_flags_exit_2_with_one_line(flags, match, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)             # (test_kernels.py sets it for the session)
     with pytest.raises(SystemExit) as exc:
         confident.main(["--epochs", "0", *flags])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    with pytest.raises(SystemExit) as exc:
+        confident.main(["--epochs", "0", "--output-dir", str(f)])
+    assert exc.value.code == 2 and "a file is there, expected a folder" in capsys.readouterr().err
+    assert f.read_text() == "keep me"
+
+
+def test_a_failed_resume_loses_nothing(tmp_path):
+    """--resume without a usable checkpoint, or with one trained at another width, stops before the folder's
+    earlier results and config are touched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = confident.Config(in_data="mnist", out_data="gaussian", method="ce", model="simple_cnn", width=0.0625,
+                           epochs=1, extra_ood="none", data_root=str(REPO / "data"), download=False,
+                           output_dir=str(out), resume=True, device="cpu")
+    (out / "results.json").write_text('{"old": true}')
+    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "width": 0.125}))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfidentError, match="no checkpoint at"):
+        confident.run(cfg, log=lambda *a: None)
+    (out / "train_state.pt").write_bytes(b"\x80\x02not a checkpoint at all")
+    before["train_state.pt"] = (out / "train_state.pt").read_bytes()
+    with pytest.raises(ConfidentError, match="is not a training checkpoint of this run.*drop --resume"):
+        confident.run(cfg, log=lambda *a: None)
+    x, y = _tiny_data()
+    confident.train(dataclasses.replace(cfg, resume=False, width=0.125, batch_size=16), x, y, None, out,
+                    log=lambda *a: None)
+    before["train_state.pt"] = (out / "train_state.pt").read_bytes()
+    with pytest.raises(ConfidentError, match="trained with --width 0.125; this run has --width 0.0625"):
+        confident.run(cfg, log=lambda *a: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
