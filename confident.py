@@ -2299,7 +2299,7 @@ def run(cfg: Config, log=print) -> dict:
         val_sets[cfg.val_ood] = load_uint8(cfg.val_ood, "train", root, download_ok=cfg.download)[0]
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
-    if cfg.resume:                                  # checked before the folder is touched: a failed resume loses nothing
+    if cfg.resume:                                  # checked before the folder is touched: a failed resume keeps it
         _check_resumable(cfg, out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)

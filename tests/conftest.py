@@ -10,9 +10,13 @@ import tarfile
 import types
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Triton's CPU interpreter for every test module, whatever order they are collected or run in (kernels decide
+# the mode when first imported); a GPU run sets TRITON_INTERPRET=0 to test the compiled kernels
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

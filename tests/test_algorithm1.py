@@ -45,8 +45,21 @@ class _AuthorsD(nn.Module):
         return torch.sigmoid(self.d(x)).view(-1)
 
 
-def authors_minibatch(model, netG, netD, optimizer, optimizerG, optimizerD, data, target, z, z2, beta, K):
-    """One mini-batch of the authors' joint training, in their order."""
+def pull_away_paper(samples):
+    """App. D: PT = 1 / (M (M - 1)) * sum over i != j of (G(z_i)^T G(z_j) / (|G(z_i)| |G(z_j)|))^2."""
+    M, flat = samples.shape[0], samples.reshape(samples.shape[0], -1)
+    total = 0.0
+    for i in range(M):
+        for j in range(M):
+            if i != j:
+                total = total + (flat[i] @ flat[j] / (flat[i].norm() * flat[j].norm())) ** 2
+    return total / (M * (M - 1))
+
+
+def authors_minibatch(model, netG, netD, optimizer, optimizerG, optimizerD, data, target, z, z2, beta, K,
+                      pt_weight=0.0):
+    """One mini-batch of the authors' joint training, in their order; pt_weight > 0 adds App. D's pull-away term
+    to G's loss (joint-pt; not in the authors' code)."""
     bce = nn.BCELoss()
     uniform_dist = torch.full((data.shape[0], K), 1.0 / K)
     # 1. D: real images labelled 1, G(z) (detached) labelled 0; one step
@@ -61,7 +74,8 @@ def authors_minibatch(model, netG, netD, optimizer, optimizerG, optimizerD, data
     optimizerG.zero_grad()
     errG = bce(netD(fake), torch.ones(data.shape[0]))
     errG_KL = F.kl_div(F.log_softmax(model(fake), dim=1), uniform_dist, reduction="mean") * K
-    (errG + beta * errG_KL).backward()
+    errG_total = errG + beta * errG_KL + (pt_weight * pull_away_paper(fake) if pt_weight else 0.0)
+    errG_total.backward()
     optimizerG.step()
     # 3. classifier: NLL on the real batch + beta * KL on G's samples from a fresh z'; one step
     optimizer.zero_grad()
@@ -71,13 +85,13 @@ def authors_minibatch(model, netG, netD, optimizer, optimizerG, optimizerD, data
     total = loss + beta * KL_loss_fake
     total.backward()
     optimizer.step()
-    return {"d": (errD_real + errD_fake).item(), "g": (errG + beta * errG_KL).item(), "c": total.item()}
+    return {"d": (errD_real + errD_fake).item(), "g": errG_total.item(), "c": total.item()}
 
 
-def _setup(beta, seed=0, B=8, steps=3, K=10):
+def _setup(beta, seed=0, B=8, steps=3, K=10, method="joint", pt_weight=1.0):
     torch.manual_seed(seed)
-    cfg = Config(in_data="fashion-mnist", method="joint", width=0.0625, epochs=1, batch_size=B, beta=beta,
-                 impl="torch", log_every=10 ** 9)
+    cfg = Config(in_data="fashion-mnist", method=method, width=0.0625, epochs=1, batch_size=B, beta=beta,
+                 impl="torch", log_every=10 ** 9, pt_weight=pt_weight)
     tr = confident.Trainer(cfg, K, torch.device("cpu"), log=lambda *a, **k: None)
     _no_dropout(tr.net)
     with torch.no_grad():          # the authors' init, N(0, 0.01) linear layers, leaves a tiny VGG's logits nearly
@@ -107,7 +121,7 @@ def _record_grads(opt: torch.optim.Optimizer) -> list:
     return log
 
 
-def _run_both(tr, nets, opts, batches, beta, K=10, queue_of=lambda z, z2: [z, z2]):
+def _run_both(tr, nets, opts, batches, beta, K=10, queue_of=lambda z, z2: [z, z2], pt_weight=0.0):
     """Runs our steps and the authors' on the same batches. Returns the losses of both sides, and for each
     network (net, G, D) both sides' gradients at every step."""
     model, netG, netD = nets
@@ -126,7 +140,7 @@ def _run_both(tr, nets, opts, batches, beta, K=10, queue_of=lambda z, z2: [z, z2
         tr._noise = lambda n, q=queue: q.pop(0)
         ours.append({k: float(v) for k, v in tr.step(x, y).items() if k in ("d", "g", "c")})
         assert not queue                                 # exactly two latent batches per step, as the authors
-        theirs.append(authors_minibatch(model, netG, netD, *opts, x, y, z, z2, beta, K))
+        theirs.append(authors_minibatch(model, netG, netD, *opts, x, y, z, z2, beta, K, pt_weight))
     return ours, theirs, {k: (ours_g[k], theirs_g[k]) for k in ours_g}
 
 
@@ -142,12 +156,13 @@ def _buffers_close(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(a.buffers(), b.buffers()))
 
 
-@pytest.mark.parametrize("beta", [1.0, 0.1])
-def test_joint_steps_equal_the_authors_minibatch_loop(beta):
-    tr, nets, opts, batches = _setup(beta)
+@pytest.mark.parametrize("beta,method,pt", [(1.0, "joint", 0.0), (0.1, "joint", 0.0), (1.0, "joint-pt", 0.7)])
+def test_joint_steps_equal_the_authors_minibatch_loop(beta, method, pt):
+    """joint: the authors' loop; joint-pt: the same with App. D's pull-away term (weight 0.7) in G's loss."""
+    tr, nets, opts, batches = _setup(beta, method=method, pt_weight=pt or 1.0)
     for ours, theirs in zip(tr.opts.values(), opts):     # the same optimiser settings (net, G, D)
         assert type(ours) is type(theirs) and ours.defaults == theirs.defaults
-    ours, theirs, grads = _run_both(tr, nets, opts, batches, beta)
+    ours, theirs, grads = _run_both(tr, nets, opts, batches, beta, pt_weight=pt)
     for o, t in zip(ours, theirs):
         for k in ("d", "g", "c"):
             assert o[k] == pytest.approx(t[k], rel=1e-5, abs=1e-6), (k, ours, theirs)
@@ -160,7 +175,8 @@ def test_joint_steps_equal_the_authors_minibatch_loop(beta):
 
 def test_the_comparison_tells_a_different_order_apart():
     """The comparison can fail: our step with the classifier's KL batch drawn from D's latent vectors (not a fresh
-    z'), or with G's step lacking the KL term, gives gradients far outside the tolerance above."""
+    z'), or with G's step lacking the KL term (or joint-pt's lacking the pull-away term), gives gradients far
+    outside the tolerance above."""
     tr, nets, opts, batches = _setup(1.0)
     _, _, grads = _run_both(tr, nets, opts, batches, 1.0, queue_of=lambda z, z2: [z, z])
     assert _worst(grads["net"]) > 1e-2
@@ -169,4 +185,10 @@ def test_the_comparison_tells_a_different_order_apart():
     gan_step = tr._gan_step
     tr._gan_step = lambda x, kl_beta, pt: gan_step(x, 0.0, pt)           # G trained as an ordinary GAN
     _, _, grads = _run_both(tr, nets, opts, batches, 1.0)
+    assert _worst(grads["G"]) > 1e-2
+
+    tr, nets, opts, batches = _setup(1.0, method="joint-pt", pt_weight=0.7)
+    gan_step = tr._gan_step
+    tr._gan_step = lambda x, kl_beta, pt: gan_step(x, kl_beta, 0.0)      # joint-pt without its term
+    _, _, grads = _run_both(tr, nets, opts, batches, 1.0, pt_weight=0.7)
     assert _worst(grads["G"]) > 1e-2

@@ -20,7 +20,7 @@ from confident import Config, ConfidentError
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 METRICS = ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out")
-# `--impl torch`: tests/test_kernels.py sets TRITON_INTERPRET=1 for the session, under which impl=auto would run
+# `--impl torch`: tests/conftest.py sets TRITON_INTERPRET=1 (no GPU), under which impl=auto would run
 # the Triton kernels through the (slow) CPU interpreter; they have their own tests.
 E2E_ARGS = ["--in", "fashion-mnist", "--out", "mnist", "--model", "vgg13", "--width", "0.0625", "--epochs", "1",
             "--train-limit", "256", "--eval-limit", "300", "--val-size", "100", "--batch-size", "64",
@@ -362,7 +362,7 @@ def _folder_args(folder, *more):
 
 def test_main_trains_on_a_labelled_folder(tmp_path, write, monkeypatch, capsys):
     folder = write.labelled_folder(tmp_path / "mine")       # 3 classes x (24 train + 12 test), many sizes, some gray
-    monkeypatch.chdir(tmp_path)                              # the default --output-dir: runs/folder-mine-gaussian-ce-s0/
+    monkeypatch.chdir(tmp_path)                              # default --output-dir: runs/folder-mine-gaussian-ce-s0/
     confident.main(_folder_args(folder, "--data-root", str(tmp_path / "empty")))
     assert f"data: folder:{folder} train 72 test 36 | OOD test: gaussian 36" in capsys.readouterr().out
     out = tmp_path / "runs" / "folder-mine-gaussian-ce-s0"

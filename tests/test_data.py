@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import confident
 from confident import ConfidentError, load_dataset, load_uint8, safe_extract
@@ -33,10 +32,24 @@ def test_idx_loader_resizes_28_to_32(tmp_path, write, name, gz, split):
     x, y = load_uint8(name, split, tmp_path, verify=False)
     assert x.shape == (7, 1, 32, 32) and x.dtype == torch.uint8
     assert y.dtype == torch.int64 and y.tolist() == labels.tolist()
-    # bilinear 28 -> 32 (half-pixel centres), rounded back to uint8
-    want = F.interpolate(torch.from_numpy(imgs).float()[:, None], size=(32, 32), mode="bilinear",
-                         align_corners=False).round().clamp(0, 255).to(torch.uint8)
-    assert torch.equal(x, want)
+    # bilinear 28 -> 32 with half-pixel centres (what PIL's bilinear resize, under the authors' Resize(32), does
+    # when enlarging), rounded back to uint8; rounding at exact halves may differ by one between float types
+    want = torch.from_numpy(_bilinear_by_hand(imgs, 32)).round()
+    diff = (x[:, 0].float() - want).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+
+
+def _bilinear_by_hand(imgs: np.ndarray, size: int) -> np.ndarray:
+    """Output pixel i samples the input at (i + 0.5) * n / size - 0.5, clamped to the edge pixels, and mixes the
+    two nearest pixels by distance, first along rows then along columns (float64)."""
+    n = imgs.shape[-1]
+    src = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    w = src - lo
+    a = imgs.astype(np.float64)
+    rows = a[:, lo, :] * (1 - w)[None, :, None] + a[:, hi, :] * w[None, :, None]
+    return rows[:, :, lo] * (1 - w)[None, None, :] + rows[:, :, hi] * w[None, None, :]
 
 
 def test_idx_loader_constant_image_stays_constant_and_picks_split(tmp_path, write):

@@ -252,10 +252,9 @@ LOW_PRECISION = [(torch.bfloat16, 5e-3), (torch.float16, 1e-3)]
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("dtype,tol", LOW_PRECISION)
 def test_low_precision_model_scores_close_to_its_fp32_copy(dtype, tol, impl):
-    # asked at run time, not at collection: importing the kernels early would fix Triton's mode before
-    # test_kernels.py turns its CPU interpreter on
-    if impl == "triton" and not (confident._kernels() and confident._kernels().can_run(torch.zeros(1))):
-        pytest.skip("the Triton kernels cannot run here (no GPU, TRITON_INTERPRET unset)")
+    # tests/conftest.py turns Triton's CPU interpreter on where there is no GPU: the kernels must run here
+    if impl == "triton":
+        assert confident._kernels() and confident._kernels().can_run(torch.zeros(1)), "Triton kernels unavailable"
     ref, low = _tiny_cnn(), _tiny_cnn(dtype)
     x = torch.rand(32, 3, 32, 32)
     b = baseline_scores(low, x)
@@ -322,3 +321,48 @@ def test_predict_logits_follow_the_model_dtype(images):
         assert z.shape == (20, 10) and z.dtype == want
         with torch.no_grad():
             torch.testing.assert_close(z, model(images.to(dtype)).to(want), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation protocol (paper App. B, C.3; REFERENCE: the ODIN and Mahalanobis authors' split): the first
+# val_size images of each set choose ODIN's (T, eps) by detection error and fit temperature scaling; every
+# reported number comes from the rest.
+
+def _protocol_case():
+    g = torch.Generator().manual_seed(5)
+    x_in = torch.rand(60, 3, 32, 32, generator=g)
+    x_out = (torch.rand(60, 3, 32, 32, generator=g) * 0.6 + 0.2)          # a narrower, greyer kind of noise
+    y_in = torch.randint(0, 10, (60,), generator=g)
+    cfg = confident.Config(in_data="cifar10", out_data="mine", val_size=20, temperatures="1,10,100,1000",
+                           epsilons="0,0.001,0.01,0.05", impl="torch", eval_batch_size=16)
+    return _model(), x_in, y_in, x_out, cfg
+
+
+def test_odin_point_and_temperature_are_chosen_on_validation_images_only():
+    model, x_in, y_in, x_out, cfg = _protocol_case()
+    v, Ts, Es = 20, [1, 10, 100, 1000], [0, 0.001, 0.01, 0.05]
+    res = confident.evaluate(model, x_in, y_in, {"mine": x_out}, cfg, log=lambda *a: None)
+    s_in = torch.stack([torch.stack([_odin_reference(model, x_in, T, e) for e in Es]) for T in Ts])
+    s_out = torch.stack([torch.stack([_odin_reference(model, x_out, T, e) for e in Es]) for T in Ts])
+    err = lambda a, b: 1 - confident.ood_metrics(a, b)["detection_acc"]              # noqa: E731
+    points = [(t, j) for t in range(len(Ts)) for j in range(len(Es))]
+    val_err = {p: err(s_in[p][:v], s_out[p][:v]) for p in points}
+    test_err = {p: err(s_in[p][v:], s_out[p][v:]) for p in points}
+    chosen = min(points, key=lambda p: val_err[p])                               # the first of equal errors
+    # the case is one where looking at the test images would choose differently
+    assert min(test_err.values()) < test_err[chosen] - 1e-9
+    odin = res["ood"]["mine"]["odin"]
+    assert (odin["temperature"], odin["epsilon"]) == (Ts[chosen[0]], Es[chosen[1]])
+    want = confident.ood_metrics(s_in[chosen][v:], s_out[chosen][v:])
+    for k in confident.METRIC_KEYS:
+        assert odin[k] == pytest.approx(want[k], abs=1e-6), k
+    # temperature scaling: fitted on the validation images, ECE on the rest
+    with torch.no_grad():
+        logits = model(x_in)
+    T_val = confident.fit_temperature(logits[:v], y_in[:v])
+    assert res["calibration_temperature"] == pytest.approx(T_val, rel=1e-6)
+    assert abs(confident.fit_temperature(logits[v:], y_in[v:]) - T_val) > 1e-3 * T_val   # the rest differ
+    assert res["ece"] == pytest.approx(confident.expected_calibration_error(torch.softmax(logits[v:], 1), y_in[v:]))
+    assert res["ece_temperature_scaled"] == pytest.approx(
+        confident.expected_calibration_error(torch.softmax(logits[v:] / T_val, 1), y_in[v:]))
+    assert res["n_in_test"] == 40 and res["ood"]["mine"]["n_out_test"] == 40

@@ -130,6 +130,17 @@ def test_authors_loop_by_hand_with_a_tie_at_the_top():
     assert got["auroc_tie_aware"] == pytest.approx(5.5 / 9, abs=1e-12)
 
 
+def test_tnr_averages_fpr_over_the_band_by_threshold_length_by_hand():
+    """The authors average FPR over evenly spaced thresholds, so each stretch of scores with one FPR counts by its
+    length. In: 0, .02, .04, .06, .10, .11 and 94 x .9; out: 50 x .05, 50 x .5. TPR is in [0.94, 0.96] for
+    thresholds in (.06, .9), where FPR is 0.5 below .5 (length .44) and 0 from .5 (length .40): TNR = 1 - 0.5 *
+    .44 / .84 = 31/42. An average over the four distinct (TPR, FPR) stretches instead would give 0.625."""
+    si = [0, .02, .04, .06, .10, .11] + [.9] * 94
+    so = [.05] * 50 + [.5] * 50
+    assert ood_metrics(si, so)["tnr_at_tpr95"] == pytest.approx(31 / 42, abs=1e-9)
+    assert authors_loop(si, so, G=20_011)["tnr_at_tpr95"] == pytest.approx(31 / 42, abs=1e-3)
+
+
 def test_saturated_top_follows_the_authors_not_odin():
     """Max-softmax scores with 60% of the in- and 20% of the OOD scores exactly 1.0: the authors' loop gives
     AUROC 0.7688; ODIN's calMetric.py convention adds P_in(1) * P_out(1) = 0.12 for 0.8888."""

@@ -130,3 +130,54 @@ def test_mlp_shapes():
 def test_unknown_model_name_is_a_config_error():
     with pytest.raises(confident.ConfidentError, match="resnet"):
         confident.resolve(confident.Config(model="resnet", in_data="mnist", out_data="gaussian"))
+
+
+def _layers(seq: nn.Module) -> list:
+    """Each layer as (type, the settings the reference names)."""
+    out = []
+    for m in seq:
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            out.append((type(m).__name__, m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0],
+                        m.bias is not None))
+        elif isinstance(m, nn.Linear):
+            out.append(("Linear", m.in_features, m.out_features))
+        elif isinstance(m, nn.LeakyReLU):
+            out.append(("LeakyReLU", m.negative_slope))
+        elif isinstance(m, nn.Dropout):
+            out.append(("Dropout", m.p))
+        elif isinstance(m, nn.MaxPool2d):
+            out.append(("MaxPool2d", m.kernel_size, m.stride))
+        elif isinstance(m, nn.BatchNorm2d):
+            out.append(("BatchNorm2d", m.num_features))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+def test_layers_in_order_as_the_authors_networks():
+    """Written out from the reference notes on the authors' code: the DCGAN generator (4x4 transposed convolutions
+    without bias, BatchNorm + ReLU between, Sigmoid out), the discriminator (4x4 convolutions without bias, LeakyReLU
+    0.2, BatchNorm from the second; its final Sigmoid is inside our BCE-with-logits) and VGG-13 (3x3 convolutions
+    with bias, padding 1, ReLU, no BatchNorm, max-pools; head 512-512-K with ReLU then Dropout 0.5)."""
+    tc = "ConvTranspose2d"
+    assert _layers(Generator(100).net) == [
+        (tc, 100, 512, 4, 1, 0, False), ("BatchNorm2d", 512), ("ReLU",),
+        (tc, 512, 256, 4, 2, 1, False), ("BatchNorm2d", 256), ("ReLU",),
+        (tc, 256, 128, 4, 2, 1, False), ("BatchNorm2d", 128), ("ReLU",),
+        (tc, 128, 3, 4, 2, 1, False), ("Sigmoid",)]
+    assert _layers(Discriminator().net) == [
+        ("Conv2d", 3, 128, 4, 2, 1, False), ("LeakyReLU", 0.2),
+        ("Conv2d", 128, 256, 4, 2, 1, False), ("BatchNorm2d", 256), ("LeakyReLU", 0.2),
+        ("Conv2d", 256, 512, 4, 2, 1, False), ("BatchNorm2d", 512), ("LeakyReLU", 0.2),
+        ("Conv2d", 512, 1, 4, 1, 0, False)]
+    want, c = [], 3
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
+        if v == "M":
+            want.append(("MaxPool2d", 2, 2))
+        else:
+            want += [("Conv2d", c, v, 3, 1, 1, True), ("ReLU",)]
+            c = v
+    net = vgg13(10)
+    assert _layers(net.features) == want
+    assert _layers(net.head) == [("Linear", 512, 512), ("ReLU",), ("Dropout", 0.5),
+                                 ("Linear", 512, 512), ("ReLU",), ("Dropout", 0.5), ("Linear", 512, 10)]

@@ -172,15 +172,13 @@ def test_download_good_file_lands_with_right_bytes(server, tmp_path):
     ("/truncated", None, "truncat|download failed"),                     # Content-Length check alone
     ("/truncated", hashlib.md5(GOOD).hexdigest(), "truncat|download failed"),
     ("/wrong", hashlib.md5(GOOD).hexdigest(), "checksum"),
-    ("/slow", None, "download failed"),                                  # timed out
+    ("/slow", None, "download failed .*timed out"),                      # the client's timeout ended it
     ("/missing", None, "download failed"),                               # HTTP 404
 ])
 def test_download_bad_leaves_nothing(server, tmp_path, route, md5, match):
     dest = tmp_path / "dl" / "file.bin"
-    t0 = time.time()
     with pytest.raises(ConfidentError, match=match):
         confident.download(server + route, dest, md5=md5, timeout=0.3)
-    assert time.time() - t0 < SLOW_S + 1                                 # the timeout, not the server, ended it
     assert not dest.exists()
     assert _files_under(tmp_path / "dl") == []                           # and no .part file either
 
@@ -800,7 +798,7 @@ def test_evaluate_refuses_empty_or_too_small_ood_set(tiny_model, tmp_path):
     (["--impl", "triton", "--device", "cpu"], "--impl triton needs Triton and a CUDA device"),
 ])
 def test_cli_bad_flags_exit_2_with_one_line(flags, match, capsys, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)             # (test_kernels.py sets it for the session)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)             # (tests/conftest.py sets it)
     with pytest.raises(SystemExit) as exc:
         confident.main(["--epochs", "0", *flags])
     assert exc.value.code == 2

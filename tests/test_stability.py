@@ -215,11 +215,10 @@ def test_replay_buffer_fills_and_feeds_half_the_kl_batch():
     assert len(tr.replay) == 32                              # first step: all fresh, all kept
     first = tr.replay.clone()
     out = tr._kl_samples(32)                                 # now 16 fresh + 16 from the buffer
-    stored = torch.cat([first, tr.replay]).flatten(1)
     from_buffer = out[16:].flatten(1)
     assert all(bool((first.flatten(1) == r).all(1).any()) for r in from_buffer)
     assert len(tr.replay) == 40 and torch.equal(tr.replay[:16], out[:16])   # newest first, capped at 40
-    assert stored.shape[0] == 72
+    assert torch.equal(tr.replay[32:], first[:8])           # behind the 32 new ones, the first step's newest 8
 
 
 def test_r1_penalty_adds_half_r1_times_squared_input_gradient():
