@@ -1,4 +1,5 @@
-"""Joint training (Algorithm 1) step by step against a transcription of the authors' mini-batch loop.
+"""Joint training (Algorithm 1) step by step against a transcription of the authors' mini-batch loop, and the
+classifier steps of Eq. (1) and Eq. (5) against the paper's equations written out.
 
 The reference below is written from the description of the authors' training script in the project's reference
 notes ("Each mini-batch, in order"), in their own terms: a discriminator that ends in a sigmoid scored with
@@ -12,6 +13,7 @@ dropout off the two must agree to rounding. Everything else (BatchNorm in G and 
 classifier in train mode for every KL term, Adam's settings) is as in training.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -192,3 +194,46 @@ def test_the_comparison_tells_a_different_order_apart():
     tr._gan_step = lambda x, kl_beta, pt: gan_step(x, kl_beta, 0.0)      # joint-pt without its term
     _, _, grads = _run_both(tr, nets, opts, batches, 1.0, pt_weight=0.7)
     assert _worst(grads["G"]) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# The regimes with a real OOD batch: one classifier step against the paper's equations written out
+
+def _kl_uniform_by_definition(logits):
+    """KL(U || p) = sum_y (1/K) log((1/K) / p(y | x)), averaged over the batch."""
+    K = logits.shape[1]
+    return ((1.0 / K) * (math.log(1.0 / K) - F.log_softmax(logits, 1))).sum(1).mean()
+
+
+@pytest.mark.parametrize("method", ["conf", "kplus1"])
+def test_classifier_step_with_a_real_ood_batch_follows_eq1_and_eq5(method):
+    """conf, Eq. (1): E_in[-log p(y|x)] + beta * E_out[KL(U || p(y|x))]; kplus1, Eq. (5): E_in[-log p(y|x)] +
+    E_out[-log p(y = K+1 | x)] on K+1 outputs. One Adam step each from the same weights, gradients compared."""
+    torch.manual_seed(0)
+    K, B, beta = 10, 8, 0.3
+    cfg = Config(in_data="fashion-mnist", method=method, width=0.0625, epochs=1, batch_size=B, beta=beta,
+                 impl="torch", log_every=10 ** 9)
+    tr = confident.Trainer(cfg, K, torch.device("cpu"), log=lambda *a, **k: None)
+    _no_dropout(tr.net)
+    with torch.no_grad():
+        for m in tr.net.head:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(30)
+    model = copy.deepcopy(tr.net)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    g = torch.Generator().manual_seed(1)
+    x, x_out = torch.rand(B, 3, 32, 32, generator=g), torch.rand(B, 3, 32, 32, generator=g)
+    y = torch.randint(0, K, (B,), generator=g)
+    ours = _record_grads(tr.opts["net"])
+    theirs = _record_grads(opt)
+    got = float(tr.step(x, y, x_out)["c"])
+    opt.zero_grad()
+    ce_in = -F.log_softmax(model(x), 1).gather(1, y[:, None]).mean()
+    if method == "conf":
+        loss = ce_in + beta * _kl_uniform_by_definition(model(x_out))
+    else:
+        loss = ce_in - F.log_softmax(model(x_out), 1)[:, K].mean()       # class K+1 is index K
+    loss.backward()
+    opt.step()
+    assert got == pytest.approx(float(loss), rel=1e-5)
+    assert _worst((ours, theirs)) < 3e-5
