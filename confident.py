@@ -142,8 +142,8 @@ def resolve(cfg: Config) -> Config:
         raise ConfidentError(f"unknown method {cfg.method!r}: expected one of {', '.join(METHODS)}")
     if cfg.model not in CLASSIFIERS:
         raise ConfidentError(f"unknown model {cfg.model!r}: expected one of {', '.join(CLASSIFIERS)}")
-    for name in (cfg.in_data, cfg.out_data):
-        check_dataset_name(name)
+    for flag, name in (("--in", cfg.in_data), ("--out", cfg.out_data)):
+        check_dataset_name(name, flag)
     if cfg.in_data not in LABELLED and not cfg.in_data.startswith("folder:"):
         raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)} or "
                              "folder:PATH (images in PATH/train/<class>/ and PATH/test/<class>/)")
@@ -189,7 +189,10 @@ def resolve(cfg: Config) -> Config:
     if cfg.tune:
         tune_grid(cfg)                                        # a bad grid fails here, before anything runs
     if cfg.val_ood != "none":
-        check_dataset_name(cfg.val_ood)
+        check_dataset_name(cfg.val_ood, "--val-ood")
+    if cfg.extra_ood not in ("auto", "none"):
+        for n in cfg.extra_ood.split(","):
+            check_dataset_name(n.strip(), "--extra-ood")
     if cfg.ema_raw_frac and not cfg.g_ema:
         raise ConfidentError(f"--ema-raw-frac {cfg.ema_raw_frac!r} mixes raw G samples into the EMA generator's: "
                              "expected --g-ema > 0 too")
@@ -300,11 +303,11 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-def check_dataset_name(name: str) -> None:
+def check_dataset_name(name: str, flag: str = "") -> None:
     if name.startswith("folder:"):
         return
     if name not in LABELLED + UNLABELLED:
-        raise ConfidentError(f"unknown data set {name!r}: expected one of "
+        raise ConfidentError(f"{flag + ': ' if flag else ''}unknown data set {name!r}: expected one of "
                              f"{', '.join(LABELLED + UNLABELLED)} or folder:PATH")
 
 
@@ -2139,17 +2142,41 @@ def markdown_table(res: dict, cfg: Config, seen: set) -> str:
 # ------------------------------------------------------------------------------------------------
 # CLI
 
+def _config_help() -> dict:
+    """Each Config field's comment in this file's source (its documentation, one place): {field: text}."""
+    import inspect
+    try:
+        lines = inspect.getsource(Config).splitlines()
+    except (OSError, TypeError):                              # no source to read (a frozen build): no help texts
+        return {}
+    out, last = {}, None
+    for ln in lines:
+        code, _, comment = ln.partition("#")
+        name = code.strip().split(":")[0] if ":" in code and "=" in code else ""
+        if name.isidentifier():
+            last = name
+            out[name] = comment.strip()
+        elif last and not code.strip() and comment.strip():   # a comment continued on the next line
+            out[last] += " " + comment.strip()
+        else:
+            last = None
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Confidence-calibrated classifiers for OOD detection "
-                                "(Lee et al., ICLR 2018): train, then evaluate baseline and ODIN detectors.")
+                                "(Lee et al., ICLR 2018): train, then evaluate baseline and ODIN detectors.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _config_help()
     for f in dataclasses.fields(Config):
         flag = "--" + ("in" if f.name == "in_data" else "out" if f.name == "out_data"
                        else f.name.replace("_", "-"))
+        text = helps.get(f.name, "").replace("%", "%%")       # argparse formats help with %
         if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, dest=f.name, type=typ, default=f.default)
+            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=text)
     return p
 
 
@@ -2272,7 +2299,7 @@ def run(cfg: Config, log=print) -> dict:
         optional = [n for n in LABELLED + UNLABELLED if other(n)]
     elif cfg.extra_ood != "none":
         for n in cfg.extra_ood.split(","):
-            check_dataset_name(n.strip())
+            check_dataset_name(n.strip(), "--extra-ood")
         names += [n.strip() for n in cfg.extra_ood.split(",") if n.strip() and other(n.strip())]
     ood_test = {}
     for n in names + optional:

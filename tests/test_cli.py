@@ -454,3 +454,13 @@ def test_cli_missing_set_is_one_line_with_the_way_out(tmp_path, write, offline, 
     assert ("download failed (URLError: [Errno -2] Name or service not known)" in msg) == download
     assert ("downloads off (--no-download)" in msg) == (not download) and len(offline) == int(download)
     assert "to fix: " in msg and f"in {root / name}/" in msg
+
+
+def test_help_describes_every_flag():
+    """--help gives each flag its Config comment and default (the -1 sentinels say what they stand for)."""
+    actions = [a for a in confident.build_parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert len(actions) == len(dataclasses.fields(confident.Config))
+    empty = [a.option_strings[0] for a in actions if not (a.help or "").strip()]
+    assert not empty, empty
+    text = confident.build_parser().format_help()
+    assert "-1: paper default (1 for svhn, 0.1 for cifar10, else 1)" in " ".join(text.split())

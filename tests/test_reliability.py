@@ -796,6 +796,8 @@ def test_evaluate_refuses_empty_or_too_small_ood_set(tiny_model, tmp_path):
     (["--device", "foo"], "--device 'foo': expected auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:99"], "--device cuda:99"),                 # no such device, with or without a GPU
     (["--impl", "triton", "--device", "cpu"], "--impl triton needs Triton and a CUDA device"),
+    (["--extra-ood", "mnist,foo"], "--extra-ood: unknown data set 'foo'"),
+    (["--val-ood", "foo"], "--val-ood: unknown data set 'foo'"), (["--out", "foo"], "--out: unknown data set"),
 ])
 def test_cli_bad_flags_exit_2_with_one_line(flags, match, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)             # (tests/conftest.py sets it)
