@@ -2277,6 +2277,7 @@ def run(cfg: Config, log=print) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     log0 = log if master else (lambda *a, **k: None)
+    env = environment()                         # the code that runs: the commit at the start, not at the end
     classes = class_names(cfg.in_data)          # label i is classes[i]; a labelled folder's layout is checked here
     out_dir = Path(cfg.output_dir or _default_out_dir(cfg))
     root = Path(cfg.data_root)
@@ -2367,7 +2368,7 @@ def run(cfg: Config, log=print) -> dict:
             name: {"epoch": e, "accuracy": by_epoch[e]["accuracy"], **by_epoch[e]["ood"][name]}
             for name, e in pick_by_validation([(e["epoch"], e["ood"]) for e in evals]).items()})
     if master:
-        res.update(classes=classes, config=dataclasses.asdict(cfg), env=environment(), seconds=time.time() - t0)
+        res.update(classes=classes, config=dataclasses.asdict(cfg), env=env, seconds=time.time() - t0)
         if tr.diagnostics:
             res["diagnostics"] = tr.diagnostics
         rows = results_rows(res, cfg, seen)
