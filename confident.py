@@ -1296,7 +1296,9 @@ def _aupr(recall: np.ndarray, precision: np.ndarray) -> float:
 
 def ood_metrics(score_in, score_out) -> dict:
     """TNR at TPR 95%, AUROC, detection accuracy, AUPR-in and AUPR-out (fractions) with the authors'
-    conventions (README: "Metric conventions"); plus `auroc_tie_aware` (Mann-Whitney, ties count half).
+    conventions (README: "Metric conventions"); plus `auroc_tie_aware` (Mann-Whitney, ties count half) and
+    `aupr_in_tie_aware` / `aupr_out_tie_aware` (average precision with every distinct score one threshold, so a
+    group of tied scores enters at once; precision from rates as the authors').
     AUROC follows the authors' calculate_log.py, not ODIN's calMetric.py: a top score held by both sets
     earns the in-distribution side nothing. With every score equal (their code divides by zero there):
     0.5 for AUROC, detection accuracy and both AUPRs, 0 for TNR."""
@@ -1304,7 +1306,7 @@ def ood_metrics(score_in, score_out) -> dict:
     u, tpr, fpr, n_in_g, n_out_g = _rate_curves(si, so)
     if len(u) < 2:   # every score equal: no threshold separates anything
         return dict(tnr_at_tpr95=0.0, auroc=0.5, detection_acc=0.5, aupr_in=0.5, aupr_out=0.5,
-                    auroc_tie_aware=0.5)
+                    auroc_tie_aware=0.5, aupr_in_tie_aware=0.5, aupr_out_tie_aware=0.5)
     length = np.diff(u)                                                       # measure of each interval
     # TNR at TPR 95%: 1 - the threshold-averaged FPR over 0.94 <= TPR <= 0.96 (length-weighted = grid limit)
     band = (tpr >= 0.94) & (tpr <= 0.96)
@@ -1331,7 +1333,19 @@ def ood_metrics(score_in, score_out) -> dict:
     out_below = np.cumsum(n_out_g) - n_out_g                                  # out-scores below each value
     auroc_mw = float(np.sum(n_in_g * (out_below + 0.5 * n_out_g)) / (len(si) * len(so)))
     return dict(tnr_at_tpr95=1.0 - fpr95, auroc=auroc, detection_acc=1.0 - det_err, aupr_in=aupr_in,
-                aupr_out=aupr_out, auroc_tie_aware=auroc_mw)
+                aupr_out=aupr_out, auroc_tie_aware=auroc_mw,
+                aupr_in_tie_aware=_average_precision(n_in_g[::-1] / len(si), n_out_g[::-1] / len(so)),
+                aupr_out_tie_aware=_average_precision(n_out_g / len(so), n_in_g / len(si)))
+
+
+def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Average precision over thresholds at each distinct score, taken in the order given (most positive first):
+    pos / neg, the fraction of the positive / negative set at each score. sum_k (R_k - R_(k-1)) * P_k with
+    R_k the positives' fraction up to k and P_k = R_k / (R_k + N_k) from rates (N_k: the negatives')."""
+    r, n = np.cumsum(pos), np.cumsum(neg)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(r + n > 0, r / (r + n), 0.0)
+    return float(np.sum(pos * p))
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 20) -> float:
@@ -2087,6 +2101,7 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
 
 
 METRIC_KEYS = ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out")
+TIE_AWARE_KEYS = ("auroc_tie_aware", "aupr_in_tie_aware", "aupr_out_tie_aware")
 
 
 def results_rows(res: dict, cfg: Config, seen: set) -> list[dict]:
@@ -2096,7 +2111,7 @@ def results_rows(res: dict, cfg: Config, seen: set) -> list[dict]:
             row = {"in": cfg.in_data, "out": name, "seen": name in seen, "method": cfg.method,
                    "model": cfg.model, "seed": cfg.seed, "detector": det, "accuracy": res["accuracy"],
                    "ece": res["ece"], "ece_ts": res["ece_temperature_scaled"]}
-            row.update({k: r[det][k] for k in METRIC_KEYS + ("auroc_tie_aware",)})
+            row.update({k: r[det][k] for k in METRIC_KEYS + TIE_AWARE_KEYS if k in r[det]})
             row["T"], row["eps"] = r[det].get("temperature", ""), r[det].get("epsilon", "")
             rows.append(row)
     return rows
@@ -2121,6 +2136,13 @@ def markdown_table(res: dict, cfg: Config, seen: set) -> str:
         for det in ("baseline", "odin"):
             lines.append(f"| {name}{' (seen)' if name in seen else ''} | " + _detector_cells(r[det], det))
     lines += ["", "Percentages; in-distribution positive; the authors' metric conventions (README)."]
+    ties = [f"{name} {det} {label} {100 * r[det][k]:.1f} (tie-aware {100 * r[det][k + '_tie_aware']:.1f})"
+            for name, r in res["ood"].items() for det in ("baseline", "odin")
+            for k, label in (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"))
+            if k + "_tie_aware" in r[det] and abs(r[det][k] - r[det][k + "_tie_aware"]) > 0.05]
+    if ties:
+        lines += ["", "Tied scores move these by more than 5 points under the authors' sweep (README, metric "
+                  "conventions): " + "; ".join(ties) + "."]
     if "best_epoch" in res:                                   # --select-epoch best
         lines += ["", f"### Best epoch (the table above is the final epoch, {res['final_epoch']})", "",
                   "Per OOD set, the epoch with the lowest baseline detection error on the validation images "
@@ -2329,6 +2351,8 @@ def run(cfg: Config, log=print) -> dict:
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
     if cfg.resume:                                  # checked before the folder is touched: a failed resume keeps it
         _check_resumable(cfg, out_dir)
+    elif cfg.epochs == 0 and not (cfg.method == "conf-gan" and cfg.gan_epochs):
+        log0("note: --epochs 0 trains nothing: the classifier is evaluated as initialised")
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("results.json", "results.csv", "results.md"):   # no finished-looking result from an old run

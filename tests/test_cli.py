@@ -464,3 +464,18 @@ def test_help_describes_every_flag():
     assert not empty, empty
     text = confident.build_parser().format_help()
     assert "-1: paper default (1 for svhn, 0.1 for cifar10, else 1)" in " ".join(text.split())
+
+
+def test_results_table_names_the_metrics_a_tie_moves():
+    """results.md: under the table, each metric whose authors' value and tie-aware value differ by more than 5
+    points (the main job's Gaussian noise: AUPR-out 0.0 against 99.8), and nothing when none does."""
+    flat = dict(tnr_at_tpr95=1.0, auroc=0.998, detection_acc=0.999, aupr_in=0.9997, aupr_out=0.0,
+                auroc_tie_aware=0.99875, aupr_in_tie_aware=0.9998, aupr_out_tie_aware=0.998)
+    res = {"accuracy": 0.8, "ece": 0.05, "ece_temperature_scaled": 0.04, "calibration_temperature": 0.8,
+           "ood": {"gaussian": {"baseline": flat, "odin": {**flat, "aupr_out": 0.998, "temperature": 1.0,
+                                                            "epsilon": 0.0}}}}
+    cfg = confident.Config(in_data="fashion-mnist", out_data="mnist", width=0.125)
+    md = confident.markdown_table(res, cfg, set())
+    assert "gaussian baseline AUPR-out 0.0 (tie-aware 99.8)" in md and "odin AUPR-out" not in md
+    res["ood"]["gaussian"]["baseline"] = {**flat, "aupr_out": 0.998}
+    assert "tie-aware" not in confident.markdown_table(res, cfg, set())

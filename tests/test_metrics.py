@@ -141,6 +141,26 @@ def test_tnr_averages_fpr_over_the_band_by_threshold_length_by_hand():
     assert authors_loop(si, so, G=20_011)["tnr_at_tpr95"] == pytest.approx(31 / 42, abs=1e-3)
 
 
+def test_tie_aware_aupr_credits_a_tied_group_at_once_by_hand():
+    """Every OOD score one tied value with an in-distribution score below it (the main job's Gaussian noise): the
+    authors' downward sweep multiplies each drop in recall by the precision after it, so the tie adds nothing and
+    AUPR-out is 0. With each distinct score a threshold, by hand (OOD positive, lowest scores first): 0.05 (one of
+    four in-scores) recall 0; 0.1 (all five OOD) recall 1, precision 1 / (1 + 1/4) = 0.8: AP 0.8. AUPR-in (highest
+    first): 0.9 (three in) recall 3/4, precision 1; 0.1 adds no in-score; 0.05 recall 1, precision 1 / (1 + 1) =
+    0.5: AP 3/4 + 1/4 * 1/2 = 0.875."""
+    si, so = [0.05, 0.9, 0.9, 0.9], [0.1] * 5
+    m = ood_metrics(si, so)
+    assert m["aupr_out"] == pytest.approx(authors_loop(si, so)["aupr_out"], abs=1e-9) == 0.0
+    assert m["aupr_out_tie_aware"] == pytest.approx(0.8)
+    assert m["aupr_in_tie_aware"] == pytest.approx(0.875)
+    # without ties, AP over distinct scores and the authors' rectangles meet as the sets grow
+    g = np.random.default_rng(4)
+    si, so = g.normal(1, 1, 4000), g.normal(0, 1, 3000)
+    m = ood_metrics(si, so)
+    assert m["aupr_in_tie_aware"] == pytest.approx(m["aupr_in"], abs=1e-3)
+    assert m["aupr_out_tie_aware"] == pytest.approx(m["aupr_out"], abs=1e-3)
+
+
 def test_saturated_top_follows_the_authors_not_odin():
     """Max-softmax scores with 60% of the in- and 20% of the OOD scores exactly 1.0: the authors' loop gives
     AUROC 0.7688; ODIN's calMetric.py convention adds P_in(1) * P_out(1) = 0.12 for 0.8888."""
