@@ -8,7 +8,7 @@
 #                                   Data: svhn, cifar10, tinyimagenet, lsun, mnist under ./data (checked first;
 #                                   each is downloaded when missing and the network allows, tinyimagenet / lsun
 #                                   from the ODIN authors' archives).
-#   bash reproduce.sh --quick       offline CPU analogue, ~18 min on 2 cores: fashion-mnist <-> mnist in the
+#   bash reproduce.sh --quick       offline CPU analogue, 18-28 min on 2 cores: fashion-mnist <-> mnist in the
 #                                   roles of svhn <-> cifar10; photos, uniform, gaussian as unseen OOD. Its `all`
 #                                   leaves out table4, table5, table6 and figure2 (about 15 min more; each runs
 #                                   alone).

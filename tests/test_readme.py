@@ -52,10 +52,6 @@ def run_block(tmp_path: Path, uid: int, with_sudo: bool) -> tuple[subprocess.Com
     return proc, log.read_text().splitlines()
 
 
-def test_bash_is_there():
-    assert BASH, "bash is needed to run the README's command"
-
-
 @pytest.mark.parametrize("with_sudo", [False, True], ids=["no-sudo", "sudo-installed"])
 def test_as_root(tmp_path, with_sudo):
     """Root never goes through sudo, whether or not it exists; apt-get update comes before the install."""
