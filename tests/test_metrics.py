@@ -269,7 +269,8 @@ def test_ood_metrics_all_scores_equal():
         authors_loop(np.full(5, 0.7), np.full(8, 0.7))
     got = ood_metrics(np.full(5, 0.7), np.full(8, 0.7))
     assert got == dict(tnr_at_tpr95=0.0, auroc=0.5, detection_acc=0.5, aupr_in=0.5, aupr_out=0.5,
-                       auroc_tie_aware=0.5)
+                       auroc_tie_aware=0.5,             # one tied group: half of every pair
+                       aupr_in_tie_aware=0.5, aupr_out_tie_aware=0.5)   # one threshold, precision 1 / (1 + 1)
 
 
 def test_ood_metrics_perfect_separation_all_one():
