@@ -235,5 +235,5 @@ def test_classifier_step_with_a_real_ood_batch_follows_eq1_and_eq5(method):
         loss = ce_in - F.log_softmax(model(x_out), 1)[:, K].mean()       # class K+1 is index K
     loss.backward()
     opt.step()
-    assert got == pytest.approx(float(loss), rel=1e-5)
+    assert got == pytest.approx(loss.item(), rel=1e-5)
     assert _worst((ours, theirs)) < 3e-5

@@ -557,6 +557,7 @@ def test_package_flags():
         assert callable(getattr(kernels, name))
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")           # the authors' kl_div(...) * K, on purpose
 def test_float64_logits_take_the_exact_path_under_auto_and_are_refused_by_triton():
     """The kernels take fp32/fp16/bf16: with impl auto, where they could run, float64 logits go to the torch path
     (exact, the authors' kl_div times K in float64) instead of failing; impl triton names the dtype."""
