@@ -779,11 +779,16 @@ def load_dataset(name: str, split: str = "test", root: str | Path = "data", veri
     return to_float(x), y
 
 
+def _check_image_dtype(x: torch.Tensor, what: str = "images") -> None:
+    """uint8 (0-255) or floats in [0, 1]: int64 pixels 0-255 would pass unscaled."""
+    if not x.is_floating_point() and x.dtype != torch.uint8:
+        raise ConfidentError(f"{what} of type {x.dtype}: expected uint8 (0-255) or floats in [0, 1]")
+
+
 def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A batch of stored images -> (B, 3, 32, 32) floats in [0, 1], float32 unless `dtype` says otherwise;
     grayscale replicated to 3 channels."""
-    if not x.is_floating_point() and x.dtype != torch.uint8:   # int64 pixels 0-255 would pass unscaled
-        raise ConfidentError(f"images of type {x.dtype}: expected uint8 (0-255) or floats in [0, 1]")
+    _check_image_dtype(x)
     x = x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
@@ -1005,13 +1010,18 @@ def _check_beta(beta, what: str) -> None:
         raise ConfidentError(f"{what}: beta {beta!r}, expected a finite number >= 0")
 
 
+def _fp32_at_least(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors, float64 kept exact."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def kl_to_uniform(logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Eq. (1)'s KL term: batch mean of KL(U || softmax(logits)) = logsumexp(z) - mean(z) - log K.
     Equal to the authors' `F.kl_div(F.log_softmax(z), U) * K`; gradient (softmax(z) - 1/K) / B."""
     B, K = _check_logits(logits, "kl_to_uniform")
     if _use_triton(logits, impl):
         return _kernels().kl_uniform_mean(logits)
-    z = logits if logits.dtype == torch.float64 else logits.float()      # fp32 at least; keep fp64 exact
+    z = _fp32_at_least(logits)
     return (torch.logsumexp(z, dim=1) - z.mean(dim=1)).mean() - math.log(K)
 
 
@@ -1034,7 +1044,7 @@ def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, im
         raise ConfidentError(f"confidence_loss: targets in [{int(targets.min())}, {int(targets.max())}], "
                              f"expected a class in [0, {K}) or -1 for OOD")
     is_in = targets >= 0
-    z = logits if logits.dtype == torch.float64 else logits.float()     # fp32 at least; keep fp64 exact
+    z = _fp32_at_least(logits)
     loss = z.new_zeros(())
     if is_in.any():
         loss = loss + F.cross_entropy(z[is_in], targets[is_in])
@@ -1098,7 +1108,7 @@ def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch
 # dtype of its parameters; softmax, scores and the ODIN step are computed in fp32 (fp64 for a float64 model).
 
 def _score_from_logits(logits: torch.Tensor, temperature: float, ood_class: bool) -> torch.Tensor:
-    p = F.softmax((logits if logits.dtype == torch.float64 else logits.float()) / temperature, dim=1)
+    p = F.softmax(_fp32_at_least(logits) / temperature, dim=1)
     return 1.0 - p[:, -1] if ood_class else p.max(dim=1).values
 
 
@@ -1866,9 +1876,8 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
     if len(y_train) == 0:
         raise ConfidentError(f"{cfg.in_data}: no training images (an empty set)")
     for what, xs in (("training", x_train), ("OOD training", x_ood)):
-        if xs is not None and not xs.is_floating_point() and xs.dtype != torch.uint8:
-            raise ConfidentError(f"{cfg.in_data}: {what} images of type {xs.dtype}, expected uint8 (0-255) "
-                                 "or floats in [0, 1]")
+        if xs is not None:                                    # refused here, before anything is written
+            _check_image_dtype(xs, f"{cfg.in_data}: {what} images")
     num_classes = num_classes or NUM_CLASSES.get(cfg.in_data, int(y_train.max()) + 1)
     if num_classes < 2:
         raise ConfidentError(f"{cfg.in_data}: {num_classes} class, expected at least 2 (with one class every "
@@ -2217,9 +2226,8 @@ def environment() -> dict:
 
 
 def _default_out_dir(cfg: Config) -> str:
-    tag = f"folder-{_folder_path(cfg.in_data).resolve().name}" if cfg.in_data.startswith("folder:") else cfg.in_data
-    out = f"folder-{_folder_path(cfg.out_data).resolve().name}" if cfg.out_data.startswith("folder:") else cfg.out_data
-    return f"runs/{tag}-{out}-{cfg.method}-s{cfg.seed}"
+    tag = (lambda n: f"folder-{_folder_path(n).resolve().name}" if n.startswith("folder:") else n)
+    return f"runs/{tag(cfg.in_data)}-{tag(cfg.out_data)}-{cfg.method}-s{cfg.seed}"
 
 
 # what a checkpoint's tensors depend on: a resume with another value cannot load it
@@ -2311,9 +2319,7 @@ def run(cfg: Config, log=print) -> dict:
     if cfg.eval_limit:
         x_te, y_te = x_te[:cfg.eval_limit], y_te[:cfg.eval_limit]
     x_ood_train = None
-    if cfg.method in ("conf", "kplus1"):
-        if _same_set(cfg.out_data, cfg.in_data):
-            raise ConfidentError(f"--out {cfg.out_data} is the in-distribution set")
+    if cfg.method in ("conf", "kplus1"):                      # (resolve() refused --out = --in)
         x_ood_train = load_uint8(cfg.out_data, "train", root, download_ok=cfg.download)[0]
     # evaluation sets: --out, then every other set found locally (noise is always there); never the in-set itself
     names, optional = [cfg.out_data], []

@@ -90,16 +90,24 @@ def authors_minibatch(model, netG, netD, optimizer, optimizerG, optimizerD, data
     return {"d": (errD_real + errD_fake).item(), "g": errG_total.item(), "c": total.item()}
 
 
-def _setup(beta, seed=0, B=8, steps=3, K=10, method="joint", pt_weight=1.0):
-    torch.manual_seed(seed)
+def _trainer(method, beta, B, K, pt_weight=1.0):
+    """A tiny Trainer with dropout off and its classifier's logits spread: the authors' init, N(0, 0.01) linear
+    layers, leaves a tiny VGG's logits nearly constant, and so the KL terms' gradients tiny; spread, each term of
+    each loss weighs in the comparison."""
     cfg = Config(in_data="fashion-mnist", method=method, width=0.0625, epochs=1, batch_size=B, beta=beta,
                  impl="torch", log_every=10 ** 9, pt_weight=pt_weight)
     tr = confident.Trainer(cfg, K, torch.device("cpu"), log=lambda *a, **k: None)
     _no_dropout(tr.net)
-    with torch.no_grad():          # the authors' init, N(0, 0.01) linear layers, leaves a tiny VGG's logits nearly
-        for m in tr.net.head:      # constant, and so the KL terms' gradients tiny: spread them so that each term
-            if isinstance(m, nn.Linear):       # of each loss weighs in the comparison
+    with torch.no_grad():
+        for m in tr.net.head:
+            if isinstance(m, nn.Linear):
                 m.weight.mul_(30)
+    return tr, cfg
+
+
+def _setup(beta, seed=0, B=8, steps=3, K=10, method="joint", pt_weight=1.0):
+    torch.manual_seed(seed)
+    tr, cfg = _trainer(method, beta, B, K, pt_weight)
     # the authors' side: copies of the same networks, with the optimisers of their script
     model, netG = copy.deepcopy(tr.net), copy.deepcopy(tr.G)
     netD = _AuthorsD(copy.deepcopy(tr.D))
@@ -211,14 +219,7 @@ def test_classifier_step_with_a_real_ood_batch_follows_eq1_and_eq5(method):
     E_out[-log p(y = K+1 | x)] on K+1 outputs. One Adam step each from the same weights, gradients compared."""
     torch.manual_seed(0)
     K, B, beta = 10, 8, 0.3
-    cfg = Config(in_data="fashion-mnist", method=method, width=0.0625, epochs=1, batch_size=B, beta=beta,
-                 impl="torch", log_every=10 ** 9)
-    tr = confident.Trainer(cfg, K, torch.device("cpu"), log=lambda *a, **k: None)
-    _no_dropout(tr.net)
-    with torch.no_grad():
-        for m in tr.net.head:
-            if isinstance(m, nn.Linear):
-                m.weight.mul_(30)
+    tr, _ = _trainer(method, beta, B, K)
     model = copy.deepcopy(tr.net)
     opt = torch.optim.Adam(model.parameters(), lr=2e-4)
     g = torch.Generator().manual_seed(1)

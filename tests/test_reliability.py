@@ -755,7 +755,7 @@ def test_training_refuses_integer_images_other_than_uint8(tmp_path, dtype):
     """int64 pixels 0-255 would enter the network unscaled (to_float divides uint8 only): refused, naming the type,
     for the in-distribution and the OOD training images, before anything is written."""
     x, y = _tiny_data()
-    with pytest.raises(ConfidentError, match=f"training images of type {dtype}, expected uint8"):
+    with pytest.raises(ConfidentError, match=f"training images of type {dtype}: expected uint8"):
         confident.train(_tiny_cfg(tmp_path), x.to(dtype), y, None, tmp_path / "run", log=lambda *a: None)
     with pytest.raises(ConfidentError, match=f"OOD training images of type {dtype}"):
         confident.train(_tiny_cfg(tmp_path, method="conf"), x, y, x.to(dtype), tmp_path / "run", log=lambda *a: None)
