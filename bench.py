@@ -3,6 +3,7 @@ bench.py: how long evaluation and training take, ours against the usual ways, me
 
     python bench.py                          # CPU, the defaults behind the README's table
     python bench.py --device cuda --amp      # GPU: also bf16 autocast + channels_last, with score deltas
+    python bench.py --channels-last off      # "ours" in NCHW (default auto: NHWC on the CPU, as confident.py)
     python bench.py --quick                  # a smoke test in seconds
 
 It times, on the same model (vgg13, K=10, eval mode) and the same inputs:
@@ -15,6 +16,8 @@ It times, on the same model (vgg13, K=10, eval mode) and the same inputs:
   3. one training step of `ce` and of `joint` (images/s and their ratio); on CUDA also captured into a CUDA graph
      (--cuda-graphs), and eagerly at --big-batch per --train-batch images;
   4. training throughput with 1 and 2 processes under torchrun (DistributedDataParallel).
+The ODIN grid and the training steps are also timed in the other memory format (NCHW / channels_last NHWC) on
+the same weights, so the README's ratio for --channels-last comes from one run.
 Medians of repeats after a warm-up. Prints a table; writes JSON with machine, versions and commit.
 """
 from __future__ import annotations
@@ -84,8 +87,9 @@ def bench_odin(args, dev, rows, notes):
     model = C.vgg13(10, args.width).to(dev).eval()
     amp = contextlib.nullcontext
     if args.amp:
-        model = model.to(memory_format=torch.channels_last)
         amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)   # noqa: E731
+    if channels_last(args, dev):
+        model = model.to(memory_format=torch.channels_last)
     x = torch.rand(2 * args.n, 3, 32, 32).to(dev)     # N in + N out: the grid does not care which is which
     Ts, Es = [1.0, 10.0, 100.0, 500.0, 1000.0], [0.0, 0.0001, 0.001, 0.01]
     nT, nE, bs, N = len(Ts), len(Es), args.batch_size, len(x)
@@ -145,14 +149,27 @@ def bench_odin(args, dev, rows, notes):
         ref = C.odin_grid(model32, x, Ts, Es, bs, impl="torch")
         notes.append(f"bf16 autocast + channels_last vs fp32: max |score diff| = {float((ours() - ref).abs().max()):.2e}")
     notes.append(f"max |odin_grid - per-point odin_scores| over the grid = {diff:.2e}")
+    # the same weights in the other memory format
+    cl = channels_last(args, dev)
+    other = C.vgg13(10, args.width).to(dev).eval()
+    other.load_state_dict(model.state_dict())
+    other = other.to(memory_format=torch.contiguous_format if cl else torch.channels_last)
+
+    def ours_other():
+        with amp():
+            return C.odin_grid(other, x, Ts, Es, bs, impl=args.impl)
+    ours_other()                                                  # warm-up
+    t_other = timeit(ours_other, dev, R, warmup=0)
+    notes.append(f"odin_grid NCHW vs NHWC weights: max |score diff| = {float((ours_other() - ours()).abs().max()):.2e}")
     for name, t in (("ODIN grid: ours (odin_grid)", t_ours), ("ODIN grid: per-point batched", t_pp),
-                    ("ODIN grid: per-image batch 1 (extrap.)", t_b1), ("ODIN grid: floor", t_floor)):
+                    ("ODIN grid: per-image batch 1 (extrap.)", t_b1), ("ODIN grid: floor", t_floor),
+                    (f"ODIN grid: ours, {'NCHW' if cl else 'NHWC'} (the other memory format)", t_other)):
         rows.append(dict(what=name, seconds=t, images_per_s=N / t, vs_ours=t / t_ours))
     rows.append(dict(what="single forward (no grad)", seconds=t_f, images_per_s=bs / t_f, vs_ours=None))
     rows.append(dict(what="single input-gradient backward", seconds=t_b, images_per_s=bs / t_b if t_b else None,
                      vs_ours=None))
     return dict(ours=t_ours, per_point=t_pp, batch1=t_b1, floor=t_floor, fwd=t_f, fwd_graph=t_fg, bwd=t_b,
-                max_abs_diff=diff)
+                max_abs_diff=diff, other_format=t_other)
 
 
 def bench_metrics(args, rows, notes):
@@ -175,6 +192,15 @@ def bench_metrics(args, rows, notes):
     return dict(fast=t_fast, grid=t_grid, max_abs_diff=worst)
 
 
+def _fmt(args, dev) -> str:
+    """--channels-last for "ours": the flag's value; --amp on CUDA also turns it on (tensor cores)."""
+    return "on" if args.amp and dev.type == "cuda" else args.channels_last
+
+
+def channels_last(args, dev) -> bool:
+    return C.use_channels_last(C.Config(channels_last=_fmt(args, dev)), dev)
+
+
 def bench_train(args, dev, rows, notes):
     """One training step of ce and joint at --train-batch, eagerly (x ours: against ce). On CUDA also the step
     captured into a CUDA graph (--cuda-graphs; x ours: against the eager step) and the eager step at
@@ -184,9 +210,9 @@ def bench_train(args, dev, rows, notes):
     x = torch.randint(0, 256, (max(B, big) * 4, 3, 32, 32), dtype=torch.uint8).to(dev)
     y = torch.randint(0, 10, (len(x),)).to(dev)
 
-    def time_step(method, bs, graphed=False):
+    def time_step(method, bs, graphed=False, fmt=None):
         cfg = C.resolve(C.Config(in_data="fashion-mnist", out_data="mnist", method=method, width=args.width,
-                                 batch_size=bs, amp=args.amp, channels_last=args.amp, impl=args.impl))
+                                 batch_size=bs, amp=args.amp, channels_last=fmt or _fmt(args, dev), impl=args.impl))
         torch.manual_seed(0)
         tr = C.Trainer(cfg, 10, dev, log=lambda *a: None)
         said = []
@@ -197,7 +223,8 @@ def bench_train(args, dev, rows, notes):
             j = i[0] % 4
             i[0] += 1
             xb = C.to_float(x[j * bs:(j + 1) * bs])
-            run(xb.contiguous(memory_format=torch.channels_last) if cfg.channels_last else xb, y[j * bs:(j + 1) * bs])
+            run(xb.contiguous(memory_format=torch.channels_last) if C.use_channels_last(cfg, dev) else xb,
+                y[j * bs:(j + 1) * bs])
         t = timeit(step, dev, max(args.repeats, 3), warmup=2)       # the first call of a graph captures it
         return t, (run.why_not if graphed else None)
 
@@ -207,6 +234,11 @@ def bench_train(args, dev, rows, notes):
         out[method] = t
         rows.append(dict(what=f"train step: {method} (batch {B})", seconds=t, images_per_s=B / t,
                          vs_ours=t / out["ce"]))
+        cl = channels_last(args, dev)
+        to = time_step(method, B, fmt="off" if cl else "on")[0]
+        out[f"{method}_other_format"] = to
+        rows.append(dict(what=f"train step: {method} (batch {B}), {'NCHW' if cl else 'NHWC'} (the other memory format)",
+                         seconds=to, images_per_s=B / to, vs_ours=to / t))
         if not graphs:
             continue
         tg, why_not = time_step(method, B, graphed=True)
@@ -285,6 +317,8 @@ def main():
     p.add_argument("--batch1-images", type=int, default=10)
     p.add_argument("--metric-thresholds", type=int, default=200_000)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (+ channels_last on CUDA)")
+    p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                   help="memory format of ours (as confident.py's flag; auto: NHWC on the CPU, NCHW on CUDA)")
     p.add_argument("--impl", default="auto", help="auto | torch | triton")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--json", default="bench.json")
@@ -313,7 +347,8 @@ def main():
                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
     head = (f"bench.py on {env['device_name']} ({args.device}, {env['threads']} threads), torch {env['torch']}, "
             f"commit {env['commit']}, {env['date']}; vgg13 width {args.width}, K=10, eval mode, "
-            f"{2 * args.n} images, batch {args.batch_size}{', bf16 autocast + channels_last' if args.amp else ''}")
+            f"{2 * args.n} images, batch {args.batch_size}, {'NHWC (channels_last)' if channels_last(args, dev) else 'NCHW'}"
+            f"{', bf16 autocast' if args.amp else ''}")
     lines = [head, "", "| what | seconds | images/s | x ours |", "|---|---:|---:|---:|"]
     for r in rows:
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else ""

@@ -184,7 +184,7 @@ CASES = {                                             # id: (method, Config over
     "ce": ("ce", {}),
     "joint": ("joint", {}),
     "joint-torch-loss": ("joint", dict(impl="torch")),           # the masked loss inside the graph
-    "joint-amp-channels-last": ("joint", dict(amp=True, channels_last=True)),
+    "joint-amp-channels-last": ("joint", dict(amp=True, channels_last="on")),
     "joint-pt": ("joint-pt", {}),
     "joint-stabilisers": ("joint", dict(g_ema=0.99, g_ema_debias=True, d_sn=True, r1=1.0, d_lr_mult=2.0)),
     "conf": ("conf", {}),
@@ -211,7 +211,7 @@ def _batches(cfg, n=5):
     for i in range(n):
         s = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
         xb = C.to_float(x[s].cuda())
-        if cfg.channels_last:
+        if C.use_channels_last(cfg, torch.device("cuda")):
             xb = xb.contiguous(memory_format=torch.channels_last)
         out.append((xb, y[s].cuda(), C.to_float(xo[s].cuda()) if cfg.method in ("conf", "kplus1") else None))
     return out

@@ -181,3 +181,40 @@ def test_layers_in_order_as_the_authors_networks():
     assert _layers(net.features) == want
     assert _layers(net.head) == [("Linear", 512, 512), ("ReLU",), ("Dropout", 0.5),
                                  ("Linear", 512, 512), ("ReLU",), ("Dropout", 0.5), ("Linear", 512, 10)]
+
+
+# --channels-last: the same networks and training steps in NHWC (auto: on for the CPU) and in NCHW
+@pytest.mark.parametrize("method", ["ce", "conf", "joint", "joint-pt", "kplus1"])
+def test_channels_last_training_steps_equal_nchw(method):
+    """Three steps from the same weights, noise and dropout masks: NHWC and NCHW give the same losses and weights
+    up to rounding (the two layouts sum the convolutions in other orders), and auto means NHWC on the CPU."""
+    cpu = torch.device("cpu")
+    assert confident.use_channels_last(confident.Config(), cpu)               # auto
+    assert not confident.use_channels_last(confident.Config(channels_last="off"), cpu)
+    assert not confident.use_channels_last(confident.Config(), torch.device("cuda"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 16, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (3, 16), generator=g)
+    xo = torch.rand(3, 16, 3, 32, 32, generator=g)
+    runs = {}
+    for fmt in ("on", "off"):
+        cfg = confident.resolve(confident.Config(in_data="fashion-mnist", out_data="mnist", method=method,
+                                                 width=0.0625, batch_size=16, lr=1e-3, channels_last=fmt))
+        torch.manual_seed(0)
+        tr = confident.Trainer(cfg, 10, cpu, log=lambda *a: None)
+        nhwc = fmt == "on"
+        w = tr.net.features[0].weight
+        assert w.is_contiguous(memory_format=torch.channels_last) == nhwc and w.is_contiguous() == (not nhwc)
+        logs = []
+        for i in range(3):
+            xb = x[i].contiguous(memory_format=torch.channels_last) if nhwc else x[i]
+            logs.append({k: float(v) for k, v in tr.step(xb, y[i], xo[i]).items()})
+        runs[fmt] = logs, {k: m.state_dict() for k, m in tr.modules().items()}
+    (la, wa), (lb, wb) = runs["on"], runs["off"]
+    for a, b in zip(la, lb):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
+    for name in wa:
+        for k in wa[name]:
+            assert torch.allclose(wa[name][k].float(), wb[name][k].float(), rtol=1e-3, atol=1e-5), (name, k)

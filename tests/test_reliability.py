@@ -583,6 +583,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(cli_env, tmp_path):
     assert not torch.equal(mid["models"]["net"]["head.6.weight"], sa["/models/net/head.6.weight"])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # NaN on purpose
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(cli_env, tmp_path, monkeypatch, capsys):
     """confidence_loss returns NaN from the 2nd step of epoch 2 on (the model becomes NaN); with --log-every 5
     the check at step 5 names step 2; exit 2, one 'error:' line, epoch 1's checkpoint kept, no results."""
@@ -798,6 +799,7 @@ def test_evaluate_refuses_empty_or_too_small_ood_set(tiny_model, tmp_path):
     (["--impl", "triton", "--device", "cpu"], "--impl triton needs Triton and a CUDA device"),
     (["--extra-ood", "mnist,foo"], "--extra-ood: unknown data set 'foo'"),
     (["--val-ood", "foo"], "--val-ood: unknown data set 'foo'"), (["--out", "foo"], "--out: unknown data set"),
+    (["--channels-last", "yes"], "--channels-last 'yes': expected auto, on or off"),
 ])
 def test_cli_bad_flags_exit_2_with_one_line(flags, match, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)             # (tests/conftest.py sets it)
