@@ -58,10 +58,10 @@ def pull_away_paper(samples):
     return total / (M * (M - 1))
 
 
-def authors_minibatch(model, netG, netD, optimizer, optimizerG, optimizerD, data, target, z, z2, beta, K,
-                      pt_weight=0.0):
-    """One mini-batch of the authors' joint training, in their order; pt_weight > 0 adds App. D's pull-away term
-    to G's loss (joint-pt; not in the authors' code)."""
+def authors_gan_half(model, netG, netD, optimizerG, optimizerD, data, z, beta, K, pt_weight=0.0):
+    """Steps 1 and 2 of the authors' mini-batch: D, then G. beta = 0 is the ordinary GAN (conf-gan's first phase,
+    the paper's "pre-trained original GAN"); pt_weight > 0 adds App. D's pull-away term to G's loss (joint-pt;
+    not in the authors' code)."""
     bce = nn.BCELoss()
     uniform_dist = torch.full((data.shape[0], K), 1.0 / K)
     # 1. D: real images labelled 1, G(z) (detached) labelled 0; one step
@@ -75,11 +75,20 @@ def authors_minibatch(model, netG, netD, optimizer, optimizerG, optimizerD, data
     # 2. G: the same fake batch scored by the updated D, non-saturating form, + beta * KL(U || p(y | G(z)))
     optimizerG.zero_grad()
     errG = bce(netD(fake), torch.ones(data.shape[0]))
-    errG_KL = F.kl_div(F.log_softmax(model(fake), dim=1), uniform_dist, reduction="mean") * K
-    errG_total = errG + beta * errG_KL + (pt_weight * pull_away_paper(fake) if pt_weight else 0.0)
+    errG_total = errG
+    if beta:
+        errG_KL = F.kl_div(F.log_softmax(model(fake), dim=1), uniform_dist, reduction="mean") * K
+        errG_total = errG_total + beta * errG_KL
+    if pt_weight:
+        errG_total = errG_total + pt_weight * pull_away_paper(fake)
     errG_total.backward()
     optimizerG.step()
-    # 3. classifier: NLL on the real batch + beta * KL on G's samples from a fresh z'; one step
+    return {"d": (errD_real + errD_fake).item(), "g": errG_total.item()}
+
+
+def authors_classifier_step(model, netG, optimizer, data, target, z2, beta, K):
+    """Step 3 of the authors' mini-batch: NLL on the real batch + beta * KL on G's samples from a fresh z'."""
+    uniform_dist = torch.full((data.shape[0], K), 1.0 / K)
     optimizer.zero_grad()
     loss = F.nll_loss(F.log_softmax(model(data), dim=1), target)
     fake2 = netG(z2)
@@ -87,7 +96,15 @@ def authors_minibatch(model, netG, netD, optimizer, optimizerG, optimizerD, data
     total = loss + beta * KL_loss_fake
     total.backward()
     optimizer.step()
-    return {"d": (errD_real + errD_fake).item(), "g": errG_total.item(), "c": total.item()}
+    return {"c": total.item()}
+
+
+def authors_minibatch(model, netG, netD, optimizer, optimizerG, optimizerD, data, target, z, z2, beta, K,
+                      pt_weight=0.0):
+    """One mini-batch of the authors' joint training, in their order: D, G, then the classifier."""
+    out = authors_gan_half(model, netG, netD, optimizerG, optimizerD, data, z, beta, K, pt_weight)
+    out.update(authors_classifier_step(model, netG, optimizer, data, target, z2, beta, K))
+    return out
 
 
 def _trainer(method, beta, B, K, pt_weight=1.0):
@@ -238,3 +255,49 @@ def test_classifier_step_with_a_real_ood_batch_follows_eq1_and_eq5(method):
     opt.step()
     assert got == pytest.approx(loss.item(), rel=1e-5)
     assert _worst((ours, theirs)) < 3e-5
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_conf_gan_phases_equal_the_authors_gan_then_the_classifier_step(beta):
+    """conf-gan, the paper's "confidence loss with samples from a pre-trained original GAN": while epoch <
+    gan_epochs a step is the authors' D and G updates without the KL term, the classifier untouched; afterwards
+    it is the authors' classifier step on samples of the trained G, which is no longer updated (nor D)."""
+    tr, nets, opts, batches = _setup(beta, method="conf-gan")
+    model, netG, netD = nets
+    opt_c, opt_g, opt_d = opts
+    ours_g = {k: _record_grads(tr.opts[k]) for k in ("net", "G", "D")}
+    theirs_g = {k: _record_grads(o) for k, o in zip(("net", "G", "D"), opts)}
+    for phase in ("gan", "classifier"):
+        if phase == "classifier":
+            tr.end_epoch()                               # gan_epochs = epochs = 1: the GAN phase is over
+            net_before = copy.deepcopy(tr.net.state_dict())
+        for x, y, z, z2 in batches:
+            for mine, theirs_m in ((tr.net, model), (tr.G, netG), (tr.D, netD.d)):
+                theirs_m.load_state_dict(mine.state_dict())
+            for k, o in zip(("net", "G", "D"), opts):
+                o.load_state_dict(copy.deepcopy(tr.opts[k].state_dict()))
+            g_before, d_before = copy.deepcopy(tr.G.state_dict()), copy.deepcopy(tr.D.state_dict())
+            queue = [z] if phase == "gan" else [z2]      # one latent batch per step in either phase
+            tr._noise = lambda n, q=queue: q.pop(0)
+            got = {k: float(v) for k, v in tr.step(x, y).items() if k in ("d", "g", "c")}
+            assert not queue
+            if phase == "gan":
+                want = authors_gan_half(model, netG, netD, opt_g, opt_d, x, z, 0.0, 10)
+                assert set(got) == {"d", "g"}
+            else:
+                want = authors_classifier_step(model, netG, opt_c, x, y, z2, beta, 10)
+                assert set(got) == {"c"}
+                for k, v in tr.D.state_dict().items():  # D is not run, G only sampled (BatchNorm statistics move)
+                    assert torch.equal(v, d_before[k])
+                for k, v in tr.G.named_parameters():
+                    assert torch.equal(v, g_before[k])
+            for k in got:
+                assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), (phase, k)
+        if phase == "gan":                               # the classifier was not trained by the GAN phase
+            assert ours_g["net"] == [] and theirs_g["net"] == []
+    for k, pair in ((k, (ours_g[k], theirs_g[k])) for k in ("net", "G", "D")):
+        assert len(pair[0]) == len(batches), k           # G and D: the GAN phase's steps; net: the classifier's
+        assert _worst(pair) < 3e-5, k
+    assert _buffers_close(tr.G, netG)
+    assert not all(torch.equal(v, net_before[k]) for k, v in tr.net.state_dict().items())

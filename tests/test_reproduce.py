@@ -138,3 +138,31 @@ def test_quick_all_leaves_out_its_optional_stages_and_render_takes_them_once_fin
         (d / "results.json").write_text("{}")
     assert "table5" in R.stages_for("render", "quick", tmp_path)
     assert "table5" not in R.stages_for("all", "quick", tmp_path)
+
+
+@pytest.mark.parametrize("ce,conf,want", [
+    (0.98, 1.00, R.CEILING),            # ce above 95 and conf at least as good: no room for the 5-point rise
+    (0.98, 0.98, R.CEILING),
+    (0.98, 0.97, "not supported"),      # conf worse than ce: evidence against, whatever the ceiling
+    (0.90, 0.93, "not supported"),      # room for the rise, and it did not come
+    (0.95, 0.97, "not supported"),      # 95 exactly is not above it
+    (0.90, 0.96, "supported"),
+    (0.94, 1.00, "supported"),
+])
+def test_table1_seen_set_verdict_and_its_ceiling(monkeypatch, tmp_path, ce, conf, want):
+    """Table 1's 'raises TNR on the seen set' claim: supported above 5 points; when cross entropy is already above
+    95 TNR and the confidence loss is no worse, the claim cannot be tested at this scale (a verdict of its own)."""
+    A, B = R.ROLES["quick"]["A"], R.ROLES["quick"]["B"]
+
+    def fake(run, mode, results):
+        if run.model != "vgg13" or run.method not in ("ce", "conf"):
+            return None
+        v = {"ce": ce, "conf": conf}[run.method]
+        return {"ood": {R.other(mode, run.in_data): {"baseline": {"tnr_at_tpr95": v}}}}
+    monkeypatch.setattr(R, "load_result", fake)
+    rows = {c: d for c, _, d in R.claims("quick", tmp_path, {})}
+    for i_ in (A, B):
+        claim = (f"Table 1 (vgg13): the confidence loss raises TNR@TPR95 on the seen OOD set "
+                 f"({i_} vs {R.other('quick', i_)})")
+        assert rows[claim] == want
+    assert sum(d == R.CEILING for d in rows.values()) == (2 if want == R.CEILING else 0)
