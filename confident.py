@@ -97,8 +97,8 @@ class Config:
     eval_batch_size: int = 500       # batch size for scoring
     amp: bool = False                # bf16 autocast for training (CUDA, or CPU)
     channels_last: str = "auto"      # auto | on | off: the networks and training batches in the channels_last
-                                     # (NHWC) memory format; auto: on for the CPU (oneDNN's NHWC convolutions train
-                                     # 1.3x and score 1.3-2x faster on 2 cores, bench.py), off on CUDA (fp32)
+                                     # (NHWC) memory format; auto: on for the CPU (oneDNN's NHWC convolutions: the
+                                     # ODIN grid 1.7x, the main job 1.24x faster on 2 cores), off on CUDA
     cuda_graphs: bool = False        # capture each training step into a CUDA graph (CUDA only)
     impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
     log_every: int = 50              # print progress every N steps
@@ -216,8 +216,8 @@ def resolve(cfg: Config) -> Config:
 
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
     """--channels-last: on, off, or auto (on for the CPU, off on CUDA). On the CPU oneDNN's convolutions run
-    faster on NHWC tensors (bench.py times both); on CUDA fp32 gains nothing measured here, while bf16 (--amp)
-    wants it for tensor cores. The arithmetic differs only in rounding."""
+    faster on NHWC tensors (bench.py times both layouts); on CUDA it has been measured only with bf16 (--amp,
+    benchmarks/README.md), so auto leaves fp32 as it was. The arithmetic differs only in rounding."""
     return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cpu")
 
 
@@ -2022,7 +2022,8 @@ def _wrap_ddp(tr: Trainer, device):
     for name in ("net", "G", "D"):
         m = getattr(tr, name)
         if m is not None:
-            w = DDP(m, device_ids=ids, broadcast_buffers=name != "net")
+            w = DDP(m, device_ids=ids)       # G's and D's BatchNorm statistics come from rank 0 (the classifiers
+                                             # have no buffers)
             setattr(tr, name, w)
             wrapped[name] = w
     return wrapped

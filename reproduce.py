@@ -3,7 +3,7 @@ reproduce.py: the Python side of `reproduce.sh` -- the paper's Tables 1-6 and Fi
 "Training Confidence-calibrated Classifiers for Detecting Out-of-Distribution Samples" (Lee et al., ICLR 2018).
 
     python reproduce.py all --mode full      # the paper's settings (GPU, about a day)
-    python reproduce.py all --mode quick     # offline CPU analogue (18-28 min on 2 cores)
+    python reproduce.py all --mode quick     # offline CPU analogue (18-25 min on 2 cores)
     python reproduce.py table1 --mode quick  # one stage; finished runs (results.json present) are reused
     python reproduce.py all --mode gpu       # the quick mode's sets at the paper's scale, one GPU, in stages
 
@@ -145,7 +145,7 @@ MODES = {
                  eval_limit=0, val_size=1000, seeds=(0, 1, 2), gan_seeds=(0, 1, 2), grid=FULL_GRID,
                  small_grid=FULL_GRID, gan_epochs=-1, steps2d=100, dcgan_steps=2000, dcgan_width=1.0,
                  dcgan_batch=128, download=True),
-    # CPU, offline, 18-28 min on 2 cores (all's 9 runs: 1,818 s and 2,898 s of run time on two machines): width 1/4,
+    # CPU, offline, 18-25 min on 2 cores (all's 9 runs: 1,818 s, 2,898 s NCHW, 2,461 s NHWC of run time): width 1/4,
     # 10,000 training images x 6 epochs (lr 1e-3, the top of the paper's lr grid, x0.1 after 5), 800 test images
     # per set (300 tune ODIN), a 2x2 ODIN
     # grid, one seed. Enough steps for the cross-entropy VGG-13 to learn its task (a width-1/8 network on 5,000

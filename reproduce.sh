@@ -8,9 +8,9 @@
 #                                   Data: svhn, cifar10, tinyimagenet, lsun, mnist under ./data (checked first;
 #                                   each is downloaded when missing and the network allows, tinyimagenet / lsun
 #                                   from the ODIN authors' archives).
-#   bash reproduce.sh --quick       offline CPU analogue, 18-28 min on 2 cores: fashion-mnist <-> mnist in the
+#   bash reproduce.sh --quick       offline CPU analogue, 18-25 min on 2 cores: fashion-mnist <-> mnist in the
 #                                   roles of svhn <-> cifar10; photos, uniform, gaussian as unseen OOD. Its `all`
-#                                   leaves out table4, table5, table6 and figure2 (about 15 min more; each runs
+#                                   leaves out table4, table5, table6 and figure2 (about 23 min more; each runs
 #                                   alone).
 #   bash reproduce.sh --gpu         the quick mode's sets at the paper's scale (full width, lr 2e-4, beta 1, batch
 #                                   128, 3 seeds, 3 epochs) on one GPU, into results/gpu/. Three stages, each
