@@ -88,7 +88,8 @@ def bench_odin(args, dev, rows, notes):
     amp = contextlib.nullcontext
     if args.amp:
         amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)   # noqa: E731
-    if channels_last(args, dev):
+    cl = channels_last(args, dev)
+    if cl:
         model = model.to(memory_format=torch.channels_last)
     x = torch.rand(2 * args.n, 3, 32, 32).to(dev)     # N in + N out: the grid does not care which is which
     Ts, Es = [1.0, 10.0, 100.0, 500.0, 1000.0], [0.0, 0.0001, 0.001, 0.01]
@@ -150,7 +151,6 @@ def bench_odin(args, dev, rows, notes):
         notes.append(f"bf16 autocast + channels_last vs fp32: max |score diff| = {float((ours() - ref).abs().max()):.2e}")
     notes.append(f"max |odin_grid - per-point odin_scores| over the grid = {diff:.2e}")
     # the same weights in the other memory format
-    cl = channels_last(args, dev)
     other = C.vgg13(10, args.width).to(dev).eval()
     other.load_state_dict(model.state_dict())
     other = other.to(memory_format=torch.contiguous_format if cl else torch.channels_last)
@@ -229,12 +229,12 @@ def bench_train(args, dev, rows, notes):
         return t, (run.why_not if graphed else None)
 
     graphs = dev.type == "cuda" and not args.no_cuda_graphs
+    cl = channels_last(args, dev)
     for method in ("ce", "joint"):
         t, _ = time_step(method, B)
         out[method] = t
         rows.append(dict(what=f"train step: {method} (batch {B})", seconds=t, images_per_s=B / t,
                          vs_ours=t / out["ce"]))
-        cl = channels_last(args, dev)
         to = time_step(method, B, fmt="off" if cl else "on")[0]
         out[f"{method}_other_format"] = to
         rows.append(dict(what=f"train step: {method} (batch {B}), {'NCHW' if cl else 'NHWC'} (the other memory format)",
