@@ -2104,15 +2104,23 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
         base_out = _sharded(lambda x: baseline_scores(model, x, bs), x_out)
         # ODIN: (T, eps) with the lowest detection error on the validation images (paper App. C.3)
         best, best_err = (0, 0), 2.0
+        val_err = [[0.0] * len(Es) for _ in Ts]
         for t in range(len(Ts)):
             for j in range(len(Es)):
                 err = 1 - ood_metrics(grid_in[t, j, :v], grid_out[t, j, :v])["detection_acc"] if v else 0.0
+                val_err[t][j] = err
                 if err < best_err - 1e-12:
                     best, best_err = (t, j), err
+        # every grid point's test metrics too, so that (T, eps) can be chosen afterwards without this set's
+        # images (e.g. on the other OOD sets' validation images: ODIN on a strictly unseen set)
+        test_grid = [[ood_metrics(grid_in[a, b, v:], grid_out[a, b, v:]) for b in range(len(Es))]
+                     for a in range(len(Ts))]
         t, j = best
         res["ood"][name] = {
             "baseline": ood_metrics(base_in[v:], base_out[v:]),
-            "odin": {**ood_metrics(grid_in[t, j, v:], grid_out[t, j, v:]), "temperature": Ts[t], "epsilon": Es[j]},
+            "odin": {**test_grid[t][j], "temperature": Ts[t], "epsilon": Es[j]},
+            "odin_grid": {"temperatures": Ts, "epsilons": Es, "val_detection_error": val_err,
+                          **{k: [[m[k] for m in row] for row in test_grid] for k in METRIC_KEYS}},
             "n_out_test": len(x_out) - v,
             # the baseline's detection error on the validation images: what --tune and --select-epoch best minimise
             "baseline_val_detection_error": 1 - ood_metrics(base_in[:v], base_out[:v])["detection_acc"] if v else None}

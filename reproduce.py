@@ -1099,6 +1099,109 @@ def figure5(mode, results) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# The verdict rule, declared in results/README.md (and results/confirm/README.md) before the runs it judges.
+#
+# A comparative claim says that arm A beats arm B on a metric by more than a threshold theta (in points of
+# the metric, percent). Per seed s that both arms ran: d_s = A_s - B_s (B_s - A_s where lower is better).
+# Pairs in which both arms sit at the metric's ceiling or floor cannot show a difference and are dropped, as
+# are zero differences d_s - theta = 0 (ties are never wins or losses). On the n that remain: the two-sided
+# exact Wilcoxon signed-rank test of d - theta (mid-ranks for tied |d - theta|, the null distribution
+# enumerated exactly), alpha 0.05, Holm's correction across the claims of one family (one mode, or one
+# declared study). Verdicts: "supported" (rejected, d above theta), "contradicted" (rejected, below),
+# "inconclusive" (not rejected; always so for n < 6, where no sign pattern reaches p < 0.05), "not testable"
+# (no pair left: runs missing, or every pair at the ceiling or floor).
+
+ALPHA = 0.05
+# The effect the paper's wording implies, in metric points: "raises TNR" / "outperforms" = more than 1 point
+# (about the test-sampling error of 2,000 images); "without harming accuracy" = at most 1 point lower
+# (App. C.1: "at most 1%"); "lower ECE" = lower at all.
+THETA = {"raises": 1.0, "no_worse": -1.0, "lower": 0.0}
+
+
+def signed_rank_test(d) -> dict:
+    """Exact Wilcoxon signed-rank test of the differences `d` (zeros dropped, mid-ranks for ties):
+    n, W+ (sum of the positive differences' ranks), P(W+ >= observed), P(W+ <= observed) and the two-sided p
+    (twice the smaller tail, at most 1), the null distribution counted over all 2^n sign assignments."""
+    d = np.asarray([x for x in d if abs(x) > 1e-9], dtype=float)
+    n = len(d)
+    if n == 0:
+        return {"n": 0, "w_plus": 0.0, "p_greater": 1.0, "p_less": 1.0, "p": 1.0}
+    a = np.abs(d)
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(n)
+    i = 0
+    while i < n:                                    # mid-ranks over runs of equal |d|
+        j = i
+        while j + 1 < n and abs(a[order[j + 1]] - a[order[i]]) <= 1e-9:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    r2 = np.rint(2 * ranks).astype(int)             # mid-ranks are halves: count in half-ranks
+    counts = np.zeros(int(r2.sum()) + 1, dtype=object)   # exact integers for any n
+    counts[0] = 1
+    for r in r2:                                    # each rank is in W+ or not, independently
+        counts[r:] = counts[r:] + counts[:len(counts) - r].copy()
+    total = 2 ** n
+    w = int(r2[d > 0].sum())
+    p_g = float(sum(counts[w:]) / total)
+    p_l = float(sum(counts[:w + 1]) / total)
+    return {"n": n, "w_plus": w / 2, "p_greater": p_g, "p_less": p_l, "p": min(1.0, 2 * min(p_g, p_l))}
+
+
+def paired_comparison(a: dict, b: dict, theta: float, lower_is_better: bool = False,
+                      bounds: tuple = (0.0, 100.0)) -> dict:
+    """One claim's evidence. `a`, `b`: {seed: value in points} for the claim's arm and its reference. Seeds
+    missing from either arm are left out; so are pairs with both values at a bound (within 0.05 points)."""
+    lo, hi = bounds
+    at_bound = lambda x, y: (x >= hi - 0.05 and y >= hi - 0.05) or (x <= lo + 0.05 and y <= lo + 0.05)
+    seeds = sorted(s for s in set(a) & set(b) if not (math.isnan(a[s]) or math.isnan(b[s])))
+    kept = [s for s in seeds if not at_bound(a[s], b[s])]
+    d = [(b[s] - a[s]) if lower_is_better else (a[s] - b[s]) for s in kept]
+    t = signed_rank_test([x - theta for x in d])
+    return {"seeds": kept, "pairs": len(seeds), "at_bound": len(seeds) - len(kept), "n": t["n"],
+            "diffs": d, "mean_diff": float(np.mean(d)) if d else float("nan"), "theta": theta,
+            "above": sum(x - theta > 1e-9 for x in d), "below": sum(x - theta < -1e-9 for x in d),
+            "equal": sum(abs(x - theta) <= 1e-9 for x in d),
+            "p": t["p"], "direction": "above" if t["p_greater"] < t["p_less"] else "below"}
+
+
+def holm(ps: list, alpha: float = ALPHA) -> list:
+    """Holm's step-down rejections for the p-values `ps` (one family), in their order."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, m = [False] * len(ps), len(ps)
+    for k, i in enumerate(order):
+        if ps[i] > alpha / (m - k):
+            break
+        out[i] = True
+    return out
+
+
+def judge(family: list, alpha: float = ALPHA) -> list:
+    """Verdicts for a family of paired_comparison results (Holm across those with a test to make)."""
+    testable = [i for i, c in enumerate(family) if c["n"] > 0]
+    rejected = dict(zip(testable, holm([family[i]["p"] for i in testable], alpha)))
+    out = []
+    for i, c in enumerate(family):
+        if c["n"] == 0:
+            why = "runs missing" if c["pairs"] == 0 else "every pair at the metric's ceiling or floor"
+            out.append(f"not testable ({why})")
+        elif not rejected[i]:
+            out.append(f"inconclusive (n = {c['n']})")
+        else:
+            out.append(f"{'supported' if c['direction'] == 'above' else 'contradicted'} (n = {c['n']})")
+    return out
+
+
+def evidence(c: dict) -> str:
+    """n, the mean paired difference, the counts above/below the threshold and the unadjusted p."""
+    if c["pairs"] == 0:
+        return "no paired runs"
+    extra = f", {c['at_bound']} pair(s) at the bound left out" if c["at_bound"] else ""
+    return (f"n = {c['n']}, mean difference {c['mean_diff']:+.2f} (threshold {c['theta']:+g}), "
+            f"{c['above']} above / {c['below']} below{extra}, p = {c['p']:.3g}")
+
+
+# ------------------------------------------------------------------------------------------------
 # README: what was run, links, and each claim's verdict computed from the numbers
 
 def _m(runs, mode, results, key):

@@ -96,7 +96,7 @@ def cmd_run(args):
             a, s = todo.pop(0)
             d = run_dir(runs, a, s)
             d.mkdir(parents=True, exist_ok=True)
-            cmd = ([sys.executable, str(HERE / "confident.py")] + SCALES[args.scale].split() + COMMON.split()
+            cmd = ([sys.executable, str(HERE / "confident.py")] + SCALES[args.scale].split() + args.common.split()
                    + ARMS[a].split() + ["--seed", str(s), "--output-dir", str(d), "--device", args.device]
                    + args.extra.split())
             log = open(d / "train.log", "w")
@@ -361,6 +361,8 @@ def main(argv=None):
     r.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     r.add_argument("--device", default="auto")
     r.add_argument("--extra", default="", help="more confident.py flags for every run")
+    r.add_argument("--common", default=COMMON, help=f"flags every run of the seed study adds (default {COMMON!r}; "
+                   "'' runs the scale's command alone, as results/confirm/ does)")
     q = sub.add_parser("report")
     q.add_argument("--runs", default="results/stability/runs", help="a folder of runs, or several joined by commas")
     q.add_argument("--out", default="results/stability")

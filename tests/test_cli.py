@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 import confident
@@ -74,6 +75,14 @@ def test_main_end_to_end_writes_every_output(e2e):
             for k in METRICS:
                 assert 0.0 <= r[det][k] <= 1.0, (name, det, k)
         assert r["odin"]["temperature"] in (1.0, 1000.0) and r["odin"]["epsilon"] in (0.0, 0.001)
+        # the whole ODIN grid is recorded: the reported point is the one with the lowest validation error
+        g = r["odin_grid"]
+        err = np.array(g["val_detection_error"])
+        assert err.shape == (len(g["temperatures"]), len(g["epsilons"])) == np.array(g["auroc"]).shape
+        t, j = g["temperatures"].index(r["odin"]["temperature"]), g["epsilons"].index(r["odin"]["epsilon"])
+        assert err[t, j] == err.min() and not (err[:t] == err.min()).any() and not (err[t, :j] == err.min()).any()
+        for k in METRICS:
+            assert g[k][t][j] == r["odin"][k], (name, k)
     assert res["n_in_test"] == 200 and 0 <= res["accuracy"] <= 1 and res["calibration_temperature"] > 0
     rows = list(csv.DictReader(io_lines(e2e / "results.csv")))
     assert len(rows) == 6 and {r["detector"] for r in rows} == {"baseline", "odin"}
