@@ -31,6 +31,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -244,6 +245,58 @@ def fig2_runs(mode):
 FIG3_RUN = Run("simple_cnn", "mnist", "conf", "gaussian", 0, "none")   # Fig. 3(c,d): pre-trained on Gaussian noise
 
 
+def fig5_runs(mode: str, seed: int) -> list[Run]:
+    """Figure 5's maps: one seed of ce, conf-gan, joint and conf on each in-distribution set."""
+    r = ROLES[mode]
+    return [x for d in (r["A"], r["B"]) for m in ("ce", "conf-gan", "joint", "conf")
+            for x in vgg_runs(mode, d, m, seeds=(seed,))]
+
+
+def fig5_seed(mode: str, results: Path) -> int:
+    """The seed Figure 5 draws: the first of the mode's seeds whose runs (checkpoints) are all there."""
+    seeds = MODES[mode]["seeds"]
+    return next((s for s in seeds if all(done(x, mode, results) for x in fig5_runs(mode, s))), seeds[0])
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0-2', '0,3,5' or '0-2,7' -> the seeds in order, each once."""
+    out = []
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        if not a.isdigit() or (b and not b.isdigit()) or (b and int(b) < int(a)):
+            raise ValueError(f"--seeds {text!r}: expected seeds such as 0-2, 0,3,5 or 0-2,7")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return tuple(dict.fromkeys(out))
+
+
+def set_seeds(mode: str, seeds, gan_seeds=None):
+    """The seeds of every regime (gan_seeds: the GAN regimes', default the same: paired across regimes)."""
+    MODES[mode] = {**MODES[mode], "seeds": tuple(seeds),
+                   "gan_seeds": tuple(seeds if gan_seeds is None else gan_seeds)}
+
+
+def finished_seeds(mode: str, results: Path) -> tuple[set, set]:
+    """The seeds of the mode's VGG-13 / AlexNet runs that have results (results.json, or rows of runs.csv where
+    runs/<mode>/ is absent): (the other regimes', the GAN regimes')."""
+    folder = results / "runs" / mode
+    names = ([d.name for d in folder.iterdir() if (d / "results.json").exists()] if folder.is_dir()
+             else list(csv_results(results)))
+    plain, gan = set(), set()
+    for name in names:
+        hit = re.fullmatch(r"(vgg13|alexnet)-.*-s(\d+)", name)
+        if hit:
+            (gan if any(f"-{m}-" in name for m in GAN_METHODS) else plain).add(int(hit.group(2)))
+    return plain, gan
+
+
+def seeds_to_render(mode: str, results: Path, asked=None):
+    """Rendering uses every seed that has finished (with the seeds asked for, if any); none finished: the mode's."""
+    plain, gan = finished_seeds(mode, results)
+    asked = set(asked or ())
+    m = MODES[mode]
+    set_seeds(mode, sorted(plain | asked) or m["seeds"], sorted(gan | asked) or m["gan_seeds"])
+
+
 def plan(stage: str, mode: str) -> list[Run]:
     r = ROLES[mode]
     A, B = r["A"], r["B"]
@@ -259,7 +312,7 @@ def plan(stage: str, mode: str) -> list[Run]:
         "figure2": fig2_runs(mode),
         "figure3": [FIG3_RUN],
         "figure4": both(("ce", "conf-gan", "joint", "conf")),
-        "figure5": [x for x in both(("ce", "conf-gan", "joint", "conf")) if x.seed == 0],
+        "figure5": fig5_runs(mode, MODES[mode]["seeds"][0]),
         "figure7": both(("ce", "joint")),
     }[stage]
 
@@ -290,10 +343,10 @@ def stages_for(stage: str, mode: str, results: Path) -> tuple:
     if mode == "gpu" and stage == "all":
         return tuple(GPU_STAGES)
     if mode == "gpu":                  # render: what is complete; figure 1 (no runs) once gpu1 has run
-        return tuple(st for st in STAGES if finished(st, mode, results)
-                     and (st != "figure1" or finished("gpu1", mode, results)))
+        return tuple(st for st in STAGES if renderable(st, mode, results)
+                     and (st != "figure1" or renderable("gpu1", mode, results)))
     skip = MODES[mode].get("not_in_all", ())
-    return tuple(st for st in STAGES if st not in skip or stage == "render" and finished(st, mode, results))
+    return tuple(st for st in STAGES if st not in skip or stage == "render" and renderable(st, mode, results))
 
 
 def done(run: Run, mode: str, results: Path) -> bool:
@@ -303,6 +356,18 @@ def done(run: Run, mode: str, results: Path) -> bool:
 def finished(stage: str, mode: str, results: Path) -> bool:
     """Every run of the stage (a table, figure or gpu part) is done."""
     return all(done(r, mode, results) for r in stage_runs(stage, mode))
+
+
+def renderable(stage: str, mode: str, results: Path, have=None) -> bool:
+    """A table or figure can be drawn: every one of its runs has finished for at least one seed (Figure 5: all its
+    runs for one seed, whose checkpoints it reads). Its cells and claims use whatever seeds have finished."""
+    if stage == "figure5":
+        return all(done(x, mode, results) for x in fig5_runs(mode, fig5_seed(mode, results)))
+    have = have or done
+    cells = collections.defaultdict(list)
+    for r in stage_runs(stage, mode):
+        cells[(r.model, r.in_data, r.method, r.out_data, r.extra)].append(r)
+    return all(any(have(r, mode, results) for r in rs) for rs in cells.values())
 
 
 def impl_for(mode: str) -> str:
@@ -515,8 +580,36 @@ DATA_HELP = """How to get the data (place it under ./data or set DATA_ROOT):
 # Collecting results: results.json per run -> values, the runs CSV, per-sample scores from checkpoints.
 
 def load_result(run: Run, mode: str, results: Path):
+    """The run's results.json; where the mode's runs/ folder is absent (a committed results folder keeps only
+    runs.csv), the run's numbers as runs.csv recorded them."""
     p = run_dir(run, mode, results) / "results.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    if p.exists():
+        return json.loads(p.read_text())
+    if not (results / "runs" / mode).is_dir():
+        return csv_results(results).get(run.name)
+    return None
+
+
+def csv_results(results: Path) -> dict:
+    """{run name: its results.json's numbers that runs.csv keeps (accuracy, ECE, each OOD set's metrics per
+    detector, env, seconds)} from <results>/runs.csv; {} without one."""
+    path = results / "runs.csv"
+    return _csv_results(str(path), path.stat().st_mtime_ns) if path.exists() else {}
+
+
+@functools.lru_cache(maxsize=8)
+def _csv_results(path: str, stamp: int) -> dict:
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            res = out.setdefault(row["run"], {
+                "ood": {}, "seconds": float(row["seconds"] or 0.0),
+                "env": {k: row[k] for k in ("commit", "torch", "python", "device")}})
+            if row["out"]:
+                res["ood"].setdefault(row["out"], {}).setdefault(row["detector"], {})[row["metric"]] = float(row["value"])
+            else:
+                res[row["metric"]] = float(row["value"])
+    return out
 
 
 def values(runs: list[Run], mode: str, results: Path, key) -> list[float]:
@@ -1080,7 +1173,7 @@ def figure5(mode, results) -> dict:
             ax[row0][c].set_title(tags[c], fontsize=7)
         big = torch.cat([C.to_float(test_images(s, mode)[:64]) for s in sets])
         for k, mth in enumerate(methods):
-            run = vgg_runs(mode, i_, mth, seeds=(0,))[0]
+            run = vgg_runs(mode, i_, mth, seeds=(fig5_seed(mode, results),))[0]
             net = load_model(run, mode, results)
             gmap = guided_backprop(net, imgs).abs().amax(1)                                          # (6, 32, 32)
             scale = float(gmap.max()) + 1e-12
@@ -1183,7 +1276,8 @@ def judge(family: list, alpha: float = ALPHA) -> list:
     out = []
     for i, c in enumerate(family):
         if c["n"] == 0:
-            why = "runs missing" if c["pairs"] == 0 else "every pair at the metric's ceiling or floor"
+            why = ("runs missing" if c["pairs"] == 0 else "every pair at the metric's ceiling or floor"
+                   if c["at_bound"] == c["pairs"] else "every pair at a bound or tied at the threshold")
             out.append(f"not testable ({why})")
         elif not rejected[i]:
             out.append(f"inconclusive (n = {c['n']})")
@@ -1196,129 +1290,137 @@ def evidence(c: dict) -> str:
     """n, the mean paired difference, the counts above/below the threshold and the unadjusted p."""
     if c["pairs"] == 0:
         return "no paired runs"
+    if c["n"] == 0:
+        return (f"{c['pairs']} pair(s), none left: {c['at_bound']} at the bound, {c['equal']} tied at the "
+                f"threshold {c['theta']:+g}")
     extra = f", {c['at_bound']} pair(s) at the bound left out" if c["at_bound"] else ""
     return (f"n = {c['n']}, mean difference {c['mean_diff']:+.2f} (threshold {c['theta']:+g}), "
             f"{c['above']} above / {c['below']} below{extra}, p = {c['p']:.3g}")
 
 
 # ------------------------------------------------------------------------------------------------
-# README: what was run, links, and each claim's verdict computed from the numbers
+# README: what was run, links, and each claim's verdict computed from the numbers by the rule above
 
-def _m(runs, mode, results, key):
-    return mean_std(values(runs, mode, results, key))[0]
+def per_seed(runs: list[Run], mode: str, results: Path, key, scale: float = 100.0) -> dict:
+    """{seed: scale * key(res)} for every finished run of the list (values in points)."""
+    out = {}
+    for r in runs:
+        res = load_result(r, mode, results)
+        if res is None:
+            continue
+        try:
+            out[r.seed] = scale * float(key(res))
+        except KeyError:
+            pass
+    return out
 
 
-CEILING = "not testable (ce above 95: no room for a 5-point rise)"
+def _mean_over(sets: list[dict]) -> dict:
+    """Per seed, the mean of several {seed: value} (only seeds present in all of them)."""
+    common = set.intersection(*(set(s) for s in sets)) if sets else set()
+    return {s: float(np.mean([v[s] for v in sets])) for s in sorted(common)}
 
 
-def claims(mode, results, figstats) -> list[tuple[str, str, str]]:
-    """(claim, our numbers, verdict) for each claim of the paper that this scale tests."""
+def comparative_claims(mode: str, results: Path) -> list[dict]:
+    """Every comparative claim of the paper this mode tests, as paired per-seed values: text, a, b ({seed: points}),
+    the arms' names, theta and whether lower is better. One family: Holm runs across all of them."""
     r = ROLES[mode]
     A, B, U = r["A"], r["B"], list(r["unseen"])
-    out = []
     V = lambda i_, m, model="vgg13": vgg_runs(mode, i_, m, model)
-    tnr = lambda runs, o, d="baseline": _m(runs, mode, results, det(o, d, "tnr_at_tpr95"))
-    verdict = lambda ok: "n/a (runs missing)" if ok is None else ("supported" if ok else "not supported")
+    tnr = lambda i_, m, o, d="baseline", model="vgg13": per_seed(V(i_, m, model), mode, results,
+                                                                 det(o, d, "tnr_at_tpr95"))
+    metric = lambda i_, m, k: per_seed(V(i_, m), mode, results, lambda x: x[k])
+    up, keep, low = THETA["raises"], THETA["no_worse"], THETA["lower"]
+    out = []
 
-    def cmp(pairs):   # [(a, b)]: fraction with a > b
-        pairs = [(a, b) for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
-        return (None, "") if not pairs else (sum(a > b for a, b in pairs), len(pairs))
+    def add(text, a, b, names, theta, lower=False, digits=1):
+        out.append(dict(text=text, a=a, b=b, names=names, theta=theta, lower=lower, digits=digits))
 
     for model, tab in (("vgg13", "Table 1"), ("alexnet", "Table 4")):
         for i_ in (A, B):
             o = other(mode, i_)
-            a, b = tnr(V(i_, "conf", model), o), tnr(V(i_, "ce", model), o)
-            ok = None if math.isnan(a) or math.isnan(b) else a > b + 0.05
-            # ce above 95 leaves no room for a 5-point rise: a conf at least as good is no evidence either way
-            d = CEILING if ok is False and b > 0.95 and a >= b else verdict(ok)
-            out.append((f"{tab} ({model}): the confidence loss raises TNR@TPR95 on the seen OOD set ({i_} vs {o})",
-                        f"ce {100 * b:.1f} -> conf {100 * a:.1f}", d))
-    k, n = cmp([(tnr(V(A, "conf"), o), tnr(V(A, "ce"), o)) for o in U])
-    out.append((f"Table 1: with {A} in-distribution it also raises TNR on every unseen set",
-                f"{k}/{n} unseen sets improved", verdict(None if k is None else k == n)))
-    k, n = cmp([(tnr(V(B, "conf"), o), tnr(V(B, "ce"), o) + 0.05) for o in U])
-    out.append((f"Table 1: with {B} in-distribution it does not improve the unseen sets overall (a negative result)",
-                f"{k}/{n} unseen sets improved by > 5 points", verdict(None if k is None else k <= n // 2)))
-    accs = []
+            add(f"{tab} ({model}): the confidence loss raises TNR@TPR95 on the seen OOD set ({i_} vs {o})",
+                tnr(i_, "conf", o, model=model), tnr(i_, "ce", o, model=model), ("conf", "ce"), up)
+    for o in U:
+        add(f"Table 1: with {A} in-distribution the confidence loss also raises TNR on the unseen set {o}",
+            tnr(A, "conf", o), tnr(A, "ce", o), ("conf", "ce"), up)
+    for o in U:   # the paper's negative result, as "ce at most 1 point below conf": d = ce - conf, theta -1
+        add(f"Table 1: with {B} in-distribution the confidence loss does not raise TNR on the unseen set {o} "
+            "(a negative result: conf at most 1 point above ce)", tnr(B, "ce", o), tnr(B, "conf", o),
+            ("ce", "conf"), -up)
     for i_ in (A, B):
-        base = _m(V(i_, "ce"), mode, results, lambda x: x["accuracy"])
         for m in ("conf-gan", "joint", "conf"):
-            accs.append(_m(V(i_, m), mode, results, lambda x: x["accuracy"]) - base)
-    accs = [a for a in accs if not math.isnan(a)]
-    out.append(("Table 2: no regime changes accuracy by more than ~1 point against cross entropy",
-                "differences " + ", ".join(f"{100 * a:+.1f}" for a in accs),
-                verdict(None if not accs else max(abs(a) for a in accs) <= 0.015)))
+            add(f"Table 2: {m} keeps cross entropy's accuracy (at most 1 point lower; {i_})",
+                metric(i_, m, "accuracy"), metric(i_, "ce", "accuracy"), (m, "ce"), keep, digits=2)
     for i_ in (A, B):
-        e_ce, e_j = (_m(V(i_, m), mode, results, lambda x: x["ece"]) for m in ("ce", "joint"))
-        t_ce, t_j = (_m(V(i_, m), mode, results, lambda x: x["ece_temperature_scaled"]) for m in ("ce", "joint"))
-        ok = None if any(math.isnan(v) for v in (e_ce, e_j)) else e_j < e_ce
-        out.append((f"Table 3: the joint confidence loss has lower ECE than cross entropy ({i_})",
-                    f"ce {100 * e_ce:.2f} vs joint {100 * e_j:.2f} (after temp. scaling {100 * t_ce:.2f} vs "
-                    f"{100 * t_j:.2f})",
-                    verdict(ok)))
+        add(f"Table 3: the joint confidence loss has lower ECE than cross entropy ({i_})",
+            metric(i_, "joint", "ece"), metric(i_, "ce", "ece"), ("joint", "ce"), low, lower=True, digits=2)
     for i_ in (A, B):
-        k, n = cmp([(tnr(V(i_, "joint"), o), tnr(V(i_, "ce"), o)) for o in U])
-        out.append((f"Figure 4: joint confidence loss beats cross entropy on every unseen set ({i_}; TNR, baseline)",
-                    f"{k}/{n}", verdict(None if k is None else k == n)))
-        k, n = cmp([(tnr(V(i_, "joint"), o), tnr(V(i_, "conf-gan"), o)) for o in U])
-        out.append((f"Figure 4: joint beats the confidence loss with original-GAN samples ({i_})",
-                    f"{k}/{n}", verdict(None if k is None else k == n)))
-        k, n = cmp([(tnr(V(i_, "joint"), o), tnr(V(i_, "conf"), o)) for o in U])
-        out.append((f"Figure 4: joint beats the confidence loss with the explicit seen set on unseen sets ({i_})",
-                    f"{k}/{n}", verdict(None if k is None else k == n)))
-        outs = [other(mode, i_)] + U
-        k, n = cmp([(tnr(V(i_, "joint"), o), tnr(V(i_, "ce"), o, "odin")) for o in outs])
-        out.append((f"Figure 7: joint + baseline typically beats cross entropy + ODIN ({i_})",
-                    f"{k}/{n} OOD sets", verdict(None if k is None else k > n / 2)))
-        k, n = cmp([(tnr(V(i_, "joint"), o, "odin") + 1e-9, tnr(V(i_, "joint"), o)) for o in outs])
-        kk = None if k is None else sum(tnr(V(i_, "joint"), o, "odin") >= tnr(V(i_, "joint"), o) for o in outs)
-        out.append((f"Figure 7: ODIN adds to the joint confidence loss ({i_}; ODIN >= baseline)",
-                    f"{kk}/{n} OOD sets", verdict(None if kk is None else kk > n / 2)))
-    pairs = [(_m(V(i_, "joint-pt"), mode, results, det(o, "baseline", mt)),
-              _m(V(i_, "joint"), mode, results, det(o, "baseline", mt)))
-             for i_ in (A, B) for o in [other(mode, i_)] + U[:2] for mt in METRICS]
-    k, n = cmp(pairs)
-    out.append(("Table 5: the pull-away term tends to (not always) improve detection",
-                f"{k}/{n} cells improved", verdict(None if k is None else k > n / 2)))
-    k, n = cmp([(tnr(V(B, "conf"), o, d), tnr(V(B, "kplus1"), o, d)) for o in U for d in ("baseline", "odin")])
-    out.append((f"Table 6: the confidence loss beats the K+1 class loss on unseen sets ({B})",
-                f"{k}/{n} (set, detector) pairs", verdict(None if k is None else k > n / 2)))
+        for ref, what in (("ce", "cross entropy"), ("conf-gan", "the confidence loss with original-GAN samples"),
+                          ("conf", "the confidence loss with the explicit seen set")):
+            for o in U:
+                add(f"Figure 4: joint confidence loss beats {what} on the unseen set {o} ({i_}; TNR, baseline)",
+                    tnr(i_, "joint", o), tnr(i_, ref, o), ("joint", ref), up)
+        for o in [other(mode, i_)] + U:
+            add(f"Figure 7: joint + baseline beats cross entropy + ODIN on {o} ({i_})",
+                tnr(i_, "joint", o), tnr(i_, "ce", o, "odin"), ("joint + baseline", "ce + ODIN"), up)
+        for o in [other(mode, i_)] + U:
+            add(f"Figure 7: ODIN adds to the joint confidence loss on {o} ({i_}; ODIN vs baseline)",
+                tnr(i_, "joint", o, "odin"), tnr(i_, "joint", o), ("joint + ODIN", "joint + baseline"), up)
+    cells = [(i_, o) for i_ in (A, B) for o in [other(mode, i_)] + U[:2]]       # Table 5's six (in, OOD) pairs
+    add("Table 5: the pull-away term raises TNR (per seed, the mean over Table 5's six (in, OOD) pairs)",
+        _mean_over([tnr(i_, "joint-pt", o) for i_, o in cells]), _mean_over([tnr(i_, "joint", o) for i_, o in cells]),
+        ("joint-pt", "joint"), up)
+    for d in ("baseline", "odin"):
+        for o in U:
+            add(f"Table 6: the confidence loss beats the K+1 class loss on the unseen set {o} ({B}; {d})",
+                tnr(B, "conf", o, d), tnr(B, "kplus1", o, d), ("conf", "K+1"), up)
+    return out
+
+
+FIG3_ISSUE = ("the authors' repository (github.com/alinlab/Confident_classifier) has an open issue, #5, saying "
+              "Figures 3(b, d) cannot be reproduced")
+
+
+def figure_claims(mode: str, figstats: dict) -> list[tuple[str, str, bool]]:
+    """The single-run statistics of Figures 1, 2, 3 and 5: (claim, our numbers, direction as the paper's)."""
+    r = ROLES[mode]
+    A, B, U = r["A"], r["B"], list(r["unseen"])
+    out = []
     if "figure1" in figstats:
         s = figstats["figure1"]
         out.append(("Figure 1: OOD samples near the data ([-20,20]^2) leave less over-confident area than samples "
                     "from the whole space ([-50,50]^2)",
-                    f"[-50,50]: {100 * s['far_confident_50']:.1f}% vs [-20,20]: {100 * s['far_confident_20']:.1f}% of the "
-                    "far region has max-softmax > 0.9",
-                    verdict(s["far_confident_20"] < s["far_confident_50"])))
+                    f"[-50,50]: {100 * s['far_confident_50']:.1f}% vs [-20,20]: {100 * s['far_confident_20']:.1f}% "
+                    "of the far region has max-softmax > 0.9", s["far_confident_20"] < s["far_confident_50"]))
     if "figure3ab" in figstats:
         s = figstats["figure3ab"]
-        out.append(("Figure 3(a,b): the proposed GAN's samples sit on the low-density boundary of the data, the original "
-                    "GAN's in its high-density core",
+        out.append(("Figure 3(a,b): the proposed GAN's samples sit on the low-density boundary of the data, the "
+                    "original GAN's in its high-density core",
                     f"original vs proposed: median distance to a class mean {s['original']['median_dist']:.2f} vs "
                     f"{s['proposed']['median_dist']:.2f}; in the core {100 * s['original']['frac_core']:.0f}% vs "
                     f"{100 * s['proposed']['frac_core']:.0f}%",
-                    verdict(s["proposed"]["median_dist"] > s["original"]["median_dist"]
-                            and s["proposed"]["frac_core"] < s["original"]["frac_core"])))
+                    s["proposed"]["median_dist"] > s["original"]["median_dist"]
+                    and s["proposed"]["frac_core"] < s["original"]["frac_core"]))
     if "figure3cd" in figstats:
         s = figstats["figure3cd"]
         out.append(("Figure 3(c,d): the proposed GAN's samples look less like digits to the classifier",
                     f"classifier's mean max-softmax on samples: original {s['original']['mean_conf']:.2f} vs "
-                    f"proposed {s['proposed']['mean_conf']:.2f}",
-                    verdict(s["proposed"]["mean_conf"] < s["original"]["mean_conf"])))
+                    f"proposed {s['proposed']['mean_conf']:.2f}", s["proposed"]["mean_conf"] < s["original"]["mean_conf"]))
     if "figure2" in figstats:
         a = figstats["figure2"]["roc_auc"]
         ce = a.get("Cross entropy loss", float("nan"))
         better = sum(v > ce for k2, v in a.items() if k2 != "Cross entropy loss")
         out.append((f"Figure 2: the confidence loss separates {A} from {B} better than cross entropy "
                     "(ROC, any training OOD set)", ", ".join(f"{k2}: {100 * v:.1f}" for k2, v in a.items()),
-                    verdict(better == len(a) - 1)))
+                    better == len(a) - 1))
         real = [u for u in U[:2] if u not in ("uniform", "gaussian")]      # uniform noise is not "realistic"
         near = [v for k2, v in a.items() if any(k2.endswith(f"({u})") for u in real)]
         gauss = a.get("Confidence loss (gaussian)")
         if near and gauss is not None:
             out.append(("Figure 2(c): realistic images are more useful training OOD than Gaussian noise",
                         f"AUROC {', '.join(f'{100 * v:.1f}' for v in near)} vs gaussian {100 * gauss:.1f}",
-                        verdict(max(near) > gauss)))
+                        max(near) > gauss))
     if "figure5" in figstats:
         s = figstats["figure5"]
         for i_ in (A, B):
@@ -1329,8 +1431,63 @@ def claims(mode, results, figstats) -> list[tuple[str, str, str]]:
                             f"in-distribution ones, cross entropy does not ({i_})",
                             f"OOD/in gradient magnitude: ce {ce:.2f}, " +
                             ", ".join(f"{m} {v:.2f}" for m, v in confs.items()),
-                            verdict(all(v < ce for v in confs.values()))))
+                            all(v < ce for v in confs.values())))
     return out
+
+
+def _ours(c: dict) -> str:
+    """The two arms' means over the seeds both ran (bound pairs included)."""
+    seeds = sorted(s for s in set(c["a"]) & set(c["b"]) if not (math.isnan(c["a"][s]) or math.isnan(c["b"][s])))
+    if not seeds:
+        return "—"
+    ma, mb = (float(np.mean([x[s] for s in seeds])) for x in (c["a"], c["b"]))
+    k = c["digits"]
+    return f"{c['names'][0]} {ma:.{k}f} vs {c['names'][1]} {mb:.{k}f}" + (f" (mean of {len(seeds)} seeds)"
+                                                                          if len(seeds) > 1 else "")
+
+
+def claims(mode, results, figstats) -> list[tuple[str, str, str, str]]:
+    """(claim, our numbers, evidence, verdict) for each claim of the paper this mode tests: the comparative ones
+    judged by the rule (one family, Holm across it), then the figures' single-run statistics (n = 1)."""
+    comp = comparative_claims(mode, results)
+    fam = [paired_comparison(c["a"], c["b"], c["theta"], c["lower"]) for c in comp]
+    out = [(c["text"], _ours(c), evidence(e), v) for c, e, v in zip(comp, fam, judge(fam))]
+    for text, ours, as_paper in figure_claims(mode, figstats):
+        verdict = "inconclusive (n = 1)"
+        if text.startswith("Figure 3"):
+            verdict += f"; {FIG3_ISSUE}"
+        out.append((text, ours, f"one run; direction {'as the paper' if as_paper else 'against the paper'}",
+                    verdict))
+    return out
+
+
+def min_pairs(m: int, alpha: float = ALPHA) -> int:
+    """The fewest pairs with which one of m claims can be rejected: Holm's first step needs p <= alpha / m, and
+    the smallest two-sided p of the exact signed-rank test with n pairs is 2 / 2^n (every sign alike)."""
+    n = 1
+    while 2.0 / 2 ** n > alpha / max(m, 1):
+        n += 1
+    return n
+
+
+def rule_text(m: int) -> str:
+    """The verdict rule, stated once next to the claims' table."""
+    return ("Each comparative claim is judged over **paired seeds** (the same seed for both arms) by the rule in "
+            "`reproduce.py` (`paired_comparison`, `judge`), fixed before the runs it judges. Per seed, d = A - B in "
+            "metric points (B - A where lower is better). Pairs with both arms within 0.05 points of the metric's "
+            "ceiling (100) or floor (0) are dropped, and so are pairs with d - theta = 0: a tie is never a win or "
+            "a loss. On the n pairs left: the **two-sided exact Wilcoxon signed-rank test** of d - theta (mid-ranks "
+            f"for tied |d - theta|, the null distribution enumerated exactly), **alpha = {ALPHA}**, with **Holm's "
+            f"correction across the {m} claims of this mode** that have a pair to test. Thresholds theta, from the "
+            f"paper's wording: \"raises\" / \"beats\" TNR = more than {THETA['raises']:+g} point; \"keeps accuracy\" "
+            f"= at most {-THETA['no_worse']:g} point lower (theta {THETA['no_worse']:+g}; App. C.1's \"at most 1%\"); "
+            f"\"lower ECE\" = theta {THETA['lower']:g}; Table 1's negative result (\"does not raise\") = at most "
+            f"{THETA['raises']:g} point higher. Verdicts: **supported** (rejected, d above theta), **contradicted** "
+            "(rejected, below), **inconclusive** (not rejected), **not testable** (no pair left). Each row gives n, "
+            "the mean paired difference, the pairs above / below theta and the unadjusted p. The smallest two-sided "
+            f"p with n pairs is 2/2^n: no claim is decided on fewer than 6 pairs, and with Holm across {m} claims none "
+            f"on fewer than {min_pairs(m)}. The figures' statistics (Figures 1, 2, 3, 5) are single runs: "
+            "inconclusive (n = 1), with their direction.")
 
 
 # Seconds of one H200 per Run.cost() unit per epoch of 60,000 images, packed: four joint (cost 4) and two ce
@@ -1370,7 +1527,13 @@ def gpu_status(mode, results, timings) -> list[str]:
     return lines
 
 
-def write_readme(mode, results, figstats, timings):
+def available(stage: str, mode: str, results: Path) -> bool:
+    """Every run of the stage has results for at least one seed (a results.json, or its rows of runs.csv where
+    runs/ is absent)."""
+    return renderable(stage, mode, results, have=lambda *a: load_result(*a) is not None)
+
+
+def write_readme(mode, results, figstats, timings, from_csv=False):
     m = MODES[mode]
     r = ROLES[mode]
     envs = [res["env"] for res in (load_result(run, mode, results) for run in all_runs(mode)) if res and res.get("env")]
@@ -1409,7 +1572,7 @@ def write_readme(mode, results, figstats, timings):
             lines += [f"To keep the mode near 20 minutes on 2 cores `all` leaves out {', '.join(skip)}; "
                       f"each runs on its own (`bash reproduce.sh --{mode} {skip[0]}`), and `render` includes it "
                       "once its runs have finished. "
-                      + ("Here: " + ", ".join(f"{st} {'is' if finished(st, mode, results) else 'is not'} included"
+                      + ("Here: " + ", ".join(f"{st} {'is' if available(st, mode, results) else 'is not'} included"
                                               for st in skip) + ".")]
             core = [load_result(r, mode, results)
                     for r in dict.fromkeys(r for st in STAGES if st not in skip for r in plan(st, mode))]
@@ -1424,6 +1587,10 @@ def write_readme(mode, results, figstats, timings):
         at = ", ".join(f"`{c}`" + (f" ({n} runs)" if len(commits) > 1 else "") for c, n in commits.items())
         lines += [f"Environment of the runs: commit{'s' if len(commits) > 1 else ''} {at}, torch {env.get('torch')}, "
                   f"python {env.get('python')}, device {env.get('device')}.", ""]
+    if from_csv:
+        lines += [f"Tables and this README rendered again by `python reproduce.py render --mode {mode}` from "
+                  "runs.csv (the runs' folders are not kept here); the figures and their statistics are the runs' "
+                  "own.", ""]
     if timings and mode != "gpu":
         lines += ["Wall-clock of the command that wrote this folder: "
                   + ", ".join(f"{k} {timings[k]:.0f}s" for k in ("runs", "total") if k in timings)
@@ -1439,23 +1606,31 @@ def write_readme(mode, results, figstats, timings):
               "run, mode, commit, torch, python, device, seconds); per-run folders under `runs/` (not committed)", ""]
     cl = claims(mode, results, figstats)
     if cl:
-        lines += ["## The paper's claims at this scale", "",
-                  "Each verdict is computed from the numbers in this folder by `reproduce.py` (thresholds: "
-                  "'raises' = more than 5 points of TNR; accuracy 'unchanged' = within 1.5 points).", "",
-                  "| Claim | Ours | Verdict |", "|---|---|---|"]
-        lines += [f"| {c} | {'—' if d.startswith('n/a') else v} | {d} |" for c, v, d in cl]   # no nan cells
-        ok = sum(d == "supported" for _, _, d in cl)
-        no = sum(d == "not supported" for _, _, d in cl)
-        ceiling = sum(d == CEILING for _, _, d in cl)
-        lines += ["", f"**{ok} of {ok + no} tested claims are supported by our numbers, {no} are not** "
-                  f"({len(cl) - ok - no} could not be tested: {ceiling} at the ceiling, "
-                  f"{len(cl) - ok - no - ceiling} with runs missing)."]
-        if no:
+        single = [c for c in cl if c[2].startswith("one run")]
+        tested = [c for c in cl if c not in single and not c[3].startswith("not testable")]
+        ns = [int(x) for c in tested for x in re.findall(r"\(n = (\d+)\)", c[3])]
+        lines += ["## The paper's claims at this scale", "", rule_text(len(tested)), ""]
+        if max(ns, default=0) <= 1:
+            lines += [f"**Every verdict here is n = 1**: this folder has one seed per regime (seeds "
+                      f"{list(m['seeds'])}), so nothing can be supported or contradicted; the numbers show directions "
+                      f"only. More seeds, paired across regimes and resumed per run: `bash reproduce.sh"
+                      f"{'' if mode == 'full' else ' --' + mode} --seeds 0-11`.", ""]
+        elif max(ns) < min_pairs(len(tested)):
+            lines += [f"**At most {max(ns)} pairs per claim here**: fewer than the {min_pairs(len(tested))} any "
+                      "verdict other than inconclusive needs with this family.", ""]
+        lines += ["| Claim | Ours | Evidence | Verdict |", "|---|---|---|---|"]
+        lines += [f"| {c} | {v} | {e} | {d} |" for c, v, e, d in cl]
+        count = collections.Counter(d.split(" (")[0].split(";")[0] for _, _, _, d in cl)
+        lines += ["", f"**{count['supported']} supported, {count['contradicted']} contradicted, "
+                  f"{count['inconclusive']} inconclusive, {count['not testable']} not testable** of {len(cl)} claims "
+                  f"({len(cl) - len(single)} paired comparisons, {len(single)} single-run figure statistics)."]
+        against = [c for c in cl if c[3].startswith("contradicted")]
+        if against:
             lines += ["", "Where we disagree with the paper:", ""]
-            lines += [f"- {c}: ours {v}." for c, v, d in cl if d == "not supported"]
+            lines += [f"- {c}: ours {v}; {e}." for c, v, e, d in against]
         if mode != "full":
-            lines += ["", "Where a claim is not supported here, the disagreement is with the paper's full-scale "
-                      "result only as far as this small, short, offline setting can speak to it: networks at "
+            lines += ["", "A contradicted claim disagrees with the paper's full-scale result only as far as this "
+                      "small, short, offline setting can speak to it: networks at "
                       f"{m['width']} width trained for {m['epochs']} epochs on {m['train_limit'] or 'all'} images, "
                       "not the paper's full-width networks trained for 100 epochs, and the GAN regimes swing by tens "
                       "of points between seeds (results/stability/). The paper reports the best test result per "
@@ -1491,7 +1666,18 @@ def _main(argv=None):
                    help="output folder: tables, figures, runs/ (default results/, in the gpu mode results/gpu/)")
     p.add_argument("--jobs", default="0", help="runs at a time: a number, or auto (measured: see packing). "
                    "0: on a GPU auto, on a 2+-core CPU 2 in the quick mode, else 1")
+    p.add_argument("--seeds", default=None,
+                   help="seeds of every regime, paired across regimes (e.g. 0-2 or 0,3,5); default the mode's "
+                   "(" + ", ".join(f"{k}: {list(v['seeds'])}" for k, v in MODES.items()) + "). "
+                   "Finished runs are kept; tables and verdicts use every seed that has finished")
     a = p.parse_args(argv)
+    if a.seeds is not None:
+        try:
+            set_seeds(a.mode, parse_seeds(a.seeds))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    train_seeds = set(MODES[a.mode]["seeds"]) | set(MODES[a.mode]["gan_seeds"])
     results = Path(a.results) if a.results else HERE / "results" / ("gpu" if a.mode == "gpu" else "")
     if SIZES and (results.resolve() == (HERE / "results").resolve()
                   or (HERE / "results").resolve() in results.resolve().parents):
@@ -1502,7 +1688,11 @@ def _main(argv=None):
     if a.jobs != "auto" and not a.jobs.isdigit():
         sys.exit(f"error: --jobs {a.jobs!r}: expected a number of runs at a time, or auto")
     results.mkdir(parents=True, exist_ok=True)
+    if a.stage == "render" and not (results / "runs" / a.mode).is_dir() and (results / "runs.csv").exists():
+        return _render_from_csv(a, results)
     cuda = torch.cuda.is_available()
+    if a.stage == "render":
+        seeds_to_render(a.mode, results, a.seeds and parse_seeds(a.seeds))
     stages = stages_for(a.stage, a.mode, results)
     if a.stage in ("all", "check-data") or a.mode in ("full", "gpu"):
         problems = check_data(a.mode)
@@ -1533,18 +1723,22 @@ def _main(argv=None):
     for part in [st for st in stages if st in GPU_STAGES]:   # the gpu mode: each part's runs, then what they finish
         t1 = time.time()
         _execute_or_exit(stage_runs(part, a.mode), a.mode, results, jobs)
-        renders = [st for st in STAGES if finished(st, a.mode, results)
+        trained = dict(MODES[a.mode])
+        seeds_to_render(a.mode, results, train_seeds)
+        renders = [st for st in STAGES if renderable(st, a.mode, results)
                    and (st in TABLES or st == "figure1" and part == "gpu1"      # figure 1 trains no run: with gpu1
                         or any(r.method in GPU_STAGES[part] for r in plan(st, a.mode)))]
         n = _render(renders, a.mode, results, figstats, timings)
         timings[part] = time.time() - t1
         _finish(a, results, figstats, timings, stats_path, timings_path, t0, n)
+        MODES[a.mode] = trained                              # the next part trains the seeds asked for
     stages = tuple(st for st in stages if st not in GPU_STAGES)
     if not stages and a.mode == "gpu" and a.stage != "render":
         return
     if a.stage != "render":
         _execute_or_exit([r for st in stages for r in plan(st, a.mode)], a.mode, results, jobs)
         timings["runs" if a.stage == "all" else f"{a.stage} runs"] = time.time() - t0
+        seeds_to_render(a.mode, results, train_seeds)
     n = _render(stages, a.mode, results, figstats, timings)
     if a.stage == "all":
         timings["total"] = time.time() - t0
@@ -1557,6 +1751,23 @@ def _execute_or_exit(runs, mode, results, jobs):
     except C.ConfidentError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _render_from_csv(a, results: Path):
+    """`render` where the mode's runs/ folder is absent (a committed results folder): the tables and README from
+    runs.csv, over the seeds it holds; the figures (which need the runs' checkpoints), figure_stats.json and
+    timings.json are left as the runs wrote them."""
+    seeds_to_render(a.mode, results, a.seeds and parse_seeds(a.seeds))
+    have = lambda *x: load_result(*x) is not None
+    tables = [st for st in TABLES if renderable(st, a.mode, results, have=have)]
+    for st in tables:
+        (results / f"{st}.md").write_text(TABLES[st](a.mode, results))
+    stats_path, timings_path = results / "figure_stats.json", results / "timings.json"
+    figstats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    write_readme(a.mode, results, figstats, timings, from_csv=True)
+    print(f"[{a.mode}] no runs/{a.mode}/ folder: rendered {', '.join(tables) or 'no table'} and README.md from "
+          f"{results / 'runs.csv'}; figures left as they are", flush=True)
 
 
 def _render(stages, mode, results, figstats, timings) -> int:

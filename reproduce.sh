@@ -21,6 +21,10 @@
 #   bash reproduce.sh table1        one stage (table1..table6, figure1..figure5, figure7; also check-data, render);
 #   bash reproduce.sh --quick figure1   stages take --quick / --gpu / --tiny too. Finished runs are never recomputed.
 #   bash reproduce.sh --tiny --results out/tiny  a one-epoch slice of the quick pipeline (what the test runs).
+#   bash reproduce.sh --quick --seeds 0-11   any mode, more seeds: every regime runs the same seeds (paired);
+#                                   finished runs are kept, so it resumes, and the tables and verdicts use every
+#                                   seed that has finished. Defaults: quick 0, gpu and full 0-2. Verdicts need
+#                                   paired seeds: one seed is always "inconclusive (n = 1)" (results/README.md).
 #
 # Environment: DATA_ROOT (default ./data) is where the data sets are looked for. A dress rehearsal of the full
 # mode on small stand-in files (tests/test_rehearsal.py): REPRODUCE_SIZES=tiny runs any mode's own roles, stages,
@@ -42,6 +46,8 @@ while [ $# -gt 0 ]; do
     --results) EXTRA+=(--results "$2"); shift ;;
     --results=*) EXTRA+=(--results "${1#*=}") ;;
     --jobs) EXTRA+=(--jobs "$2"); shift ;;
+    --seeds) EXTRA+=(--seeds "$2"); shift ;;
+    --seeds=*) EXTRA+=(--seeds "${1#*=}") ;;
     -h|--help) sed -n '2,/^[^#]/{/^#/p;}' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) STAGE=$1 ;;
