@@ -1639,6 +1639,241 @@ def write_readme(mode, results, figstats, timings, from_csv=False):
 
 
 # ------------------------------------------------------------------------------------------------
+# The confirmatory study (results/confirm/README.md, declared before its runs): its endpoints and claims, judged
+# by the rule above; `python reproduce.py confirm --runs results/confirm/runs --out results/confirm`.
+
+CONFIRM_SEEDS = tuple(range(100, 112))
+CONFIRM_SETS = ("mnist", "gaussian", "uniform", "photos")
+CONFIRM_ARMS = ("ce", "joint", "joint-ema")
+EARLIER_RUNS, EARLIER_SEEDS = "results/stability/cpu-runs", tuple(range(8))
+
+
+def odin_unseen(res: dict, name: str) -> float:
+    """ODIN's TNR at TPR 95% on `name` with (T, eps) chosen without any of its images: the grid point with the
+    lowest mean validation detection error over the other OOD sets (the first minimum in grid order, T then
+    eps), read from ood[name].odin_grid. KeyError where the run recorded no grid."""
+    grid = res["ood"][name]["odin_grid"]
+    others = [o for o in CONFIRM_SETS if o != name]
+    for o in others:
+        g = res["ood"][o]["odin_grid"]
+        if g["temperatures"] != grid["temperatures"] or g["epsilons"] != grid["epsilons"]:
+            raise C.ConfidentError(f"ODIN grids differ between {name} and {o}: expected one (T, eps) grid")
+    err = np.mean([np.asarray(res["ood"][o]["odin_grid"]["val_detection_error"], dtype=float) for o in others], 0)
+    best, best_err = (0, 0), math.inf
+    for t in range(err.shape[0]):
+        for j in range(err.shape[1]):
+            if err[t, j] < best_err - 1e-12:      # ties keep the earlier point, as confident's own choice does
+                best, best_err = (t, j), err[t, j]
+    return float(grid["tnr_at_tpr95"][best[0]][best[1]])
+
+
+def endpoints(res: dict) -> dict:
+    """The declared endpoints of one run, in points: (endpoint, set) -> value; accuracy and ECE under set ""."""
+    out = {("accuracy", ""): 100 * res["accuracy"], ("ece", ""): 100 * res["ece"]}
+    for s in CONFIRM_SETS:
+        if s not in res["ood"]:
+            continue
+        out[("TNR_base", s)] = 100 * res["ood"][s]["baseline"]["tnr_at_tpr95"]
+        out[("TNR_odin_paper", s)] = 100 * res["ood"][s]["odin"]["tnr_at_tpr95"]
+        try:
+            out[("TNR_odin_unseen", s)] = 100 * odin_unseen(res, s)
+        except KeyError:
+            pass                                   # no odin_grid (runs older than the grid's record)
+    return out
+
+
+def confirm_claims() -> dict:
+    """Families P and E as declared: id, text, A = (arm, endpoint, set), B = (...), theta, lower is better."""
+    up, keep, low = THETA["raises"], THETA["no_worse"], THETA["lower"]
+    P, E = [], []
+    for k, s in enumerate(CONFIRM_SETS):
+        P.append(dict(id=f"P{1 + k}", text=f"Figure 4: joint raises the baseline detector's TNR over ce ({s})",
+                      a=("joint", "TNR_base", s), b=("ce", "TNR_base", s), theta=up, lower=False))
+    for k, s in enumerate(CONFIRM_SETS):
+        P.append(dict(id=f"P{5 + k}", text=f"Figure 7: joint + baseline beats ce + ODIN, paper's protocol ({s})",
+                      a=("joint", "TNR_base", s), b=("ce", "TNR_odin_paper", s), theta=up, lower=False))
+    for k, s in enumerate(CONFIRM_SETS):
+        P.append(dict(id=f"P{9 + k}", text=f"Figure 7, strictly unseen: joint + baseline beats ce + ODIN with "
+                      f"(T, eps) chosen without the set ({s})",
+                      a=("joint", "TNR_base", s), b=("ce", "TNR_odin_unseen", s), theta=up, lower=False))
+    P.append(dict(id="P13", text="Table 2 / App. C.1: joint's accuracy at most 1 point below ce's",
+                  a=("joint", "accuracy", ""), b=("ce", "accuracy", ""), theta=keep, lower=False))
+    P.append(dict(id="P14", text="Table 3: joint's ECE lower than ce's", a=("joint", "ece", ""),
+                  b=("ce", "ece", ""), theta=low, lower=True))
+    for k, s in enumerate(CONFIRM_SETS):
+        E.append(dict(id=f"E{1 + k}", text=f"--g-ema 0.999 raises the baseline detector's TNR over ce ({s})",
+                      a=("joint-ema", "TNR_base", s), b=("ce", "TNR_base", s), theta=up, lower=False))
+    E.append(dict(id="E5", text="--g-ema 0.999: accuracy at most 1 point below ce's",
+                  a=("joint-ema", "accuracy", ""), b=("ce", "accuracy", ""), theta=keep, lower=False))
+    return {"P": P, "E": E}
+
+
+def load_study(runs: Path, seeds) -> dict:
+    """(arm, seed) -> endpoints, for every run of the study whose results.json exists (<runs>/<arm>-s<seed>/)."""
+    got = {}
+    for arm in CONFIRM_ARMS:
+        for s in seeds:
+            p = runs / f"{arm}-s{s}" / "results.json"
+            if not p.exists():
+                continue
+            try:
+                got[(arm, s)] = endpoints(json.loads(p.read_text()))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise C.ConfidentError(f"{p}: not a finished run's results.json ({type(e).__name__}: {e})") from e
+    return got
+
+
+def holm_adjusted(ps: list) -> list:
+    """Holm's adjusted p-values (reject where <= alpha: the same decisions as `holm`)."""
+    order, out, run, m = sorted(range(len(ps)), key=lambda i: ps[i]), [1.0] * len(ps), 0.0, len(ps)
+    for k, i in enumerate(order):
+        run = max(run, min(1.0, (m - k) * ps[i]))
+        out[i] = run
+    return out
+
+
+def judge_study(got: dict, seeds) -> dict:
+    """Each family's claims with their paired evidence, Holm decision and verdict."""
+    out = {}
+    for fam, cls in confirm_claims().items():
+        rows = []
+        for c in cls:
+            side = lambda arm_end_set: {s: got[(arm_end_set[0], s)][arm_end_set[1:]] for s in seeds
+                                        if (arm_end_set[0], s) in got and arm_end_set[1:] in got[(arm_end_set[0], s)]}
+            a, b = side(c["a"]), side(c["b"])
+            ran = [s for s in seeds if (c["a"][0], s) in got and (c["b"][0], s) in got]
+            rows.append(dict(c, comparison=paired_comparison(a, b, c["theta"], c["lower"]), ran=ran,
+                             values={"a": a, "b": b}))
+        cmp = [r["comparison"] for r in rows]
+        verdicts = judge(cmp)
+        testable = [i for i, x in enumerate(cmp) if x["n"] > 0]
+        rejected = dict(zip(testable, holm([cmp[i]["p"] for i in testable])))
+        adjusted = dict(zip(testable, holm_adjusted([cmp[i]["p"] for i in testable])))
+        for i, r in enumerate(rows):
+            r["verdict"] = verdicts[i]
+            if r["ran"] and not r["comparison"]["pairs"]:
+                r["verdict"] = "not testable (endpoint not recorded in these runs: no odin_grid)"
+            r["holm_p"] = adjusted.get(i)
+            r["holm_rejected"] = rejected.get(i)
+        out[fam] = rows
+    return out
+
+
+def _study_tables(judged: dict, seeds, earlier: dict | None = None) -> list[str]:
+    lines = []
+    names = {"P": "Family P (the paper's claims)", "E": "Family E (beyond the paper: --g-ema 0.999)"}
+    for fam, rows in judged.items():
+        m = sum(r["holm_p"] is not None for r in rows)
+        lines += [f"### {names[fam]}: Holm across the {m} claims with a pair to test", "",
+                  "| # | claim | A vs B | theta | n | mean difference | above / below | p | Holm-adjusted p | "
+                  "Holm decision | verdict |" + (" earlier (seeds 0-7) |" if earlier else ""),
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|" + ("---|" if earlier else "")]
+        for k, r in enumerate(rows):
+            c = r["comparison"]
+            ab = f"{r['a'][0]} {r['a'][1]} vs {r['b'][0]} {r['b'][1]}"
+            md = "—" if not c["n"] else f"{c['mean_diff']:+.2f}"
+            hp = "—" if r["holm_p"] is None else f"{r['holm_p']:.3g}"
+            dec = "—" if r["holm_rejected"] is None else ("rejected" if r["holm_rejected"] else "not rejected")
+            pv = "—" if not c["n"] else f"{c['p']:.3g}"
+            lines.append(f"| {r['id']} | {r['text']} | {ab} | {r['theta']:+g} | {c['n']} | {md} | "
+                         f"{c['above']} / {c['below']} | {pv} | {hp} | {dec} | {r['verdict']} |"
+                         + (f" {earlier[fam][k]['verdict']} |" if earlier else ""))
+        lines.append("")
+    lines += ["Per-seed differences d = A - B in points (B - A for ECE); `b`: both arms at the ceiling or floor "
+              "(dropped); blank: a run missing.", "",
+              "| # | " + " | ".join(str(s) for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+    for rows in judged.values():
+        for r in rows:
+            a, b, cells = r["values"]["a"], r["values"]["b"], []
+            for s in seeds:
+                if s not in a or s not in b:
+                    cells.append("")
+                elif s not in r["comparison"]["seeds"]:
+                    cells.append("b")
+                else:
+                    cells.append(f"{(b[s] - a[s]) if r['lower'] else (a[s] - b[s]):+.1f}")
+            lines.append(f"| {r['id']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _json_rows(judged: dict) -> dict:
+    out = {}
+    for fam, rows in judged.items():
+        out[fam] = [{"id": r["id"], "claim": r["text"], "a": list(r["a"]), "b": list(r["b"]), "theta": r["theta"],
+                     "lower_is_better": r["lower"], "verdict": r["verdict"], "holm_adjusted_p": r["holm_p"],
+                     "holm_rejected": r["holm_rejected"],
+                     **{k: v for k, v in r["comparison"].items() if k not in ("seeds", "diffs")},
+                     "pairs_kept": dict(zip(map(str, r["comparison"]["seeds"]), r["comparison"]["diffs"])),
+                     "a_values": {str(s): v for s, v in r["values"]["a"].items()},
+                     "b_values": {str(s): v for s, v in r["values"]["b"].items()}} for r in rows]
+    return out
+
+
+def render_confirm(runs: Path, out: Path, earlier: Path | None = None, seeds=CONFIRM_SEEDS,
+                   earlier_seeds=EARLIER_SEEDS) -> dict:
+    """verdicts.md and verdicts.json of the confirmatory study over the seeds that have finished, and the same
+    claims on the earlier width-1/8 seed study's runs (NCHW, without ODIN's grid) where given."""
+    got = load_study(runs, seeds)
+    finished = [s for s in seeds if all((a, s) in got for a in CONFIRM_ARMS)]
+    judged = judge_study(got, seeds)
+    old = old_judged = None
+    if earlier is not None and earlier.is_dir():
+        old = load_study(earlier, earlier_seeds)
+        old_judged = judge_study(old, earlier_seeds)
+    status = (f"complete (n = {len(seeds)} of {len(seeds)})" if len(finished) == len(seeds)
+              else f"interim (n = {len(finished)} of {len(seeds)})")
+    lines = [f"# Confirmatory study: verdicts, {status}", "",
+             f"Rendered by `python reproduce.py confirm --runs {runs} --out {out}` from the runs' results.json, by "
+             "the rule declared in [README.md](README.md) before the runs: per seed both arms finished, "
+             "d = A - B in points; pairs with both arms within 0.05 points of 100 or 0 dropped, and pairs with "
+             f"d - theta = 0; the two-sided exact Wilcoxon signed-rank test of d - theta, alpha = {ALPHA}, Holm's "
+             "correction within each family. p is unadjusted; the Holm decision is the step-down one "
+             "(equivalently, Holm-adjusted p <= alpha).", "",
+             f"Seeds with all three arms finished: {finished or 'none'}"
+             + ("" if len(finished) == len(seeds) else
+                f". **Interim**: {len(finished)} of the {len(seeds)} declared seeds; the study is complete at "
+                f"{len(seeds)}") + ".", "",
+             f"## Fresh seeds {seeds[0]}-{seeds[-1]}, {status}", ""]
+    lines += _study_tables(judged, seeds, old_judged)
+    if old_judged is not None:
+        lines += [f"## Earlier evidence (seeds {earlier_seeds[0]}-{earlier_seeds[-1]}, NCHW)", "",
+                  f"The same claims on the committed width-1/8 seed study ({earlier}: arms ce, joint, joint-ema, "
+                  "the main job's command with `--diag-every 50 --val-ood photos`, NCHW). Its runs recorded no ODIN "
+                  "grid, so the strictly-unseen claims (P9-P12) are not testable there.", ""]
+        lines += _study_tables(old_judged, earlier_seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "verdicts.md").write_text("\n".join(lines))
+    record = {"status": status, "declared_seeds": list(seeds), "seeds_finished": finished, "alpha": ALPHA,
+              "theta": THETA, "families": _json_rows(judged),
+              "endpoints": {f"{a}-s{s}": {f"{e}:{x}" if x else e: v for (e, x), v in ep.items()}
+                            for (a, s), ep in sorted(got.items())}}
+    if old_judged is not None:
+        record["earlier"] = {"runs": str(earlier), "seeds": list(earlier_seeds), "families": _json_rows(old_judged)}
+    (out / "verdicts.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def confirm_main(argv):
+    p = argparse.ArgumentParser(prog="reproduce.py confirm",
+                                description="Verdicts of the confirmatory study (results/confirm/README.md).")
+    p.add_argument("--runs", default="results/confirm/runs", help="the study's runs: <arm>-s<seed>/results.json")
+    p.add_argument("--out", default="results/confirm", help="where verdicts.md and verdicts.json go")
+    p.add_argument("--earlier", default=EARLIER_RUNS,
+                   help="the earlier seed study's runs (seeds 0-7), judged by the same claims ('' for none)")
+    a = p.parse_args(argv)
+    runs = Path(a.runs)
+    if not runs.is_dir():
+        print(f"error: --runs {runs}: no such folder (expected the study's <arm>-s<seed>/ runs)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        rec = render_confirm(runs, Path(a.out), Path(a.earlier) if a.earlier else None)
+    except C.ConfidentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"confirm: {rec['status']}; wrote {Path(a.out) / 'verdicts.md'} and verdicts.json")
+
+
+# ------------------------------------------------------------------------------------------------
 # CLI
 
 FIGURES = {"figure1": lambda mo, re: {"figure1": figure1(mo, re)},
@@ -1651,6 +1886,9 @@ FIGURES = {"figure1": lambda mo, re: {"figure1": figure1(mo, re)},
 
 def main(argv=None):
     """The command line; confident.load_uint8 is memoised for the runs of this call only."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["confirm"]:
+        return confirm_main(argv[1:])
     orig, C.load_uint8 = C.load_uint8, _load_uint8
     try:
         _main(argv)
