@@ -262,8 +262,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     """'0-2', '0,3,5' or '0-2,7' -> the seeds in order, each once."""
     out = []
     for part in text.split(","):
-        a, _, b = part.strip().partition("-")
-        if not a.isdigit() or (b and not b.isdigit()) or (b and int(b) < int(a)):
+        a, dash, b = part.strip().partition("-")
+        if not a.isdigit() or (dash and not b.isdigit()) or (b and int(b) < int(a)):
             raise ValueError(f"--seeds {text!r}: expected seeds such as 0-2, 0,3,5 or 0-2,7")
         out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     return tuple(dict.fromkeys(out))

@@ -87,10 +87,12 @@ def test_exits_0_and_the_readme_names_everything(rehearsal):
         for f in names:
             assert f"[{f}]({f})" in line and (rehearsal / f).exists(), (st, f)
     assert "[runs.csv](runs.csv)" in readme
-    assert "tested claims are supported" in readme and "n/a (runs missing)" not in readme
-    verdicts = [ln for ln in readme.splitlines()
-                if ln.endswith(("| supported |", "| not supported |", f"| {R.CEILING} |"))]
-    assert len(verdicts) == 28
+    # every claim judged by the rule: the tiny sizes' one seed (two for the GAN regimes) decides nothing
+    assert "two-sided exact Wilcoxon signed-rank test" in readme and "runs missing" not in readme
+    rows = [ln for ln in readme.splitlines() if ln.startswith("| ") and not ln.startswith("| Claim")]
+    kinds = [ln.rstrip(" |").split(" | ")[-1] for ln in rows]
+    assert len(rows) == 66 and all(k.startswith(("inconclusive (n = 1)", "inconclusive (n = 2)", "not testable"))
+                                   for k in kinds), kinds
     for k in range(1, 7):
         assert "**A rehearsal, not results**" in (rehearsal / f"table{k}.md").read_text()
     # the timings are recorded (not asserted: speed is measured by benchmarks)
