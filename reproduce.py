@@ -1592,7 +1592,7 @@ def write_readme(mode, results, figstats, timings, from_csv=False):
                   "runs.csv (the runs' folders are not kept here); the figures and their statistics are the runs' "
                   "own.", ""]
     if timings and mode != "gpu":
-        lines += ["Wall-clock of the command that wrote this folder: "
+        lines += [f"Wall-clock of the command that {'ran the runs' if from_csv else 'wrote this folder'}: "
                   + ", ".join(f"{k} {timings[k]:.0f}s" for k in ("runs", "total") if k in timings)
                   + (f" (machine load at the end: 1-min load average {timings['load']:.1f} on "
                      f"{os.cpu_count()} cores, other jobs included)" if "load" in timings else "") + ".", ""]
