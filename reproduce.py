@@ -1478,15 +1478,16 @@ def rule_text(m: int) -> str:
             "ceiling (100) or floor (0) are dropped, and so are pairs with d - theta = 0: a tie is never a win or "
             "a loss. On the n pairs left: the **two-sided exact Wilcoxon signed-rank test** of d - theta (mid-ranks "
             f"for tied |d - theta|, the null distribution enumerated exactly), **alpha = {ALPHA}**, with **Holm's "
-            f"correction across the {m} claims of this mode** that have a pair to test. Thresholds theta, from the "
+            f"correction across the{f' {m}' if m else ''} claims of this mode** that have a pair to test. Thresholds theta, from the "
             f"paper's wording: \"raises\" / \"beats\" TNR = more than {THETA['raises']:+g} point; \"keeps accuracy\" "
             f"= at most {-THETA['no_worse']:g} point lower (theta {THETA['no_worse']:+g}; App. C.1's \"at most 1%\"); "
             f"\"lower ECE\" = theta {THETA['lower']:g}; Table 1's negative result (\"does not raise\") = at most "
             f"{THETA['raises']:g} point higher. Verdicts: **supported** (rejected, d above theta), **contradicted** "
             "(rejected, below), **inconclusive** (not rejected), **not testable** (no pair left). Each row gives n, "
             "the mean paired difference, the pairs above / below theta and the unadjusted p. The smallest two-sided "
-            f"p with n pairs is 2/2^n: no claim is decided on fewer than 6 pairs, and with Holm across {m} claims none "
-            f"on fewer than {min_pairs(m)}. The figures' statistics (Figures 1, 2, 3, 5) are single runs: "
+            "p with n pairs is 2/2^n: no claim is decided on fewer than 6 pairs"
+            + (f", and with Holm across {m} claims none on fewer than {min_pairs(m)}" if m > 1 else "")
+            + ". The figures' statistics (Figures 1, 2, 3, 5) are single runs: "
             "inconclusive (n = 1), with their direction.")
 
 
@@ -1587,7 +1588,7 @@ def write_readme(mode, results, figstats, timings, from_csv=False):
         at = ", ".join(f"`{c}`" + (f" ({n} runs)" if len(commits) > 1 else "") for c, n in commits.items())
         lines += [f"Environment of the runs: commit{'s' if len(commits) > 1 else ''} {at}, torch {env.get('torch')}, "
                   f"python {env.get('python')}, device {env.get('device')}.", ""]
-    if from_csv:
+    if from_csv and csv_results(results):
         lines += [f"Tables and this README rendered again by `python reproduce.py render --mode {mode}` from "
                   "runs.csv (the runs' folders are not kept here); the figures and their statistics are the runs' "
                   "own.", ""]
@@ -1610,11 +1611,15 @@ def write_readme(mode, results, figstats, timings, from_csv=False):
         tested = [c for c in cl if c not in single and not c[3].startswith("not testable")]
         ns = [int(x) for c in tested for x in re.findall(r"\(n = (\d+)\)", c[3])]
         lines += ["## The paper's claims at this scale", "", rule_text(len(tested)), ""]
-        if max(ns, default=0) <= 1:
-            lines += [f"**Every verdict here is n = 1**: this folder has one seed per regime (seeds "
-                      f"{list(m['seeds'])}), so nothing can be supported or contradicted; the numbers show directions "
-                      f"only. More seeds, paired across regimes and resumed per run: `bash reproduce.sh"
-                      f"{'' if mode == 'full' else ' --' + mode} --seeds 0-11`.", ""]
+        more = f"`bash reproduce.sh{'' if mode == 'full' else ' --' + mode} --seeds 0-11`"
+        if not tested:
+            lines += ["**No paired runs here yet**: every comparative claim is not testable until both of its arms "
+                      f"have finished a seed.", ""]
+        elif max(ns, default=0) <= 1:
+            lines += [f"**Every verdict here is n = 1**: this folder has one seed per claim (seeds "
+                      f"{sorted(set(m['seeds']) | set(m['gan_seeds']))}), so nothing can be supported or contradicted; "
+                      f"the numbers show directions only. More seeds, paired across regimes and resumed per run: "
+                      f"{more}.", ""]
         elif max(ns) < min_pairs(len(tested)):
             lines += [f"**At most {max(ns)} pairs per claim here**: fewer than the {min_pairs(len(tested))} any "
                       "verdict other than inconclusive needs with this family.", ""]
