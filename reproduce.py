@@ -289,12 +289,14 @@ def finished_seeds(mode: str, results: Path) -> tuple[set, set]:
     return plain, gan
 
 
-def seeds_to_render(mode: str, results: Path, asked=None):
-    """Rendering uses every seed that has finished (with the seeds asked for, if any); none finished: the mode's."""
+def seeds_to_render(mode: str, results: Path, asked=None, asked_gan=None):
+    """Rendering uses every seed that has finished (with the seeds asked for, if any: `asked`, and `asked_gan` for
+    the GAN regimes, default the same); none finished: the mode's."""
     plain, gan = finished_seeds(mode, results)
     asked = set(asked or ())
+    asked_gan = asked if asked_gan is None else set(asked_gan)
     m = MODES[mode]
-    set_seeds(mode, sorted(plain | asked) or m["seeds"], sorted(gan | asked) or m["gan_seeds"])
+    set_seeds(mode, sorted(plain | asked) or m["seeds"], sorted(gan | asked_gan) or m["gan_seeds"])
 
 
 def plan(stage: str, mode: str) -> list[Run]:
@@ -1920,7 +1922,7 @@ def _main(argv=None):
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    train_seeds = set(MODES[a.mode]["seeds"]) | set(MODES[a.mode]["gan_seeds"])
+    train_seeds = (MODES[a.mode]["seeds"], MODES[a.mode]["gan_seeds"])
     results = Path(a.results) if a.results else HERE / "results" / ("gpu" if a.mode == "gpu" else "")
     if SIZES and (results.resolve() == (HERE / "results").resolve()
                   or (HERE / "results").resolve() in results.resolve().parents):
@@ -1967,7 +1969,7 @@ def _main(argv=None):
         t1 = time.time()
         _execute_or_exit(stage_runs(part, a.mode), a.mode, results, jobs)
         trained = dict(MODES[a.mode])
-        seeds_to_render(a.mode, results, train_seeds)
+        seeds_to_render(a.mode, results, *train_seeds)
         renders = [st for st in STAGES if renderable(st, a.mode, results)
                    and (st in TABLES or st == "figure1" and part == "gpu1"      # figure 1 trains no run: with gpu1
                         or any(r.method in GPU_STAGES[part] for r in plan(st, a.mode)))]
@@ -1981,7 +1983,7 @@ def _main(argv=None):
     if a.stage != "render":
         _execute_or_exit([r for st in stages for r in plan(st, a.mode)], a.mode, results, jobs)
         timings["runs" if a.stage == "all" else f"{a.stage} runs"] = time.time() - t0
-        seeds_to_render(a.mode, results, train_seeds)
+        seeds_to_render(a.mode, results, *train_seeds)
     n = _render(stages, a.mode, results, figstats, timings)
     if a.stage == "all":
         timings["total"] = time.time() - t0
