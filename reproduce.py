@@ -6,11 +6,14 @@ reproduce.py: the Python side of `reproduce.sh` -- the paper's Tables 1-6 and Fi
     python reproduce.py all --mode quick     # offline CPU analogue (18-25 min on 2 cores)
     python reproduce.py table1 --mode quick  # one stage; finished runs (results.json present) are reused
     python reproduce.py all --mode gpu       # the quick mode's sets at the paper's scale, one GPU, in stages
+    python reproduce.py all --mode quick --seeds 0-11   # any mode: these seeds for every regime (paired)
+    python reproduce.py render --mode quick  # tables and README again (from runs.csv where runs/ is absent)
+    python reproduce.py confirm --runs results/confirm/runs --out results/confirm   # the confirmatory study
 
 Every training run is `confident.run(Config(...))`, written to <results>/runs/<mode>/<run>/. Per-sample scores
 for the figures are recomputed from each run's checkpoint.pt. Tables put the paper's number beside ours in
 every cell; <results>/runs.csv holds one row per (run, OOD set, detector, metric); <results>/README.md links
-everything and states, from the numbers, which of the paper's claims this scale supports.
+everything and judges each of the paper's claims over paired seeds by the rule in "The verdict rule" below.
 
 Modes. full: svhn / cifar10 in-distribution, tinyimagenet, lsun, gaussian unseen. quick (and tiny, its
 one-epoch slice for the test): fashion-mnist plays svhn, mnist plays cifar10 (each the other's seen OOD),
