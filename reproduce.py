@@ -1769,6 +1769,22 @@ def judge_study(got: dict, seeds) -> dict:
     return out
 
 
+def _endpoint_table(got: dict, seeds) -> list[str]:
+    """Every finished run's endpoints, in points."""
+    cols = [(e, x) for e in ("TNR_base", "TNR_odin_paper", "TNR_odin_unseen") for x in CONFIRM_SETS]
+    cols += [("accuracy", ""), ("ece", "")]
+    head = [f"{e.replace('TNR_', '')} {x}" if x else e for e, x in cols]
+    lines = ["Per-run endpoints (points; TNR at TPR 95%: base = baseline detector, odin_paper / odin_unseen = ODIN "
+             "with (T, eps) chosen on the set itself / without it; blank: not recorded).", "",
+             "| run | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
+    for s in seeds:
+        for arm in CONFIRM_ARMS:
+            if (arm, s) in got:
+                ep = got[(arm, s)]
+                lines.append(f"| {arm}-s{s} | " + " | ".join(f"{ep[c]:.1f}" if c in ep else "" for c in cols) + " |")
+    return lines + [""]
+
+
 def _study_tables(judged: dict, seeds, earlier: dict | None = None) -> list[str]:
     lines = []
     names = {"P": "Family P (the paper's claims)", "E": "Family E (beyond the paper: --g-ema 0.999)"}
@@ -1844,13 +1860,13 @@ def render_confirm(runs: Path, out: Path, earlier: Path | None = None, seeds=CON
                 f". **Interim**: {len(finished)} of the {len(seeds)} declared seeds; the study is complete at "
                 f"{len(seeds)}") + ".", "",
              f"## Fresh seeds {seeds[0]}-{seeds[-1]}, {status}", ""]
-    lines += _study_tables(judged, seeds, old_judged)
+    lines += _study_tables(judged, seeds, old_judged) + _endpoint_table(got, seeds)
     if old_judged is not None:
         lines += [f"## Earlier evidence (seeds {earlier_seeds[0]}-{earlier_seeds[-1]}, NCHW)", "",
                   f"The same claims on the committed width-1/8 seed study ({earlier}: arms ce, joint, joint-ema, "
                   "the main job's command with `--diag-every 50 --val-ood photos`, NCHW). Its runs recorded no ODIN "
                   "grid, so the strictly-unseen claims (P9-P12) are not testable there.", ""]
-        lines += _study_tables(old_judged, earlier_seeds)
+        lines += _study_tables(old_judged, earlier_seeds) + _endpoint_table(old, earlier_seeds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "verdicts.md").write_text("\n".join(lines))
     record = {"status": status, "declared_seeds": list(seeds), "seeds_finished": finished, "alpha": ALPHA,
