@@ -99,8 +99,9 @@ def test_a_stage_trains_its_runs_and_says_which_stages_are_still_to_run(gpu3, ti
     # table 5 needs the joint runs of gpu2: not rendered until they exist; nothing else is complete either
     assert not list(gpu3.glob("table*.md"))
     assert R.stages_for("render", "gpu", gpu3) == ()          # render: nothing complete, figure 1 waits for gpu1
-    untested = [ln for ln in readme.splitlines() if ln.endswith("| n/a (runs missing) |")]   # no numbers yet
-    assert untested and all(ln.endswith("| — | n/a (runs missing) |") for ln in untested)
+    untested = [ln for ln in readme.splitlines() if ln.endswith("| not testable (runs missing) |")]  # no pairs yet
+    assert untested and all(ln.endswith("| — | no paired runs | not testable (runs missing) |") for ln in untested)
+    assert "**No paired runs here yet**" in readme
     assert "nan" not in readme and "None/" not in readme
     assert "vgg13" in (gpu3 / "runs.csv").read_text()
     t = json.loads((gpu3 / "timings.json").read_text())
