@@ -152,7 +152,8 @@ def _field(field: str) -> str:
 def check_config(cfg: Config, name=_field, model_given: bool = False) -> Config:
     """The training settings of cfg, checked (what train() and Trainer read); raises ConfidentError naming the
     first bad one (as Config.<field>, or by `name(field)`). Returns cfg with the paper's defaults filled in.
-    model_given: the classifier is the caller's own network, so Config.model and Config.width name nothing."""
+    model_given: the classifier is the caller's own network, so Config.model is not read (Config.width still sizes
+    a built-in GAN)."""
     cfg = with_defaults(cfg)
     if not isinstance(cfg.method, str) or cfg.method not in METHODS:
         raise ConfidentError(f"{name('method')} {cfg.method!r}: expected one of {', '.join(METHODS)}")
@@ -163,6 +164,13 @@ def check_config(cfg: Config, name=_field, model_given: bool = False) -> Config:
     if not model_given and cfg.model not in CLASSIFIERS:
         raise ConfidentError(f"{name('model')} {cfg.model!r}: expected one of {', '.join(CLASSIFIERS)} "
                              "(or your own network as model=)")
+    for f in dataclasses.fields(cfg):             # a number of the wrong type, then inf (it passes every ">"
+        v, d = getattr(cfg, f.name), f.default    # check below): refused first
+        if type(d) in (int, float) and (isinstance(v, bool) or not isinstance(
+                v, (int, np.integer) if type(d) is int else (int, float, np.integer, np.floating))):
+            raise ConfidentError(f"{name(f.name)} {v!r}: expected {'an integer' if type(d) is int else 'a number'}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfidentError(f"{name(f.name)} {v!r}: expected a finite number")
     checks = [("beta", cfg.beta >= 0, ">= 0"), ("width", 0 < cfg.width <= 8, "in (0, 8]"),
               ("gan_width", 0 <= cfg.gan_width <= 8, "0 (= width) or in (0, 8]"),
               ("epochs", cfg.epochs >= 0, ">= 0"), ("gan_epochs", cfg.gan_epochs >= 0, ">= 0"),
@@ -178,13 +186,6 @@ def check_config(cfg: Config, name=_field, model_given: bool = False) -> Config:
               ("replay", cfg.replay >= 0, ">= 0"), ("r1", cfg.r1 >= 0, ">= 0"),
               ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
               ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("ema_raw_frac", 0 <= cfg.ema_raw_frac <= 1, "in [0, 1]")]
-    for f in dataclasses.fields(cfg):             # a number of the wrong type, then inf (it passes every ">"
-        v, d = getattr(cfg, f.name), f.default    # check below): refused first
-        if type(d) in (int, float) and (isinstance(v, bool) or not isinstance(
-                v, (int, np.integer) if type(d) is int else (int, float, np.integer, np.floating))):
-            raise ConfidentError(f"{name(f.name)} {v!r}: expected {'an integer' if type(d) is int else 'a number'}")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfidentError(f"{name(f.name)} {v!r}: expected a finite number")
     for field, ok, want in checks:
         if not ok:
             raise ConfidentError(f"{name(field)} {getattr(cfg, field)!r}: expected {want}")
