@@ -17,7 +17,8 @@ Run it:
         # the paper's protocol (App. B): beta, batch and lr tuned per OOD set on its first --val-size test images,
         # and each run's best epoch by the same validation error; the results are *tuned on the OOD set*
 Use it from your own code (this file works on its own; `kernels/` is optional):
-    from confident import vgg13, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
+    from confident import Config, train, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
+    tr = train(Config(method="joint"), x_train, y_train, model=your_net)   # Algorithm 1 on your network
 
 Sections, in reading order: config -> data -> models -> losses -> detectors -> metrics and calibration
 -> training regimes -> evaluation -> CLI. Every number in the README comes from this file's CLI,
@@ -95,12 +96,12 @@ class Config:
     download: bool = True            # allow downloading missing sets (never for the "auto" extras)
     output_dir: str = ""             # where config, checkpoint and results go ("": runs/<in>-<method>-s<seed>)
     resume: bool = False             # continue from output_dir/train_state.pt
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    device: str = "auto"             # auto | cpu | cuda | cuda:N (the CLI's; train() takes device=)
     eval_batch_size: int = 500       # batch size for scoring
     amp: bool = False                # bf16 autocast for training (CUDA, or CPU)
-    channels_last: str = "auto"      # auto | on | off: the networks and training batches in the channels_last
-                                     # (NHWC) memory format; auto: on for the CPU (oneDNN's NHWC convolutions: the
-                                     # ODIN grid 1.7x, the main job 1.24x faster on 2 cores), off on CUDA
+    channels_last: str = "auto"      # auto | on | off: the built-in networks and their training batches in the
+                                     # channels_last (NHWC) memory format; auto: on for the CPU (oneDNN's NHWC
+                                     # convolutions are faster there, benchmarks/), off on CUDA; never your model
     cuda_graphs: bool = False        # capture each training step into a CUDA graph (CUDA only)
     impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
     log_every: int = 50              # print progress every N steps
@@ -156,13 +157,13 @@ def check_config(cfg: Config, name=_field, model_given: bool = False) -> Config:
     a built-in GAN)."""
     cfg = with_defaults(cfg)
     if not isinstance(cfg.method, str) or cfg.method not in METHODS:
-        raise ConfidentError(f"{name('method')} {cfg.method!r}: expected one of {', '.join(METHODS)}")
+        raise ConfidentError(f"{name('method')} {cfg.method!r}: unknown method, expected one of {', '.join(METHODS)}")
     if isinstance(cfg.model, nn.Module):
         raise ConfidentError(f"{name('model')} is a {type(cfg.model).__name__}: expected the name of a built-in "
                              f"network ({', '.join(CLASSIFIERS)}); pass your own network as train(cfg, ..., "
                              "model=net) or Trainer(cfg, ..., model=net)")
     if not model_given and cfg.model not in CLASSIFIERS:
-        raise ConfidentError(f"{name('model')} {cfg.model!r}: expected one of {', '.join(CLASSIFIERS)} "
+        raise ConfidentError(f"{name('model')} {cfg.model!r}: unknown model, expected one of {', '.join(CLASSIFIERS)} "
                              "(or your own network as model=)")
     for f in dataclasses.fields(cfg):             # a number of the wrong type, then inf (it passes every ">"
         v, d = getattr(cfg, f.name), f.default    # check below): refused first
@@ -946,7 +947,8 @@ def _dcgan_init(m: nn.Module):
 
 
 class Generator(nn.Module):
-    """DCGAN generator (nz=100, ngf=64): z (B, nz) -> samples (B, 3, 32, 32) in [0, 1] (Sigmoid output)."""
+    """DCGAN generator (nz=100, ngf=64): z (B, nz) -> samples (B, nc, 32, 32) in [0, 1] (Sigmoid output).
+    Four fixed transposed convolutions (1 -> 4 -> 8 -> 16 -> 32): it makes 32x32 images only, any channel count."""
 
     def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, width: float = 1.0):
         super().__init__()
@@ -965,7 +967,8 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """DCGAN discriminator (ndf=64). Returns *logits*: the authors' Sigmoid + BCE is computed as
-    BCE-with-logits, the same function but numerically safe (and safe under bf16 autocast)."""
+    BCE-with-logits, the same function but numerically safe (and safe under bf16 autocast). Its last 4x4
+    convolution reduces a 32x32 input to one logit: it reads 32x32 images only (any channel count)."""
 
     def __init__(self, ndf: int = 64, nc: int = 3, width: float = 1.0):
         super().__init__()
@@ -1461,6 +1464,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 #   joint     Eq. (4), Algorithm 1: per batch update D, then G (GAN loss + beta * KL), then the classifier
 #   joint-pt  joint + the pull-away term in the generator loss (App. D)
 #   kplus1    Eq. (5): a (K+1)-th "OOD" class trained on the --out set (App. E)
+# Each on a built-in classifier (Config.model) or on your own network (train(..., model=net), Trainer(model=)).
 
 def set_seed(seed: int):
     torch.manual_seed(seed)
@@ -1714,8 +1718,8 @@ class Trainer:
     def _d(self, x: torch.Tensor) -> torch.Tensor:
         """D's logits as (B,): the built-in D returns them so; a discriminator of your own may return (B, 1)."""
         out = self.D(x)
-        if out.ndim != 1:
-            if not self.own["D"] or out.numel() != x.shape[0]:
+        if self.own["D"]:
+            if not isinstance(out, torch.Tensor) or out.numel() != x.shape[0]:
                 raise ConfidentError(f"discriminator: output of shape {_shape(out)}, expected one logit per image, "
                                      f"({x.shape[0]},) or ({x.shape[0]}, 1)")
             out = out.reshape(-1)
@@ -1977,7 +1981,7 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
     name = _flag if cli else _field                           # how errors name Config fields
     cfg = check_config(cfg, name, model_given=model is not None)
     # how errors name the data: the CLI's sets, or the caller's arguments
-    xn, on = (f"{cfg.in_data}: training", f"{cfg.out_data}: OOD training") if cli else ("x_train:", "x_ood: OOD")
+    xn, on = (cfg.in_data, cfg.out_data) if cli else ("x_train", "x_ood")
     own = model is not None
     if own and device is None:
         device = _device_of(model)
@@ -1986,49 +1990,49 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
     loader, dataset = _is_loader(x_train), _is_dataset(x_train)
     if loader or dataset:
         if y_train is not None:
-            raise ConfidentError(f"{xn} a {type(x_train).__name__} of (image, label) pairs carries its labels: "
+            raise ConfidentError(f"{xn}: a {type(x_train).__name__} of (image, label) pairs carries its labels: "
                                  "expected y_train=None")
         ds = x_train.dataset if loader else x_train
         if loader and not _is_dataset(ds):
             first = next(iter(x_train), None)             # an iterable data set: its first batch shows the shape
-            shape = None if first is None else tuple(_pair(first, f"{xn} DataLoader")[0].shape[1:])
+            shape = None if first is None else tuple(_pair(first, f"{xn} (a DataLoader)")[0].shape[1:])
         else:
             shape = None if len(ds) == 0 else tuple(torch.as_tensor(_image_of(ds[0])).shape)
         if shape is None or (loader and len(x_train) == 0):
-            raise ConfidentError(f"{xn} no training images (an empty {type(x_train).__name__})")
+            raise ConfidentError(f"{xn}: no training images (an empty {type(x_train).__name__})")
         if num_classes is None:
             classes = getattr(ds, "classes", None)
             if classes is None:
-                raise ConfidentError(f"{xn} the classes of a {type(x_train).__name__} are not read ahead: pass "
+                raise ConfidentError(f"{xn}: the classes of a {type(x_train).__name__} are not read ahead: pass "
                                      "num_classes= (K)")
             num_classes = len(classes)
     else:
         if not isinstance(x_train, torch.Tensor) or not isinstance(y_train, torch.Tensor):
-            raise ConfidentError(f"{xn} {type(x_train).__name__} images and {type(y_train).__name__} labels: "
+            raise ConfidentError(f"{xn}: {type(x_train).__name__} images and {type(y_train).__name__} labels: "
                                  "expected tensors (N, C, H, W) and (N,), or a Dataset / DataLoader of (x, y)")
         shape = tuple(x_train.shape[1:])
         if x_train.ndim != 4 or y_train.ndim != 1 or len(x_train) != len(y_train) or y_train.is_floating_point():
-            raise ConfidentError(f"{xn} images of shape {tuple(x_train.shape)} and labels of shape "
+            raise ConfidentError(f"{xn}: training images of shape {tuple(x_train.shape)} and labels of shape "
                                  f"{tuple(y_train.shape)} ({y_train.dtype}): expected (N, C, H, W) and (N,) integers")
         if len(y_train) == 0:
-            raise ConfidentError(f"{xn} no training images (an empty set)")
-        _check_image_dtype(x_train, f"{xn} images")
+            raise ConfidentError(f"{xn}: no training images (an empty set)")
+        _check_image_dtype(x_train, f"{xn}: training images")
         num_classes = num_classes or int(y_train.max()) + 1
     if len(shape) != 3 or (not own and (shape[0] not in (1, 3) or shape[1:] != (32, 32))):
-        raise ConfidentError(f"{xn} images of shape (N, {', '.join(map(str, shape))}): expected (N, 1 or 3, 32, 32) "
-                             "for the built-in networks" + ("" if len(shape) != 3 else " (any (N, C, H, W) with "
-                                                            "your own network as model=)"))
+        raise ConfidentError(f"{xn}: training images of shape (N, {', '.join(map(str, shape))}): expected "
+                             "(N, 1 or 3, 32, 32) for the built-in networks"
+                             + ("" if len(shape) != 3 else " (any (N, C, H, W) with your own network as model=)"))
     ood_loader, ood_dataset = _is_loader(x_ood), _is_dataset(x_ood)
     if x_ood is not None and not (ood_loader or ood_dataset):
         if not isinstance(x_ood, torch.Tensor) or x_ood.ndim != 4:
-            raise ConfidentError(f"{on} images: {_shape(x_ood)}, expected a tensor (N, C, H, W), a Dataset or a "
-                                 "DataLoader")
-        _check_image_dtype(x_ood, f"{on} images")           # refused here, before anything is written
+            raise ConfidentError(f"{on}: OOD training images: {_shape(x_ood)}, expected a tensor (N, C, H, W), "
+                                 "a Dataset or a DataLoader")
+        _check_image_dtype(x_ood, f"{on}: OOD training images")           # refused here, before anything is written
     if num_classes < 2:
-        raise ConfidentError(f"{xn} {num_classes} class, expected at least 2 (with one class every "
+        raise ConfidentError(f"{xn}: {num_classes} class, expected at least 2 (with one class every "
                              "prediction is certain and no detector can score)")
     if isinstance(y_train, torch.Tensor) and (int(y_train.min()) < 0 or int(y_train.max()) >= num_classes):
-        raise ConfidentError(f"{xn} labels in [{int(y_train.min())}, {int(y_train.max())}], "
+        raise ConfidentError(f"{xn}: training labels in [{int(y_train.min())}, {int(y_train.max())}], "
                              f"expected [0, {num_classes})")
     if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
         raise ConfidentError(f"{name('method')} {cfg.method} needs OOD training images"
@@ -2060,8 +2064,8 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
     else:
         N = len(x_train)
         if N < B * world:                                     # (--batch-size is per process under torchrun)
-            raise ConfidentError(f"{xn} {N} images, fewer than one batch of {name('batch_size')} {B}"
-                                 + (f" on each of {world} processes" if world > 1 else ""))
+            raise ConfidentError(f"{xn}: {N} training images, fewer than one batch of {B}"
+                                 + (f" on each of {world} processes" if world > 1 else "") + f" ({name('batch_size')})")
         steps = N // (B * world)                              # drop the last partial batch (as a sampler would)
     if dataset or loader:
         x_train_dev = y_train_dev = None
@@ -2077,15 +2081,15 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
                 return _image_of(next(ood_iter))
             except (StopIteration, TypeError):
                 ood_iter = iter(x_ood)
-        raise ConfidentError(f"{on} DataLoader gave no batch")
+        raise ConfidentError(f"{on}: the DataLoader gave no batch")
 
     def check_batch(x, y, i):                                 # a DataLoader's batch: shape and labels
         if x.ndim != 4 or tuple(x.shape[1:]) != shape or y.shape != (len(x),):
-            raise ConfidentError(f"{xn} batch {i + 1} of shape {tuple(x.shape)} with labels {tuple(y.shape)}: "
+            raise ConfidentError(f"{xn}: batch {i + 1} of shape {tuple(x.shape)} with labels {tuple(y.shape)}: "
                                  f"expected (B, {', '.join(map(str, shape))}) and (B,), as the first")
-        _check_image_dtype(x, f"{xn} images")
+        _check_image_dtype(x, f"{xn}: training images")
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ConfidentError(f"{xn} labels in [{int(y.min())}, {int(y.max())}] in batch {i + 1}, "
+            raise ConfidentError(f"{xn}: training labels in [{int(y.min())}, {int(y.max())}] in batch {i + 1}, "
                                  f"expected [0, {num_classes})")
 
     prev_c = None                                             # last epoch's mean classifier loss
@@ -2107,7 +2111,7 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
         batches = iter(x_train) if loader else None
         for i in range(steps):
             if loader:
-                xb, yb = _pair(next(batches), f"{xn} DataLoader")
+                xb, yb = _pair(next(batches), f"{xn} (a DataLoader)")
                 check_batch(xb, yb, i)
                 x, yi = to_input(xb.to(device)), yb.to(device)
             elif dataset:
@@ -2131,7 +2135,7 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
                     pick = perm_ood[k % len(perm_ood)]
                     x_out = to_input(x_ood_dev[pick] if x_ood_dev is not None else _take(x_ood, pick.cpu()).to(device))
                 if tuple(x_out.shape[1:]) != tuple(x.shape[1:]):
-                    raise ConfidentError(f"{on} images of shape {tuple(x_out.shape[1:])}, expected "
+                    raise ConfidentError(f"{on}: OOD training images of shape {tuple(x_out.shape[1:])}, expected "
                                          f"{tuple(x.shape[1:])} as the training images")
             logs = step(x, yi, x_out)
             for k, v in logs.items():
@@ -2210,8 +2214,8 @@ def _wrap_ddp(tr: Trainer, device):
     for name in ("net", "G", "D"):
         m = getattr(tr, name)
         if m is not None:
-            w = DDP(m, device_ids=ids)       # G's and D's BatchNorm statistics come from rank 0 (the classifiers
-                                             # have no buffers)
+            w = DDP(m, device_ids=ids)       # BatchNorm statistics (G's, D's, a classifier's of your own) come
+                                             # from rank 0 (the built-in classifiers have no buffers)
             setattr(tr, name, w)
             wrapped[name] = w
     return wrapped
@@ -2287,7 +2291,7 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
                 f"{res['validation']['ood'][name]['baseline']['tnr_at_tpr95']:.3f}")
     for name, x_out in ood_sets.items():
         if len(x_out) <= v:
-            raise ConfidentError(_too_few_to_score(f"ood_sets[{name!r}]", len(x_out), v, "Config.val_size"))
+            raise ConfidentError(_too_few_to_score(f"OOD set ood_sets[{name!r}]", len(x_out), v, "Config.val_size"))
         t1 = time.time()
         grid_out = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_out, dim=2)
         base_out = _sharded(lambda x: baseline_scores(model, x, bs), x_out)

@@ -119,7 +119,7 @@ def test_a_dataloader_is_iterated_as_it_is():
     assert any("step 5/5" in m for m in lines)
     with pytest.raises(ConfidentError, match="pass num_classes="):
         confident.train(_cfg("ce"), loader, model=SmallNet(), log=_quiet)
-    with pytest.raises(ConfidentError, match=r"x_train: labels in \[0, 2\] in batch 1, expected \[0, 2\)"):
+    with pytest.raises(ConfidentError, match=r"x_train: training labels in \[0, 2\] in batch 1, expected \[0, 2\)"):
         confident.train(_cfg("ce"), loader, model=SmallNet(k=2), num_classes=2, log=_quiet)
 
 
@@ -147,8 +147,8 @@ def test_device_is_the_models_own_unless_given():
 # ------------------------------------------------------------------------------------------------ errors
 
 @pytest.mark.parametrize("change,message", [
-    (dict(model="nope"), "Config.model 'nope': expected one of vgg13, alexnet, simple_cnn"),
-    (dict(method="joint2"), "Config.method 'joint2': expected one of ce, conf"),
+    (dict(model="nope"), "Config.model 'nope': unknown model, expected one of vgg13, alexnet, simple_cnn"),
+    (dict(method="joint2"), "Config.method 'joint2': unknown method, expected one of ce, conf"),
     (dict(batch_size=0), "Config.batch_size 0: expected >= 2"),
     (dict(lr=-1.0), r"Config.lr -1.0: expected > 0"),
     (dict(lr=float("inf")), "Config.lr inf: expected a finite number"),
@@ -184,9 +184,11 @@ def test_the_cli_still_names_its_flags():
 
 def test_data_errors_name_the_callers_arguments():
     x, y = _data()
-    cases = [((x, y[:-1]), "x_train: images of shape"), ((x.to(torch.int64), y), "x_train: images of type"),
-             ((x[:4], y[:4]), "x_train: 4 images, fewer than one batch of Config.batch_size 8"),
-             ((x[:, :, :28, :28], y), r"x_train: images of shape \(N, 3, 28, 28\): expected \(N, 1 or 3, 32, 32\) "
+    cases = [((x, y[:-1]), "x_train: training images of shape"),
+             ((x.to(torch.int64), y), "x_train: training images of type"),
+             ((x[:4], y[:4]), r"x_train: 4 training images, fewer than one batch of 8 \(Config.batch_size\)"),
+             ((x[:, :, :28, :28], y), r"x_train: training images of shape \(N, 3, 28, 28\): expected "
+                                      r"\(N, 1 or 3, 32, 32\) "
                                       r"for the built-in networks \(any \(N, C, H, W\) with your own network")]
     for (xa, ya), message in cases:
         with pytest.raises(ConfidentError, match=message) as e:
@@ -204,7 +206,8 @@ def test_evaluate_names_config_val_size_and_the_callers_sets():
         confident.evaluate(net, torch.rand(50, 3, 32, 32), torch.zeros(50, dtype=torch.long), {}, Config(),
                            log=_quiet)
     assert "svhn" not in str(e.value) and "--" not in str(e.value)
-    with pytest.raises(ConfidentError, match=r"ood_sets\['mine'\]: 5 images, need more than Config.val_size 10"):
+    with pytest.raises(ConfidentError, match=r"OOD set ood_sets\['mine'\]: 5 images, need more than "
+                                             r"Config.val_size 10"):
         confident.evaluate(net, torch.rand(20, 3, 32, 32), torch.zeros(20, dtype=torch.long),
                            {"mine": torch.rand(5, 3, 32, 32)}, Config(val_size=10), log=_quiet)
 
