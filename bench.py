@@ -216,7 +216,7 @@ def bench_train(args, dev, rows, notes):
         torch.manual_seed(0)
         tr = C.Trainer(cfg, 10, dev, log=lambda *a: None)
         said = []
-        run = C.GraphedStep(tr, log=said.append) if graphed else tr.step
+        run = C._graphs_module().GraphedStep(tr, log=said.append) if graphed else tr.step
         i = [0]
 
         def step():

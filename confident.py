@@ -17,7 +17,8 @@ Run it:
         # the paper's protocol (App. B): beta, batch and lr tuned per OOD set on its first --val-size test images,
         # and each run's best epoch by the same validation error; the results are *tuned on the OOD set*
 Use it from your own code (this file works on its own; `kernels/` is optional):
-    from confident import vgg13, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
+    from confident import Config, train, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
+    tr = train(Config(method="joint"), x_train, y_train, model=your_net)   # Algorithm 1 on your network
 
 Sections, in reading order: config -> data -> models -> losses -> detectors -> metrics and calibration
 -> training regimes -> evaluation -> CLI. Every number in the README comes from this file's CLI,
@@ -26,6 +27,7 @@ Sections, in reading order: config -> data -> models -> losses -> detectors -> m
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import gzip
@@ -36,6 +38,7 @@ import math
 import os
 import pickle
 import platform
+import random
 import subprocess
 import sys
 import tarfile
@@ -93,12 +96,12 @@ class Config:
     download: bool = True            # allow downloading missing sets (never for the "auto" extras)
     output_dir: str = ""             # where config, checkpoint and results go ("": runs/<in>-<method>-s<seed>)
     resume: bool = False             # continue from output_dir/train_state.pt
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    device: str = "auto"             # auto | cpu | cuda | cuda:N (the CLI's; train() takes device=)
     eval_batch_size: int = 500       # batch size for scoring
     amp: bool = False                # bf16 autocast for training (CUDA, or CPU)
-    channels_last: str = "auto"      # auto | on | off: the networks and training batches in the channels_last
-                                     # (NHWC) memory format; auto: on for the CPU (oneDNN's NHWC convolutions: the
-                                     # ODIN grid 1.7x, the main job 1.24x faster on 2 cores), off on CUDA
+    channels_last: str = "auto"      # auto | on | off: the built-in networks and their training batches in the
+                                     # channels_last (NHWC) memory format; auto: on for the CPU (oneDNN's NHWC
+                                     # convolutions are faster there, benchmarks/), off on CUDA; never your model
     cuda_graphs: bool = False        # capture each training step into a CUDA graph (CUDA only)
     impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
     log_every: int = 50              # print progress every N steps
@@ -137,18 +140,38 @@ def with_defaults(cfg: Config) -> Config:
     return cfg
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill the paper's defaults and check every value; raises ConfidentError naming the bad one."""
+def _flag(field: str) -> str:
+    """How the CLI names a Config field: its flag."""
+    return {"in_data": "--in", "out_data": "--out"}.get(field, "--" + field.replace("_", "-"))
+
+
+def _field(field: str) -> str:
+    """How an error raised from Python code names a Config field."""
+    return f"Config.{field}"
+
+
+def check_config(cfg: Config, name=_field, model_given: bool = False) -> Config:
+    """The training settings of cfg, checked (what train() and Trainer read); raises ConfidentError naming the
+    first bad one (as Config.<field>, or by `name(field)`). Returns cfg with the paper's defaults filled in.
+    model_given: the classifier is the caller's own network, so Config.model is not read (Config.width still sizes
+    a built-in GAN)."""
     cfg = with_defaults(cfg)
-    if cfg.method not in METHODS:
-        raise ConfidentError(f"unknown method {cfg.method!r}: expected one of {', '.join(METHODS)}")
-    if cfg.model not in CLASSIFIERS:
-        raise ConfidentError(f"unknown model {cfg.model!r}: expected one of {', '.join(CLASSIFIERS)}")
-    for flag, name in (("--in", cfg.in_data), ("--out", cfg.out_data)):
-        check_dataset_name(name, flag)
-    if cfg.in_data not in LABELLED and not cfg.in_data.startswith("folder:"):
-        raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)} or "
-                             "folder:PATH (images in PATH/train/<class>/ and PATH/test/<class>/)")
+    if not isinstance(cfg.method, str) or cfg.method not in METHODS:
+        raise ConfidentError(f"{name('method')} {cfg.method!r}: unknown method, expected one of {', '.join(METHODS)}")
+    if isinstance(cfg.model, nn.Module):
+        raise ConfidentError(f"{name('model')} is a {type(cfg.model).__name__}: expected the name of a built-in "
+                             f"network ({', '.join(CLASSIFIERS)}); pass your own network as train(cfg, ..., "
+                             "model=net) or Trainer(cfg, ..., model=net)")
+    if not model_given and cfg.model not in CLASSIFIERS:
+        raise ConfidentError(f"{name('model')} {cfg.model!r}: unknown model, expected one of {', '.join(CLASSIFIERS)} "
+                             "(or your own network as model=)")
+    for f in dataclasses.fields(cfg):             # a number of the wrong type, then inf (it passes every ">"
+        v, d = getattr(cfg, f.name), f.default    # check below): refused first
+        if type(d) in (int, float) and (isinstance(v, bool) or not isinstance(
+                v, (int, np.integer) if type(d) is int else (int, float, np.integer, np.floating))):
+            raise ConfidentError(f"{name(f.name)} {v!r}: expected {'an integer' if type(d) is int else 'a number'}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfidentError(f"{name(f.name)} {v!r}: expected a finite number")
     checks = [("beta", cfg.beta >= 0, ">= 0"), ("width", 0 < cfg.width <= 8, "in (0, 8]"),
               ("gan_width", 0 <= cfg.gan_width <= 8, "0 (= width) or in (0, 8]"),
               ("epochs", cfg.epochs >= 0, ">= 0"), ("gan_epochs", cfg.gan_epochs >= 0, ">= 0"),
@@ -164,13 +187,39 @@ def resolve(cfg: Config) -> Config:
               ("replay", cfg.replay >= 0, ">= 0"), ("r1", cfg.r1 >= 0, ">= 0"),
               ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
               ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("ema_raw_frac", 0 <= cfg.ema_raw_frac <= 1, "in [0, 1]")]
-    for f in dataclasses.fields(cfg):                         # inf passes every ">" check above: refuse it first
-        v = getattr(cfg, f.name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfidentError(f"--{f.name.replace('_', '-')} {v!r}: expected a finite number")
-    for name, ok, want in checks:
+    for field, ok, want in checks:
         if not ok:
-            raise ConfidentError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected {want}")
+            raise ConfidentError(f"{name(field)} {getattr(cfg, field)!r}: expected {want}")
+    if cfg.ema_raw_frac and not cfg.g_ema:
+        raise ConfidentError(f"{name('ema_raw_frac')} {cfg.ema_raw_frac!r} mixes raw G samples into the EMA "
+                             f"generator's: expected {name('g_ema')} > 0 too")
+    if cfg.g_ema_debias and not cfg.g_ema:
+        raise ConfidentError(f"{name('g_ema_debias')} corrects the EMA generator's average: expected "
+                             f"{name('g_ema')} > 0 too")
+    if cfg.gan_width and cfg.method not in GAN_METHODS:
+        raise ConfidentError(f"{name('gan_width')} {cfg.gan_width!r} sets the GAN's width: expected "
+                             f"{name('method')} conf-gan, joint or joint-pt, not {cfg.method} (it has no GAN)")
+    stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(cfg, n)]
+    stabilisers += [n for n in ("d_lr_mult", "gan_lr_mult") if getattr(cfg, n) != 1.0]
+    if stabilisers and cfg.method not in ("joint", "joint-pt"):
+        raise ConfidentError(f"{name(stabilisers[0])} is a stabiliser of joint training: "
+                             f"expected {name('method')} joint or joint-pt, not {cfg.method}")
+    if cfg.cuda_graphs:
+        why = _graphs_module(name).uncapturable(cfg, name)
+        if why:
+            raise ConfidentError(f"{name('cuda_graphs')} {why}; drop one of the two")
+    return cfg
+
+
+def resolve(cfg: Config) -> Config:
+    """The CLI's check: fill the paper's defaults and check every value, also the data sets' names, the device
+    and the output folder; raises ConfidentError naming the bad value by its flag."""
+    for flag, name in (("--in", cfg.in_data), ("--out", cfg.out_data)):
+        check_dataset_name(name, flag)
+    if cfg.in_data not in LABELLED and not cfg.in_data.startswith("folder:"):
+        raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)} or "
+                             "folder:PATH (images in PATH/train/<class>/ and PATH/test/<class>/)")
+    cfg = check_config(cfg, _flag)
     if _same_set(cfg.out_data, cfg.in_data):
         raise ConfidentError(f"--out {cfg.out_data} is the in-distribution set (--in): expected another set")
     _check_device(cfg.device)
@@ -182,8 +231,8 @@ def resolve(cfg: Config) -> Config:
         if k is None or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise ConfidentError("--impl triton needs Triton and a CUDA device (or TRITON_INTERPRET=1): "
                                  "expected --impl auto or torch here")
-    parse_floats(cfg.temperatures, "temperatures", positive=True)
-    parse_floats(cfg.epsilons, "epsilons", nonnegative=True)
+    parse_floats(cfg.temperatures, "--temperatures", positive=True)
+    parse_floats(cfg.epsilons, "--epsilons", nonnegative=True)
     if cfg.select_epoch not in ("final", "best"):
         raise ConfidentError(f"--select-epoch {cfg.select_epoch!r}: expected final or best")
     if (cfg.tune or cfg.select_epoch == "best") and cfg.val_size == 0:
@@ -196,21 +245,6 @@ def resolve(cfg: Config) -> Config:
     if cfg.extra_ood not in ("auto", "none"):
         for n in cfg.extra_ood.split(","):
             check_dataset_name(n.strip(), "--extra-ood")
-    if cfg.ema_raw_frac and not cfg.g_ema:
-        raise ConfidentError(f"--ema-raw-frac {cfg.ema_raw_frac!r} mixes raw G samples into the EMA generator's: "
-                             "expected --g-ema > 0 too")
-    if cfg.g_ema_debias and not cfg.g_ema:
-        raise ConfidentError("--g-ema-debias corrects the EMA generator's average: expected --g-ema > 0 too")
-    if cfg.gan_width and cfg.method not in GAN_METHODS:
-        raise ConfidentError(f"--gan-width {cfg.gan_width!r} sets the GAN's width: expected --method conf-gan, joint "
-                             f"or joint-pt, not {cfg.method} (it has no GAN)")
-    stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(cfg, n)]
-    stabilisers += [n for n in ("d_lr_mult", "gan_lr_mult") if getattr(cfg, n) != 1.0]
-    if stabilisers and cfg.method not in ("joint", "joint-pt"):
-        raise ConfidentError(f"--{stabilisers[0].replace('_', '-')} is a stabiliser of joint training: "
-                             f"expected --method joint or joint-pt, not {cfg.method}")
-    if cfg.cuda_graphs and _uncapturable(cfg):
-        raise ConfidentError(f"--cuda-graphs {_uncapturable(cfg)}; drop one of the two")
     return cfg
 
 
@@ -242,16 +276,17 @@ def _check_device(name: str) -> None:
 
 
 def parse_floats(text: str, what: str, positive=False, nonnegative=False) -> list[float]:
+    """Comma-separated numbers; `what` names the value in errors (a flag, or a Config field)."""
     try:
         vals = [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise ConfidentError(f"--{what} {text!r}: expected comma-separated numbers") from None
+        raise ConfidentError(f"{what} {text!r}: expected comma-separated numbers") from None
     if not vals or any(not math.isfinite(v) for v in vals):
-        raise ConfidentError(f"--{what} {text!r}: expected finite comma-separated numbers")
+        raise ConfidentError(f"{what} {text!r}: expected finite comma-separated numbers")
     if positive and min(vals) <= 0:
-        raise ConfidentError(f"--{what} {text!r}: every value must be > 0")
+        raise ConfidentError(f"{what} {text!r}: every value must be > 0")
     if nonnegative and min(vals) < 0:
-        raise ConfidentError(f"--{what} {text!r}: every value must be >= 0")
+        raise ConfidentError(f"{what} {text!r}: every value must be >= 0")
     return vals
 
 
@@ -912,7 +947,8 @@ def _dcgan_init(m: nn.Module):
 
 
 class Generator(nn.Module):
-    """DCGAN generator (nz=100, ngf=64): z (B, nz) -> samples (B, 3, 32, 32) in [0, 1] (Sigmoid output)."""
+    """DCGAN generator (nz=100, ngf=64): z (B, nz) -> samples (B, nc, 32, 32) in [0, 1] (Sigmoid output).
+    Four fixed transposed convolutions (1 -> 4 -> 8 -> 16 -> 32): it makes 32x32 images only, any channel count."""
 
     def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, width: float = 1.0):
         super().__init__()
@@ -931,7 +967,8 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """DCGAN discriminator (ndf=64). Returns *logits*: the authors' Sigmoid + BCE is computed as
-    BCE-with-logits, the same function but numerically safe (and safe under bf16 autocast)."""
+    BCE-with-logits, the same function but numerically safe (and safe under bf16 autocast). Its last 4x4
+    convolution reduces a 32x32 input to one logit: it reads 32x32 images only (any channel count)."""
 
     def __init__(self, ndf: int = 64, nc: int = 3, width: float = 1.0):
         super().__init__()
@@ -974,6 +1011,16 @@ def _kernels():
         return kernels if getattr(kernels, "AVAILABLE", False) else None
     except ImportError:
         return None
+
+
+def _graphs_module(name=None):
+    """kernels/graphs.py (--cuda-graphs: a training step captured into one CUDA graph), imported lazily."""
+    try:
+        from kernels import graphs
+        return graphs
+    except ImportError:
+        raise ConfidentError(f"{(name or _field)('cuda_graphs')} needs kernels/graphs.py beside confident.py "
+                             "(the CUDA-graph step lives there); without it training runs eagerly: drop it") from None
 
 
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
@@ -1417,6 +1464,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 #   joint     Eq. (4), Algorithm 1: per batch update D, then G (GAN loss + beta * KL), then the classifier
 #   joint-pt  joint + the pull-away term in the generator loss (App. D)
 #   kplus1    Eq. (5): a (K+1)-th "OOD" class trained on the --out set (App. E)
+# Each on a built-in classifier (Config.model) or on your own network (train(..., model=net), Trainer(model=)).
 
 def set_seed(seed: int):
     torch.manual_seed(seed)
@@ -1475,34 +1523,106 @@ def atomic_write_text(text: str, path: Path):
             os.remove(tmp)
 
 
-class Trainer:
-    """Holds the networks, optimisers and schedulers of one run and does one training step per regime.
-    Everything a resume needs is in `state_dict()`."""
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
 
-    def __init__(self, cfg: Config, num_classes: int, device: torch.device, log=print):
-        cfg = with_defaults(cfg)                         # the paper's values for -1 (a Config built in code)
+
+def _has_batch_statistics(m: nn.Module) -> bool:
+    """True when m normalises with statistics of the whole batch in train mode (BatchNorm and its kin)."""
+    return any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+
+
+class Trainer:
+    """Holds the networks, optimisers and schedulers of one run and does one mini-batch of the configured regime
+    per `step()` (Algorithm 1 for joint training). Everything a resume needs is in `state_dict()`.
+
+    model: your own classifier (any nn.Module mapping a batch of images (B, C, H, W) to logits (B, K); for
+    method "kplus1" (B, K + 1), the last being the OOD class), used as it is: trained in place, on the device
+    and in the memory format you gave it. None builds Config.model (width Config.width) on `device`.
+    generator, discriminator: your own GAN for the GAN regimes (conf-gan, joint, joint-pt): G maps noise
+    (B, Config.nz) to images shaped like the data (values in the data's range, [0, 1] for ours), D maps images to
+    one logit each ((B,) or (B, 1)). None builds the paper's DCGAN, which makes and reads 32x32 images with
+    image_shape[0] channels. image_shape: (C, H, W) of the batches `step` gets (the built-in networks: 3x32x32).
+    Built-in networks on the CPU are put in channels_last (Config.channels_last); yours are never converted.
+
+    Trainer draws from torch's global generator (initialisation of the built-in networks, GAN noise, dropout) as
+    any PyTorch training loop does; train() seeds it from Config.seed and gives the caller's state back.
+
+    In your own loop (x: (B, C, H, W) floats in [0, 1], y: (B,) labels, x_out: an OOD batch for conf/kplus1):
+
+        tr = Trainer(Config(method="joint", beta=1.0), num_classes=10, model=net)
+        for epoch in range(epochs):
+            for x, y in loader:
+                logs = tr.step(x, y)          # D, then G, then the classifier: one mini-batch of Algorithm 1
+            tr.end_epoch()                    # the learning-rate schedule (x0.1 after Config.lr_drop_epoch)
+    """
+
+    def __init__(self, cfg: Config, num_classes: int, device: torch.device | None = None, log=print,
+                 model: nn.Module | None = None, generator: nn.Module | None = None,
+                 discriminator: nn.Module | None = None, image_shape: tuple = (3, 32, 32)):
+        cfg = check_config(cfg, model_given=model is not None)    # the paper's values for -1, each value checked
+        if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ConfidentError(f"num_classes {num_classes!r}: expected an integer >= 2")
+        for what, m in (("model", model), ("generator", generator), ("discriminator", discriminator)):
+            if m is not None and not isinstance(m, nn.Module):
+                raise ConfidentError(f"{what}: a {type(m).__name__}, expected a torch.nn.Module")
+        if device is None:
+            device = _device_of(model) if model is not None else torch.device("cpu")
+        device = torch.device(device)
+        for m in (model, generator, discriminator):
+            if m is not None:
+                m.to(device)                             # in place; nothing moves when it is there already
         self.cfg, self.device, self.log = cfg, device, log
         self.K = num_classes
+        self.image_shape = tuple(int(v) for v in image_shape)
         uses_gan = cfg.method in GAN_METHODS
-        self.net = build_classifier(cfg.model, num_classes, cfg.width, ood_class=cfg.method == "kplus1").to(device)
+        self.own = {"net": model is not None, "G": generator is not None, "D": discriminator is not None}
+        if model is not None:
+            if cfg.method == "kplus1":
+                model.ood_class = True                   # the detectors score 1 - p(K+1 | x) (App. E)
+            self.net = model
+        else:
+            self.net = build_classifier(cfg.model, num_classes, cfg.width, ood_class=cfg.method == "kplus1").to(device)
+        if uses_gan:
+            missing = [w for w, m in (("generator", generator), ("discriminator", discriminator)) if m is None]
+            if missing and self.image_shape[1:] != (32, 32):
+                raise ConfidentError(
+                    f"the built-in DCGAN {' and '.join(missing)} of Config.method {cfg.method!r} make and read 32x32 "
+                    f"images; yours are {self.image_shape[1]}x{self.image_shape[2]}: pass your own as "
+                    + " and ".join(f"{w}=" for w in missing) + " (generator: (B, Config.nz) noise -> images shaped "
+                    "like yours; discriminator: images -> (B,) logits)")
+        elif generator is not None or discriminator is not None:
+            raise ConfidentError(f"generator= / discriminator= are for the GAN regimes (conf-gan, joint, joint-pt): "
+                                 f"Config.method {cfg.method!r} has no GAN")
         gw = cfg.gan_width or cfg.width                  # G's and D's width (--gan-width; default: the classifier's)
-        self.G = Generator(cfg.nz, width=gw).to(device) if uses_gan else None
-        self.D = Discriminator(width=gw).to(device) if uses_gan else None
+        nc = self.image_shape[0]
+        self.G = (generator if generator is not None else Generator(cfg.nz, nc=nc, width=gw).to(device)) \
+            if uses_gan else None
+        self.D = (discriminator if discriminator is not None else Discriminator(nc=nc, width=gw).to(device)) \
+            if uses_gan else None
         if self.D is not None and cfg.d_sn:                # stabiliser: spectral norm on every conv of D
-            for name, m in list(self.D.net.named_children()):
-                if isinstance(m, nn.Conv2d):
-                    self.D.net[int(name)] = nn.utils.parametrizations.spectral_norm(m)
+            for mod in list(self.D.modules()):
+                for name, m in list(mod.named_children()):
+                    if isinstance(m, nn.Conv2d):
+                        setattr(mod, name, nn.utils.parametrizations.spectral_norm(m))
         # stabiliser: an EMA copy of G (train mode, no gradients) supplies the classifier's KL samples
         self.G_ema = None
         if self.G is not None and cfg.g_ema > 0:
-            self.G_ema = Generator(cfg.nz, width=gw).to(device).requires_grad_(False)
+            self.G_ema = (copy.deepcopy(self.G) if self.own["G"] else
+                          Generator(cfg.nz, nc=nc, width=gw).to(device)).requires_grad_(False)
             self.G_ema.load_state_dict(self.G.state_dict())
         # the plain modules (checkpoints, evaluation); self.net / G / D may become DDP wrappers (train())
         self.raw = {k: v for k, v in (("net", self.net), ("G", self.G), ("D", self.D), ("G_ema", self.G_ema))
                     if v is not None}
-        if use_channels_last(cfg, device):
-            for m in self.raw.values():
-                m.to(memory_format=torch.channels_last)
+        # NHWC for the built-in networks only, and only when the classifier is ours (its batches are converted)
+        self.channels_last = use_channels_last(cfg, device) and not self.own["net"]
+        if self.channels_last:
+            for k, m in self.raw.items():
+                if not self.own.get(k, self.own["G"]):      # (G_ema is a copy of G: G's owner decides)
+                    m.to(memory_format=torch.channels_last)
+        # the authors' classifier step runs the in- and the OOD batch in two forwards; one forward of both is the
+        # same function for a network without batch statistics (ours), but not for one with BatchNorm
+        self.separate_forwards = _has_batch_statistics(self.net)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.opts = {"net": self.opt}
         if uses_gan:
@@ -1513,7 +1633,7 @@ class Trainer:
                        for k, o in self.opts.items()}
         self.epoch = 0
         self.global_step = 0                             # steps taken (beta warm-up)
-        self.replay = torch.empty(0, 3, 32, 32, device=device)   # stabiliser: past G samples (--replay)
+        self.replay = torch.empty(0, *self.image_shape, device=device)   # stabiliser: past G samples (--replay)
         self.diagnostics = []                            # one dict per diagnostics point (TrainingProbe)
         # conf-gan: the first gan_epochs train an ordinary GAN, the rest the classifier on its samples
         self.total_epochs = cfg.epochs + (cfg.gan_epochs if cfg.method == "conf-gan" else 0)
@@ -1541,7 +1661,8 @@ class Trainer:
             m.load_state_dict(sd["models"][k])
         for k, o in self.opts.items():
             o.load_state_dict(sd["opts"][k])
-            _set_capturable(o, False)                    # eager Adam, also from a --cuda-graphs checkpoint
+            if any(g.get("capturable") for g in o.param_groups):    # a --cuda-graphs checkpoint: eager Adam
+                _graphs_module().set_capturable(o, False)
         for k, s in self.scheds.items():
             s.load_state_dict(sd["scheds"][k])
         self.epoch = sd["epoch"]
@@ -1564,8 +1685,11 @@ class Trainer:
         B, r1 = x.shape[0], self.cfg.r1
         with self._amp():
             fake = self.G(self._noise(B))
+            if self.own["G"] and (not isinstance(fake, torch.Tensor) or fake.shape[1:] != x.shape[1:]):
+                raise ConfidentError(f"generator: samples of shape {_shape(fake)}, expected images shaped like the "
+                                     f"batch, ({B}, {', '.join(map(str, x.shape[1:]))})")
             x_real = x.detach().requires_grad_(True) if r1 > 0 else x
-            d_real, d_fake = self.D(x_real), self.D(fake.detach())
+            d_real, d_fake = self._d(x_real), self._d(fake.detach())
             d_loss = gan_d_loss(d_real, d_fake)
         if r1 > 0:   # stabiliser: R1 penalty, (r1 / 2) * E |grad_x D(x)|^2 on real images (Mescheder et al. 2018)
             (gx,) = torch.autograd.grad(d_real.float().sum(), x_real, create_graph=True)
@@ -1575,7 +1699,7 @@ class Trainer:
         self.opts["D"].step()
         # the same fake batch, scored by the updated D; the classifier stays in train mode (authors' code)
         with self._amp():
-            g_loss = gan_g_loss(self.D(fake), self.net(fake) if kl_beta > 0 else None, kl_beta, self.cfg.impl)
+            g_loss = gan_g_loss(self._d(fake), self._net(fake) if kl_beta > 0 else None, kl_beta, self.cfg.impl)
             if pt_weight > 0:
                 g_loss = g_loss + pt_weight * pull_away_term(fake)
         self.opts["G"].zero_grad(set_to_none=True)
@@ -1590,6 +1714,28 @@ class Trainer:
         # D's accuracy on this real and this generated batch (diagnostics; no extra pass)
         return {"d": d_loss.detach(), "g": g_loss.detach(),
                 "d_acc_real": (d_real.detach() > 0).float().mean(), "d_acc_fake": (d_fake.detach() < 0).float().mean()}
+
+    def _d(self, x: torch.Tensor) -> torch.Tensor:
+        """D's logits as (B,): the built-in D returns them so; a discriminator of your own may return (B, 1)."""
+        out = self.D(x)
+        if self.own["D"]:
+            if not isinstance(out, torch.Tensor) or out.numel() != x.shape[0]:
+                raise ConfidentError(f"discriminator: output of shape {_shape(out)}, expected one logit per image, "
+                                     f"({x.shape[0]},) or ({x.shape[0]}, 1)")
+            out = out.reshape(-1)
+        return out
+
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits; a network of your own is checked to give (B, K), (B, K + 1) for kplus1."""
+        out = self.net(x)
+        if self.own["net"]:
+            K = self.K + int(self.cfg.method == "kplus1")
+            if not isinstance(out, torch.Tensor) or out.shape != (x.shape[0], K):
+                raise ConfidentError(
+                    f"model: output of shape {_shape(out)} for {x.shape[0]} images, expected logits of shape "
+                    f"({x.shape[0]}, {K})" + (f": Config.method 'kplus1' needs K + 1 = {K} outputs, the last one "
+                                              "the OOD class (App. E)" if self.cfg.method == "kplus1" else ""))
+        return out
 
     def _ema_weight(self, g: nn.Module):
         """The weight of G's new parameters in the EMA update: 1 - decay. With --g-ema-debias, Adam's bias
@@ -1626,9 +1772,21 @@ class Trainer:
         return x_out
 
     def step(self, x, y, x_out=None) -> dict:
-        """One mini-batch of the configured regime. x (B, 3, 32, 32) floats, y (B,), x_out OOD batch."""
+        """One mini-batch of the configured regime; returns its losses and statistics as 0-d tensors
+        ("c": the classifier's loss, "acc", "gnorm"; GAN regimes also "d", "g", "d_acc_real", "d_acc_fake").
+        x: (B, C, H, W) float images on the trainer's device (in [0, 1] for the built-in networks); y: (B,) int64
+        labels in [0, K); x_out: a batch of OOD images, needed by conf and kplus1 (the GAN regimes make their own).
+        joint / joint-pt: D's step, then G's (GAN loss + beta * KL on its samples), then the classifier's
+        (cross-entropy on x + beta * KL on fresh samples of G): Algorithm 1. ce: cross-entropy; conf: Eq. (1);
+        conf-gan: an ordinary GAN for Config.gan_epochs epochs, then Eq. (1) on its samples; kplus1: Eq. (5).
+
+            tr = Trainer(Config(method="conf", beta=0.5), num_classes=10, model=net)
+            logs = tr.step(x, y, x_out)      # one step; call tr.end_epoch() after each epoch (lr schedule)
+        """
         cfg = self.cfg
         m = cfg.method
+        if m in ("conf", "kplus1") and x_out is None:
+            raise ConfidentError(f"step: Config.method {m!r} trains on real OOD images: expected a batch x_out")
         gan_phase = m == "conf-gan" and self.epoch < cfg.gan_epochs
         logs = {}
         beta = self.beta_now()
@@ -1642,13 +1800,17 @@ class Trainer:
         B = x.shape[0]
         with self._amp():
             if m == "ce":
-                logits = self.net(x)
+                logits = self._net(x)
                 loss = F.cross_entropy(logits.float(), y)
+            elif self.separate_forwards:                  # BatchNorm: in- and OOD batch each normalised by its own
+                logits, logits_out = self._net(x), self._net(x_out)   # statistics, as in the authors' loop
+                loss = (kplus1_loss(logits, y, logits_out) if m == "kplus1" else
+                        F.cross_entropy(_fp32_at_least(logits), y) + beta * kl_to_uniform(logits_out, cfg.impl))
             elif m == "kplus1":                           # Eq. (5)
-                logits = self.net(torch.cat([x, x_out]))
+                logits = self._net(torch.cat([x, x_out]))
                 loss = kplus1_loss(logits[:B], y, logits[B:])
             else:                                         # Eq. (1) / Eq. (4) classifier step, one forward
-                logits = self.net(torch.cat([x, x_out]))
+                logits = self._net(torch.cat([x, x_out]))
                 targets = torch.cat([y, torch.full((x_out.shape[0],), -1, dtype=y.dtype, device=y.device)])
                 loss = confidence_loss(logits, targets, beta, cfg.impl)
         self.opt.zero_grad(set_to_none=True)             # also drops grads the G step left on the classifier
@@ -1676,152 +1838,6 @@ class Trainer:
                 s.step()
 
 
-# ------------------------------------------------------------------------------------------------
-# --cuda-graphs: one training step captured into one CUDA graph and replayed.
-
-def _uncapturable(cfg: Config) -> str | None:
-    """Why cfg's step cannot be one CUDA graph (a graph replays fixed shapes and the numbers it was captured with)."""
-    if cfg.replay:
-        return "cannot capture --replay (its buffer changes size every step)"
-    if cfg.beta_warmup:
-        return "cannot capture --beta-warmup (beta is a number baked into the graph, and it changes every step)"
-    return None
-
-
-def _set_capturable(opt: torch.optim.Optimizer, on: bool) -> None:
-    """Adam inside a CUDA graph keeps its step counts on the device and never reads them on the host
-    (capturable=True); eager Adam keeps them on the CPU. Sets the flag and moves the counts."""
-    for g in opt.param_groups:
-        g["capturable"] = on
-        for p in g["params"]:
-            st = opt.state.get(p, {})
-            if "step" in st:
-                st["step"] = st["step"].to(p.device if on else "cpu")
-
-
-def _step_state(tr: Trainer):
-    """Every tensor a training step updates in place: weights and buffers (BatchNorm statistics, spectral norm's
-    vectors, G's EMA) of each module, and Adam's state per parameter (a dict, empty before Adam's first step)."""
-    return ([t for m in tr.raw.values() for t in m.state_dict().values()],
-            [o.state.get(p, {}) for o in tr.opts.values() for g in o.param_groups for p in g["params"]])
-
-
-def _snapshot(tr: Trainer) -> dict:
-    tensors, opt_states = _step_state(tr)
-    return {"tensors": [t.clone() for t in tensors], "opt": [{k: v.clone() for k, v in s.items()} for s in opt_states],
-            "rng": rng_state(), "global_step": tr.global_step}
-
-
-@torch.no_grad()
-def _restore(tr: Trainer, snap: dict) -> None:
-    """Put a _snapshot back into the same tensors (a captured graph holds their addresses). Adam state made
-    since is zeroed: zero moments and step count 0 is exactly Adam's state before its first step."""
-    tensors, opt_states = _step_state(tr)
-    for t, s in zip(tensors, snap["tensors"]):
-        t.copy_(s)
-    for st, s in zip(opt_states, snap["opt"]):
-        for k, v in st.items():
-            v.copy_(s[k]) if k in s else v.zero_()
-    set_rng_state(snap["rng"])
-    tr.global_step = snap["global_step"]
-
-
-class GraphedStep:
-    """tr.step as one CUDA graph replay (--cuda-graphs). At the paper's batch of 128 a step is bound by kernel
-    launches and Python; a replay launches the whole step at once: D, G and classifier forward, backward and Adam
-    updates, dropout and BatchNorm included. Called like tr.step, it returns the same logs (copies: the next
-    replay overwrites the graph's own output tensors).
-
-    PyTorch's whole-network recipe: a few eager steps on a side stream (kernels chosen, Triton compiled, Adam
-    state made), grads set to None so that backward allocates them from the graph's private memory, one capture
-    of tr.step on static input buffers, which every call fills with copy_. Warm-up and capture leave no trace:
-    weights, buffers, Adam state, the RNG and the step counter are put back, so replay i computes eager step i
-    (the graph draws dropout masks and GAN noise from the same generator at the same offsets, advancing it as
-    eager steps do). What a capture bakes in (the learning rates, conf-gan's phase, the batch's shape) is
-    compared on every call, and a change, such as the lr drop, captures again: simpler than learning rates as
-    device tensors, at one capture per change. A step that cannot be captured trains eagerly, with one line
-    saying why; nothing crashes."""
-
-    WARMUP = 3                                           # eager steps before capture (PyTorch's docs: a few)
-
-    def __init__(self, tr: Trainer, log=print, world: int = 1):
-        self.tr, self.log = tr, log
-        self.graph = self.key = None
-        self.why_not = ("needs a CUDA device" if tr.device.type != "cuda"
-                        else f"does not work with DistributedDataParallel ({world} processes)" if world > 1
-                        else _uncapturable(tr.cfg))
-        if self.why_not:
-            log(f"--cuda-graphs {self.why_not}: training eagerly")
-
-    def _key(self, x, x_out) -> tuple:
-        tr = self.tr
-        return (tr.cfg.method == "conf-gan" and tr.epoch < tr.cfg.gan_epochs,
-                tuple(g["lr"] for o in tr.opts.values() for g in o.param_groups),
-                x.shape, x.stride(), None if x_out is None else (x_out.shape, x_out.stride()))
-
-    def __call__(self, x, y, x_out=None) -> dict:
-        if not self.why_not and self._key(x, x_out) != self.key:
-            self._capture(x, y, x_out)
-        if self.why_not:
-            return self.tr.step(x, y, x_out)
-        self.x.copy_(x)
-        self.y.copy_(y)
-        if x_out is not None:
-            self.x_out.copy_(x_out)
-        self.graph.replay()
-        self.tr.global_step += 1                         # the one line of tr.step the graph cannot replay
-        return dict(zip(self.names, self.out.clone().unbind()))
-
-    def _capture(self, x, y, x_out):
-        tr, t0, key = self.tr, time.time(), self._key(x, x_out)
-        self.graph = self.out = None                     # a previous graph and its memory go first
-        for o in tr.opts.values():
-            o.zero_grad(set_to_none=True)
-            _set_capturable(o, True)
-        self.x, self.y = x.clone(), y.clone()            # the static inputs (clone keeps channels_last)
-        self.x_out = None if x_out is None else x_out.clone()
-        saved = _snapshot(tr)
-        try:
-            self.graph, self.out, self.names = self._record()
-            self.key = key
-        except Exception as e:
-            while e.__context__ is not None:             # the step's own error, not capture_end's after it
-                e = e.__context__
-            msg = (str(e).strip().splitlines() or [""])[0]
-            self.why_not = f"could not capture the {tr.cfg.method} step ({type(e).__name__}: {msg})"
-        _restore(tr, saved)
-        if self.why_not:
-            for o in tr.opts.values():
-                o.zero_grad(set_to_none=True)
-                _set_capturable(o, False)
-            self.graph = self.out = self.x = self.y = self.x_out = None
-            self.log(f"--cuda-graphs {self.why_not}: training eagerly")
-        else:
-            self.log(f"--cuda-graphs: captured the {tr.cfg.method} step (batch {len(x)}) in {time.time() - t0:.1f}s")
-
-    def _record(self):
-        """PyTorch's whole-network capture of tr.step on the static inputs: (graph, stacked logs, their names)."""
-        tr, stream = self.tr, torch.cuda.current_stream()
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(stream)
-            with torch.cuda.stream(side), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", ".*capturable=True")    # Adam: "runs uncaptured" (on purpose)
-                for _ in range(self.WARMUP):
-                    tr.step(self.x, self.y, self.x_out)
-            stream.wait_stream(side)
-            for o in tr.opts.values():                   # so that backward allocates them inside the graph
-                o.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logs = tr.step(self.x, self.y, self.x_out)
-                out = torch.stack([v.float() for v in logs.values()])
-            return graph, out, list(logs)
-        finally:
-            torch.cuda.set_stream(stream)                # a failed capture can leave its own stream current
-            torch.cuda.synchronize()
-
-
 class TrainingProbe:
     """Diagnostics of training at one point in time, without touching the run's randomness or state:
     fixed latent codes (own generator), fixed real images (own permutation), G's BatchNorm buffers restored.
@@ -1830,12 +1846,12 @@ class TrainingProbe:
     images; real images' own distance to them for scale) and how diverse they are (mean pairwise RMS distance,
     as a fraction of the real images')."""
 
-    def __init__(self, x_train: torch.Tensor, nz: int, seed: int, device, n: int = 500, n_ref: int = 2000):
+    def __init__(self, x_train, nz: int, seed: int, device, n: int = 500, n_ref: int = 2000, to_input=to_float):
         g = torch.Generator().manual_seed(seed + 424_242)
         n = max(1, min(n, len(x_train) // 4))                       # small training sets: a quarter probes
         idx = torch.randperm(len(x_train), generator=g)[:n + n_ref]
-        self.real = to_float(x_train[idx[:n]].to(device))                       # (n, 3, 32, 32)
-        self.ref = to_float(x_train[idx[n:]].to(device)).flatten(1)             # (n_ref, 3072)
+        self.real = to_input(_take(x_train, idx[:n]).to(device))                # (n, 3, 32, 32)
+        self.ref = to_input(_take(x_train, idx[n:]).to(device)).flatten(1)      # (n_ref, 3072)
         self.z = torch.randn(n, nz, generator=g).to(device)
 
     def _sample(self, G):
@@ -1871,38 +1887,167 @@ class TrainingProbe:
         return out
 
 
-def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None, log=print,
-          device=None, rank=0, world=1, num_classes: int | None = None, after_epoch=None) -> Trainer:
-    """The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir, resumes
-    from it with --resume. With world > 1 (torchrun) each rank takes its shard of every epoch's permutation.
-    num_classes: None takes a named set's (NUM_CLASSES), else the largest label + 1. after_epoch(tr), if given,
+def _global_rng_state() -> dict:
+    """Every global generator a training run may draw from: torch's (CPU, and CUDA where it is initialised),
+    numpy's and Python's."""
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_global_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["random"])
+    if "cuda" in s:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _is_loader(data) -> bool:
+    return isinstance(data, torch.utils.data.DataLoader)
+
+
+def _is_dataset(data) -> bool:
+    """A map-style data set: indexable, with a length (a torch Dataset, or anything shaped like one)."""
+    return not isinstance(data, torch.Tensor) and not _is_loader(data) and hasattr(data, "__getitem__") \
+        and hasattr(data, "__len__")
+
+
+def _image_of(item):
+    """The image of a data set's item: (x, y, ...) or x alone."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _take(data, idx: torch.Tensor) -> torch.Tensor:
+    """Images data[idx] as one tensor, from a tensor or a map-style data set."""
+    if isinstance(data, torch.Tensor):
+        return data[idx]
+    return torch.stack([torch.as_tensor(_image_of(data[int(i)])) for i in idx])
+
+
+def _take_pairs(data, idx: torch.Tensor):
+    """(images, labels) of data[idx] from a map-style data set of (x, y)."""
+    items = [data[int(i)] for i in idx]
+    return (torch.stack([torch.as_tensor(it[0]) for it in items]),
+            torch.as_tensor([int(it[1]) for it in items], dtype=torch.long))
+
+
+def _pair(batch, what: str):
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ConfidentError(f"{what}: a batch of {type(batch).__name__}, expected (images, labels)")
+    return batch[0], torch.as_tensor(batch[1])
+
+
+def train(cfg: Config, x_train, y_train=None, x_ood=None, out_dir: Path | None = None, log=print,
+          device=None, rank=0, world=1, num_classes: int | None = None, after_epoch=None, *,
+          model: nn.Module | None = None, generator: nn.Module | None = None,
+          discriminator: nn.Module | None = None, _cli: bool = False) -> Trainer:
+    """Train with cfg (regime Config.method, Config.epochs epochs) and return the Trainer; its classifier is
+    `tr.raw["net"]`. The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir,
+    resumes from it with Config.resume.
+
+    Data: x_train, y_train as tensors, images (N, C, H, W) uint8 (0-255) or floats in [0, 1] and labels (N,);
+    or x_train a torch Dataset of (image, label) pairs (y_train None), batched in the same order as tensors; or
+    a DataLoader of (images, labels) batches, iterated as it is (its batch size and order; Config.batch_size is
+    not used for it). x_ood, the real OOD images of conf and kplus1: a tensor (N, C, H, W), a Dataset or a
+    DataLoader (of images, or of (images, labels) with the labels ignored), read cyclically.
+    num_classes: K; None takes the largest label + 1 of tensors, or len(dataset.classes).
+
+    model: your own classifier (any nn.Module from images (B, C, H, W) to logits (B, K); (B, K + 1) for
+    kplus1, the last the OOD class, and train sets model.ood_class = True for the detectors). train() trains it
+    in place and returns the Trainer holding it (tr.raw["net"] is your model): its weights, its BatchNorm
+    statistics and its train/eval mode (left in train mode) change; nothing else. It stays on its device (runs
+    there; with `device` given it is moved there with model.to(device), in place) and in its memory format; its
+    batches get its data's channels. None builds Config.model (3 input channels, 32x32, grayscale repeated).
+    generator, discriminator: your own GAN for conf-gan, joint, joint-pt (see Trainer); the built-in DCGAN makes
+    and reads 32x32 images only.
+
+    Randomness: the run is seeded from Config.seed (data order, initialisation, GAN noise, dropout), so the same
+    cfg and data give the same model; the caller's global random state (torch, CUDA, numpy, random) is given back
+    as it was, also when training fails. With world > 1 (torchrun) each rank takes its shard of every epoch's
+    permutation (a DataLoader must shard itself, e.g. with a DistributedSampler). after_epoch(tr), if given,
     is called on every rank after each epoch, before its checkpoint (--select-epoch best evaluates there)."""
-    device = device or torch.device("cpu")
+    saved = _global_rng_state()
+    try:
+        return _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_classes, after_epoch,
+                      model, generator, discriminator, _cli)
+    finally:
+        _set_global_rng_state(saved)
+
+
+def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_classes, after_epoch,
+           model, generator, discriminator, cli) -> Trainer:
+    name = _flag if cli else _field                           # how errors name Config fields
+    cfg = check_config(cfg, name, model_given=model is not None)
+    # how errors name the data: the CLI's sets, or the caller's arguments
+    xn, on = (cfg.in_data, cfg.out_data) if cli else ("x_train", "x_ood")
+    own = model is not None
+    if own and device is None:
+        device = _device_of(model)
+    device = torch.device(device) if device is not None else torch.device("cpu")
     set_seed(cfg.seed)
-    if x_train.ndim != 4 or x_train.shape[1] not in (1, 3) or x_train.shape[2:] != (32, 32) \
-            or y_train.ndim != 1 or len(x_train) != len(y_train):
-        raise ConfidentError(f"{cfg.in_data}: training images of shape {tuple(x_train.shape)} and labels of shape "
-                             f"{tuple(y_train.shape)}: expected (N, 1 or 3, 32, 32) and (N,)")
-    if len(y_train) == 0:
-        raise ConfidentError(f"{cfg.in_data}: no training images (an empty set)")
-    for what, xs in (("training", x_train), ("OOD training", x_ood)):
-        if xs is not None:                                    # refused here, before anything is written
-            _check_image_dtype(xs, f"{cfg.in_data}: {what} images")
-    num_classes = num_classes or NUM_CLASSES.get(cfg.in_data, int(y_train.max()) + 1)
+    loader, dataset = _is_loader(x_train), _is_dataset(x_train)
+    if loader or dataset:
+        if y_train is not None:
+            raise ConfidentError(f"{xn}: a {type(x_train).__name__} of (image, label) pairs carries its labels: "
+                                 "expected y_train=None")
+        ds = x_train.dataset if loader else x_train
+        if loader and not _is_dataset(ds):
+            first = next(iter(x_train), None)             # an iterable data set: its first batch shows the shape
+            shape = None if first is None else tuple(_pair(first, f"{xn} (a DataLoader)")[0].shape[1:])
+        else:
+            shape = None if len(ds) == 0 else tuple(torch.as_tensor(_image_of(ds[0])).shape)
+        if shape is None or (loader and len(x_train) == 0):
+            raise ConfidentError(f"{xn}: no training images (an empty {type(x_train).__name__})")
+        if num_classes is None:
+            classes = getattr(ds, "classes", None)
+            if classes is None:
+                raise ConfidentError(f"{xn}: the classes of a {type(x_train).__name__} are not read ahead: pass "
+                                     "num_classes= (K)")
+            num_classes = len(classes)
+    else:
+        if not isinstance(x_train, torch.Tensor) or not isinstance(y_train, torch.Tensor):
+            raise ConfidentError(f"{xn}: {type(x_train).__name__} images and {type(y_train).__name__} labels: "
+                                 "expected tensors (N, C, H, W) and (N,), or a Dataset / DataLoader of (x, y)")
+        shape = tuple(x_train.shape[1:])
+        if x_train.ndim != 4 or y_train.ndim != 1 or len(x_train) != len(y_train) or y_train.is_floating_point():
+            raise ConfidentError(f"{xn}: training images of shape {tuple(x_train.shape)} and labels of shape "
+                                 f"{tuple(y_train.shape)} ({y_train.dtype}): expected (N, C, H, W) and (N,) integers")
+        if len(y_train) == 0:
+            raise ConfidentError(f"{xn}: no training images (an empty set)")
+        _check_image_dtype(x_train, f"{xn}: training images")
+        num_classes = num_classes or int(y_train.max()) + 1
+    if len(shape) != 3 or (not own and (shape[0] not in (1, 3) or shape[1:] != (32, 32))):
+        raise ConfidentError(f"{xn}: training images of shape (N, {', '.join(map(str, shape))}): expected "
+                             "(N, 1 or 3, 32, 32) for the built-in networks"
+                             + ("" if len(shape) != 3 else " (any (N, C, H, W) with your own network as model=)"))
+    ood_loader, ood_dataset = _is_loader(x_ood), _is_dataset(x_ood)
+    if x_ood is not None and not (ood_loader or ood_dataset):
+        if not isinstance(x_ood, torch.Tensor) or x_ood.ndim != 4:
+            raise ConfidentError(f"{on}: OOD training images: {_shape(x_ood)}, expected a tensor (N, C, H, W), "
+                                 "a Dataset or a DataLoader")
+        _check_image_dtype(x_ood, f"{on}: OOD training images")           # refused here, before anything is written
     if num_classes < 2:
-        raise ConfidentError(f"{cfg.in_data}: {num_classes} class, expected at least 2 (with one class every "
+        raise ConfidentError(f"{xn}: {num_classes} class, expected at least 2 (with one class every "
                              "prediction is certain and no detector can score)")
-    if int(y_train.min()) < 0 or int(y_train.max()) >= num_classes:
-        raise ConfidentError(f"{cfg.in_data}: training labels in [{int(y_train.min())}, {int(y_train.max())}], "
+    if isinstance(y_train, torch.Tensor) and (int(y_train.min()) < 0 or int(y_train.max()) >= num_classes):
+        raise ConfidentError(f"{xn}: training labels in [{int(y_train.min())}, {int(y_train.max())}], "
                              f"expected [0, {num_classes})")
-    tr = Trainer(cfg, num_classes, device, log)
-    cfg = tr.cfg                                              # with the paper's values for any -1 left in cfg
-    if cfg.batch_size < 2:
-        raise ConfidentError(f"batch_size {cfg.batch_size}: expected >= 2")
+    if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
+        raise ConfidentError(f"{name('method')} {cfg.method} needs OOD training images"
+                             + (f" from --out {cfg.out_data}" if cli else ": expected x_ood (not empty)"))
+    if own:
+        to_input = (lambda b: b.float().div_(255) if b.dtype == torch.uint8 else b)   # the data's own channels
+        image_shape = shape
+    else:
+        to_input, image_shape = to_float, (3,) + shape[1:]
+    tr = Trainer(cfg, num_classes, device, log, model=model, generator=generator, discriminator=discriminator,
+                 image_shape=image_shape)
     state_path = out_dir / "train_state.pt" if out_dir else None
     if cfg.resume:
         if state_path is None or not state_path.exists():
-            raise ConfidentError(f"--resume: no checkpoint at {state_path}")
+            raise ConfidentError(f"{name('resume')}: no checkpoint at {state_path}")
         try:
             tr.load_state_dict(_load_train_state(state_path, device))
         except ConfidentError:
@@ -1910,46 +2055,93 @@ def train(cfg: Config, x_train, y_train, x_ood=None, out_dir: Path | None = None
         except Exception as e:
             raise _not_resumable(state_path, e) from None
         log(f"resumed from {state_path} at epoch {tr.epoch}")
-    if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
-        raise ConfidentError(f"--method {cfg.method} needs OOD training images from --out {cfg.out_data}")
     ddp_models = _wrap_ddp(tr, device) if world > 1 else None
-    step = GraphedStep(tr, log, world) if cfg.cuda_graphs else tr.step    # captured on the first full batch
-    N, B = len(x_train), cfg.batch_size
-    if N < B * world:                                         # (--batch-size is per process under torchrun)
-        raise ConfidentError(f"{cfg.in_data}: {N} training images, fewer than one batch of {B}"
-                             + (f" on each of {world} processes" if world > 1 else ""))
-    steps = N // (B * world)                                  # drop the last partial batch (as a sampler would)
-    x_train_dev, y_train_dev = x_train.to(device), y_train.to(device)   # uint8 on the device, batched there
-    x_ood_dev = x_ood.to(device) if x_ood is not None else None
+    step = _graphs_module(name).GraphedStep(tr, log, world) if cfg.cuda_graphs else tr.step   # captured on the
+                                                                                                # first full batch
+    B = cfg.batch_size
+    if loader:
+        steps = len(x_train)
+    else:
+        N = len(x_train)
+        if N < B * world:                                     # (--batch-size is per process under torchrun)
+            raise ConfidentError(f"{xn}: {N} training images, fewer than one batch of {B}"
+                                 + (f" on each of {world} processes" if world > 1 else "") + f" ({name('batch_size')})")
+        steps = N // (B * world)                              # drop the last partial batch (as a sampler would)
+    if dataset or loader:
+        x_train_dev = y_train_dev = None
+    else:
+        x_train_dev, y_train_dev = x_train.to(device), y_train.to(device)   # uint8 on the device, batched there
+    x_ood_dev = x_ood.to(device) if isinstance(x_ood, torch.Tensor) else None
+    ood_iter = None                                           # a DataLoader of OOD images, read cyclically
+
+    def next_ood_batch():
+        nonlocal ood_iter
+        for _ in range(2):
+            try:
+                return _image_of(next(ood_iter))
+            except (StopIteration, TypeError):
+                ood_iter = iter(x_ood)
+        raise ConfidentError(f"{on}: the DataLoader gave no batch")
+
+    def check_batch(x, y, i):                                 # a DataLoader's batch: shape and labels
+        if x.ndim != 4 or tuple(x.shape[1:]) != shape or y.shape != (len(x),):
+            raise ConfidentError(f"{xn}: batch {i + 1} of shape {tuple(x.shape)} with labels {tuple(y.shape)}: "
+                                 f"expected (B, {', '.join(map(str, shape))}) and (B,), as the first")
+        _check_image_dtype(x, f"{xn}: training images")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ConfidentError(f"{xn}: training labels in [{int(y.min())}, {int(y.max())}] in batch {i + 1}, "
+                                 f"expected [0, {num_classes})")
+
     prev_c = None                                             # last epoch's mean classifier loss
-    probe = TrainingProbe(x_train, cfg.nz, cfg.seed, device) if rank == 0 else None
-    channels_last = use_channels_last(cfg, device)             # the batches in the networks' memory format
+    probe_data = x_train.dataset if loader and _is_dataset(x_train.dataset) else None if loader else x_train
+    probe = TrainingProbe(probe_data, cfg.nz, cfg.seed, device, to_input=to_input) \
+        if rank == 0 and probe_data is not None else None
+    channels_last = tr.channels_last                          # the batches in the networks' memory format
     while tr.epoch < tr.total_epochs:
         e = tr.epoch
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + e)       # same order on every rank and resume
-        perm = torch.randperm(N, generator=g)[rank::world].to(device)
-        perm_ood = torch.randperm(len(x_ood), generator=g).to(device) if x_ood is not None else None
+        perm = None if loader else torch.randperm(N, generator=g)[rank::world].to(device)
+        perm_ood = torch.randperm(len(x_ood), generator=g).to(device) \
+            if x_ood is not None and not ood_loader else None
         if world > 1:                                         # per-rank GAN noise and dropout
             torch.manual_seed(cfg.seed * 7_919 + e * 101 + rank)
         t0, seen, sums, window = time.time(), 0, {}, {}           # window: every step's losses since the last log
         dsums, dn, dmax = {}, 0, None                             # means (and the largest gradient norm) since
                                                                   # the last diagnostics
+        batches = iter(x_train) if loader else None
         for i in range(steps):
-            idx = perm[i * B:(i + 1) * B]
-            x = to_float(x_train_dev[idx])
+            if loader:
+                xb, yb = _pair(next(batches), f"{xn} (a DataLoader)")
+                check_batch(xb, yb, i)
+                x, yi = to_input(xb.to(device)), yb.to(device)
+            elif dataset:
+                idx = perm[i * B:(i + 1) * B]
+                xb, yb = _take_pairs(x_train, idx.cpu())
+                check_batch(xb, yb, i)
+                x, yi = to_input(xb.to(device)), yb.to(device)
+            else:
+                idx = perm[i * B:(i + 1) * B]
+                x, yi = to_input(x_train_dev[idx]), y_train_dev[idx]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x_out = None
             if cfg.method in ("conf", "kplus1"):
-                # B OOD images on every rank, this rank's own ones, the permutation read cyclically
-                # (a set smaller than a batch repeats within it)
-                k = (i * world + rank) * B + torch.arange(B, device=perm_ood.device)
-                x_out = to_float(x_ood_dev[perm_ood[k % len(perm_ood)]])
-            logs = step(x, y_train_dev[idx], x_out)
+                if ood_loader:
+                    x_out = to_input(torch.as_tensor(next_ood_batch()).to(device))
+                else:
+                    # B OOD images on every rank, this rank's own ones, the permutation read cyclically
+                    # (a set smaller than a batch repeats within it)
+                    k = (i * world + rank) * B + torch.arange(B, device=perm_ood.device)
+                    pick = perm_ood[k % len(perm_ood)]
+                    x_out = to_input(x_ood_dev[pick] if x_ood_dev is not None else _take(x_ood, pick.cpu()).to(device))
+                if tuple(x_out.shape[1:]) != tuple(x.shape[1:]):
+                    raise ConfidentError(f"{on}: OOD training images of shape {tuple(x_out.shape[1:])}, expected "
+                                         f"{tuple(x.shape[1:])} as the training images")
+            logs = step(x, yi, x_out)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
                 window.setdefault(k, []).append(v)
-            seen += len(idx) * world
+            seen += len(x) * world
             if probe is not None and "c" in logs:            # conf-gan's GAN epochs train no classifier
                 dn += 1
                 for k in ("d_acc_real", "d_acc_fake", "c", "acc", "gnorm"):
@@ -2022,8 +2214,8 @@ def _wrap_ddp(tr: Trainer, device):
     for name in ("net", "G", "D"):
         m = getattr(tr, name)
         if m is not None:
-            w = DDP(m, device_ids=ids)       # G's and D's BatchNorm statistics come from rank 0 (the classifiers
-                                             # have no buffers)
+            w = DDP(m, device_ids=ids)       # BatchNorm statistics (G's, D's, a classifier's of your own) come
+                                             # from rank 0 (the built-in classifiers have no buffers)
             setattr(tr, name, w)
             wrapped[name] = w
     return wrapped
@@ -2058,8 +2250,8 @@ def _sharded(fn, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
-def _too_few_to_score(what: str, n: int, v: int) -> str:
-    return f"{what}: {n} images, need more than --val-size {v}"
+def _too_few_to_score(what: str, n: int, v: int, val_size: str = "--val-size") -> str:
+    return f"{what}: {n} images, need more than {val_size} {v}"
 
 
 def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=print, val_sets=None) -> dict:
@@ -2068,10 +2260,11 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
     nothing to tune and is scored on the same held-out remainder, so both detectors see the same images.
     Its detection error on each OOD set's validation images is recorded as well ("baseline_val_detection_error"):
     --tune's grid point and --select-epoch best's epoch are chosen by it (paper App. B)."""
-    Ts, Es = parse_floats(cfg.temperatures, "temperatures"), parse_floats(cfg.epsilons, "epsilons")
+    Ts, Es = parse_floats(cfg.temperatures, "Config.temperatures"), parse_floats(cfg.epsilons, "Config.epsilons")
     v = cfg.val_size
     if len(x_in) <= v:
-        raise ConfidentError(_too_few_to_score(f"{cfg.in_data} test set", len(x_in), v))
+        raise ConfidentError(_too_few_to_score("x_in", len(x_in), v, "Config.val_size") + " (the first val_size "
+                             "images of each set tune ODIN and temperature scaling; the rest are scored)")
     ood_class = getattr(model, "ood_class", False)
     t0 = time.time()
     bs = cfg.eval_batch_size
@@ -2098,7 +2291,7 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
                 f"{res['validation']['ood'][name]['baseline']['tnr_at_tpr95']:.3f}")
     for name, x_out in ood_sets.items():
         if len(x_out) <= v:
-            raise ConfidentError(_too_few_to_score(f"OOD set {name!r}", len(x_out), v))
+            raise ConfidentError(_too_few_to_score(f"OOD set ood_sets[{name!r}]", len(x_out), v, "Config.val_size"))
         t1 = time.time()
         grid_out = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_out, dim=2)
         base_out = _sharded(lambda x: baseline_scores(model, x, bs), x_out)
@@ -2401,7 +2594,7 @@ def run(cfg: Config, log=print) -> dict:
             atomic_write_text(json.dumps(evals, indent=1), out_dir / "epochs.json")
 
     tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world, num_classes=len(classes),
-               after_epoch=evaluate_epoch if cfg.select_epoch == "best" else None)
+               after_epoch=evaluate_epoch if cfg.select_epoch == "best" else None, _cli=True)
     model = tr.raw["net"]
     if master:
         atomic_save(model.state_dict(), out_dir / "checkpoint.pt")

@@ -1,4 +1,4 @@
-"""--cuda-graphs: a training step captured into one CUDA graph (GraphedStep).
+"""--cuda-graphs: a training step captured into one CUDA graph (kernels/graphs.py, GraphedStep).
 
 On the CPU (CI): the flag trains eagerly, bit-identically, with one line saying so; combinations a graph cannot
 hold are refused; warm-up and capture leave no trace (snapshot / restore); the masked confidence loss a graph
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import confident as C
+from kernels import graphs
 
 gpu = pytest.mark.gpu
 
@@ -75,7 +76,7 @@ def test_graphed_step_falls_back_where_it_cannot_capture(world, cfg, said):
     """A library caller skips resolve(); DDP is known only at run time. A stand-in trainer on 'cuda' (nothing
     runs on it): the refusal is decided before any CUDA call."""
     lines = []
-    gs = C.GraphedStep(types.SimpleNamespace(device=torch.device("cuda"), cfg=cfg), lines.append, world)
+    gs = graphs.GraphedStep(types.SimpleNamespace(device=torch.device("cuda"), cfg=cfg), lines.append, world)
     assert gs.why_not and lines == [said]
 
 
@@ -94,7 +95,7 @@ def test_a_failed_capture_says_why_and_trains_on_as_if_never_tried(monkeypatch):
         except RuntimeError:
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
 
-    monkeypatch.setattr(C.GraphedStep, "_record", failing_record)
+    monkeypatch.setattr(graphs.GraphedStep, "_record", failing_record)
     cfg = _cfg("joint", batch_size=8)
     x, y = C.to_float(_data(8)[0]), _data(8)[1]
     runs, lines = [], []
@@ -103,7 +104,7 @@ def test_a_failed_capture_says_why_and_trains_on_as_if_never_tried(monkeypatch):
         tr = C.Trainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
         step = tr.step
         if graphed:
-            step = C.GraphedStep(tr, lines.append)
+            step = graphs.GraphedStep(tr, lines.append)
             assert lines == ["--cuda-graphs needs a CUDA device: training eagerly"]
             step.why_not = None                       # as if on CUDA: the next call captures (and fails)
         runs.append(([step(x, y) for _ in range(3)], _weights(tr), tr.global_step, tr))
@@ -120,7 +121,7 @@ def test_a_failed_capture_says_why_and_trains_on_as_if_never_tried(monkeypatch):
                                           ("joint-pt", dict(amp=True)), ("conf-gan", {})])
 @pytest.mark.parametrize("first_steps", [0, 2])
 def test_warm_up_leaves_no_trace(method, extra, first_steps):
-    """GraphedStep's warm-up steps are undone by _restore: weights, buffers (BatchNorm, spectral norm, G's EMA),
+    """GraphedStep's warm-up steps are undone by restore(): weights, buffers (BatchNorm, spectral norm, G's EMA),
     Adam's state (zeroed when it was made by the warm-up: the same as none), RNG and step counter. The steps
     after a restore are bit-identical to those of a trainer that never warmed up."""
     cfg = _cfg(method, batch_size=8, **extra)
@@ -132,10 +133,10 @@ def test_warm_up_leaves_no_trace(method, extra, first_steps):
         for _ in range(first_steps):
             tr.step(x, y)
         if warm:
-            snap = C._snapshot(tr)
+            snap = graphs.snapshot(tr)
             for _ in range(3):
                 tr.step(x.flip(0), y.flip(0))
-            C._restore(tr, snap)
+            graphs.restore(tr, snap)
         runs.append(([tr.step(x, y) for _ in range(2)], _weights(tr), tr.global_step))
     (la, wa, sa), (lb, wb, sb) = runs
     assert sa == sb == first_steps + 2
@@ -198,7 +199,7 @@ LOSSES = ("d", "g", "c")                              # compared closely; accura
 def _steps(cfg, batches, graphed, log=lambda *_: None):
     torch.manual_seed(cfg.seed)
     tr = C.Trainer(cfg, 10, torch.device("cuda"), log=log)
-    step = C.GraphedStep(tr, log) if graphed else tr.step
+    step = graphs.GraphedStep(tr, log) if graphed else tr.step
     logs = [{k: v.clone() for k, v in step(*b).items()} for b in batches]
     torch.cuda.synchronize()
     return tr, step, logs

@@ -736,8 +736,8 @@ def test_gan_g_loss_refuses_negative_beta():
 def test_training_refuses_labels_outside_range(tmp_path, bad):
     x, y = _tiny_data()
     y[3] = bad
-    with pytest.raises(ConfidentError, match=r"labels in \[.*expected \[0, 10\)"):
-        confident.train(_tiny_cfg(tmp_path), x, y, None, tmp_path / "run", log=lambda *a: None)
+    with pytest.raises(ConfidentError, match=r"labels in \[.*expected \[0, 10\)"):        # 10 classes declared
+        confident.train(_tiny_cfg(tmp_path), x, y, None, tmp_path / "run", log=lambda *a: None, num_classes=10)
     assert not (tmp_path / "run" / "train_state.pt").exists()
 
 

@@ -37,3 +37,85 @@ def test_module_works_copied_alone(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "refused: impl='triton' needs the kernels/ package" in p.stdout
     assert p.stdout.strip().endswith("ok")
+
+
+# A user's own network (BatchNorm, not one of this project's), trained by the copied module alone: joint training
+# (Algorithm 1) on tensors and conf from DataLoaders; the caller's global random state is left as it was.
+TRAIN_SCRIPT = r"""
+import copy, random
+import numpy as np, torch, torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+import confident as C
+
+
+class TinyNet(nn.Module):
+    def __init__(self, k=3, c=3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, k))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def global_state():
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def same_state(a, b):
+    return (torch.equal(a[0], b[0]) and a[1][0] == b[1][0] and np.array_equal(a[1][1], b[1][1])
+            and a[1][2:] == b[1][2:] and a[2] == b[2])
+
+
+torch.manual_seed(123); np.random.seed(5); random.seed(7)
+x, y = torch.rand(64, 3, 32, 32), torch.randint(0, 3, (64,))
+net = TinyNet()
+twin = copy.deepcopy(net)
+quiet = lambda *a: None
+
+cfg = C.Config(method="joint", epochs=1, batch_size=16, width=0.0625, log_every=1000, seed=3)
+before = global_state()
+tr = C.train(cfg, x, y, model=net, log=quiet)
+assert same_state(before, global_state()), "train() changed the caller's global random state"
+assert tr.raw["net"] is net                                   # trained in place
+w = net.body[0].weight
+assert w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)   # not made channels_last
+# the authors' loop runs the classifier on G's batch (G's step), then on the real and on the fresh generated batch
+# (its own step) in separate forwards: three BatchNorm updates per step, 64 / 16 = 4 steps
+assert int(net.body[1].num_batches_tracked) == 12, int(net.body[1].num_batches_tracked)
+again = C.train(cfg, x, y, model=twin, log=quiet)          # the same seed, the same start: the same model
+assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), twin.state_dict().values()))
+
+# conf (Eq. 1): the training set and the OOD set as DataLoaders
+torch.manual_seed(9)
+ood = torch.rand(40, 3, 32, 32)
+loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+ood_loader = DataLoader(TensorDataset(ood), batch_size=16, shuffle=True)
+net = TinyNet()
+before = global_state()
+tr = C.train(C.Config(method="conf", epochs=2, beta=0.5, log_every=1000), loader, x_ood=ood_loader,
+             model=net, num_classes=3, log=quiet)
+assert same_state(before, global_state())
+assert tr.epoch == 2 and tr.global_step == 8
+
+# a failed run gives the state back too
+net = TinyNet(k=3)
+before = global_state()
+try:
+    C.train(C.Config(method="kplus1", epochs=1, batch_size=16), x, y, x_ood=ood, model=net, log=quiet)
+except C.ConfidentError as e:
+    assert "K + 1 = 4 outputs" in str(e), e
+else:
+    raise AssertionError("kplus1 with K outputs must be refused")
+assert same_state(before, global_state())
+print("ok")
+"""
+
+
+def test_train_on_a_users_own_model_copied_alone(tmp_path):
+    shutil.copy(ROOT / "confident.py", tmp_path / "confident.py")
+    p = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",
+                                                                                          "TRITON_INTERPRET")})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip().endswith("ok")
