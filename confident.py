@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import errno
 import gzip
 import hashlib
 import io
@@ -1444,35 +1445,43 @@ def _as_created(tmp: str) -> None:
     os.chmod(tmp, 0o666 & ~mask)
 
 
-def atomic_save(obj, path: Path):
-    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_failed(path: Path, e: OSError) -> ConfidentError:
+    """An OS error while writing `path` (a full disk, a read-only folder, ...) as one line: file, reason, errno."""
+    name = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
+    return ConfidentError(f"{path}: could not be written ({e.strerror or e}; errno {e.errno}"
+                          + (f" {name}" if name else "") + "); the file that was there is unchanged")
+
+
+def _atomic_write_bytes(data, path: Path) -> None:
+    """`data` to a temporary file in the same folder, synced, then renamed to `path`: a kill or a full disk
+    never leaves half a file, and the file there before stays until the new one is complete."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
-            os.fsync(f.fileno())                  # on disk before the rename makes it the checkpoint
+            os.fsync(f.fileno())                  # on disk before the rename makes it the file
         _as_created(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _write_failed(path, e) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj, path: Path):
+    """torch.save, written atomically (_atomic_write_bytes). Serialised in memory first, so that a write error
+    arrives as the OS's own (errno and all), not inside a serialiser's error."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write_bytes(buf.getbuffer(), path)
 
 
 def atomic_write_text(text: str, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _as_created(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _atomic_write_bytes(text.encode("utf-8"), path)
 
 
 class Trainer:
@@ -1531,7 +1540,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "rng": rng_state(), "global_step": self.global_step, "replay": self.replay,
-                "diagnostics": json.dumps(self.diagnostics),
+                "diagnostics": json.dumps(self.diagnostics), "config": json.dumps(dataclasses.asdict(self.cfg)),
                 "models": {k: m.state_dict() for k, m in self.modules().items()},
                 "opts": {k: o.state_dict() for k, o in self.opts.items()},
                 "scheds": {k: s.state_dict() for k, s in self.scheds.items()}}
@@ -2250,8 +2259,10 @@ def _default_out_dir(cfg: Config) -> str:
     return f"runs/{tag(cfg.in_data)}-{tag(cfg.out_data)}-{cfg.method}-s{cfg.seed}"
 
 
-# what a checkpoint's tensors depend on: a resume with another value cannot load it
-SHAPES_STATE = ("in_data", "method", "model", "width", "gan_width", "nz", "d_sn", "g_ema", "replay")
+# settings that change how a run is carried out, not what it computes: a resume may change them (and --epochs, to
+# more epochs); any other setting is recorded in train_state.pt and a resume with another value is refused
+RESUME_FREE = ("output_dir", "resume", "device", "log_every", "download", "data_root", "eval_batch_size", "tune",
+               "epochs")
 
 
 def _not_resumable(state: Path, e: Exception) -> ConfidentError:
@@ -2274,24 +2285,149 @@ def _load_train_state(state: Path, device, mmap: bool = False) -> dict:
     return sd
 
 
-def _check_resumable(cfg: Config, out_dir: Path) -> None:
+def _flag(k: str) -> str:
+    return "--" + {"in_data": "in", "out_data": "out"}.get(k, k.replace("_", "-"))
+
+
+def _check_resumable(cfg: Config, out_dir: Path) -> int:
     """--resume's checks before anything in out_dir changes: the checkpoint is there, loads (memory-mapped, so
-    cheaply) as a training state, and was trained with the settings its tensors' shapes depend on."""
+    cheaply) as a training state, and was trained with this run's settings (those it records; a checkpoint
+    without them is compared with config.json). --epochs may grow, never below the epochs already trained.
+    Returns the epoch it resumes at."""
     state = out_dir / "train_state.pt"
     if not state.exists():
         raise ConfidentError(f"--resume: no checkpoint at {state}")
-    _load_train_state(state, "cpu", mmap=True)
+    sd = _load_train_state(state, "cpu", mmap=True)
     try:
-        before = json.loads((out_dir / "config.json").read_text())
-    except (OSError, ValueError):
+        before = json.loads(sd["config"]) if "config" in sd else json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
         before = None
-    if isinstance(before, dict):
-        now = dataclasses.asdict(cfg)
-        diff = [k for k in SHAPES_STATE if k in before and before[k] != now[k]]
-        if diff:
-            raise ConfidentError(f"--resume: {state} was trained with " + ", ".join(
-                f"--{k.replace('_', '-')} {before[k]!r}" for k in diff) + "; this run has " + ", ".join(
-                f"--{k.replace('_', '-')} {now[k]!r}" for k in diff) + " (the same values resume it)")
+    if not isinstance(before, dict):
+        raise ConfidentError(f"--resume: {state} records no settings and there is no config.json beside it: its run "
+                             "cannot be checked against this one; drop --resume to start afresh")
+    now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(Config())
+    diff = [k for k in now if k not in RESUME_FREE and before.get(k, defaults[k]) != now[k]]
+    if diff:
+        raise ConfidentError(f"--resume: {state} was trained with " + ", ".join(
+            f"{_flag(k)} {before.get(k, defaults[k])!r}" for k in diff) + "; this run has " + ", ".join(
+            f"{_flag(k)} {now[k]!r}" for k in diff) + " (the same values resume it)")
+    done = int(sd["epoch"])
+    total = cfg.epochs + (cfg.gan_epochs if cfg.method == "conf-gan" else 0)
+    if done > total:
+        raise ConfidentError(f"--resume --epochs {cfg.epochs}: {state} has {done} epochs trained already; expected "
+                             f"--epochs >= {done - (total - cfg.epochs)} (more epochs continue the run)")
+    return done
+
+
+def _check_trainable(cfg: Config, y_tr: torch.Tensor, x_ood, num_classes: int, world: int) -> None:
+    """train()'s refusals of the data, made by run() before the output folder is touched."""
+    if len(y_tr) == 0:
+        raise ConfidentError(f"{cfg.in_data}: no training images (an empty set)")
+    if num_classes < 2:
+        raise ConfidentError(f"{cfg.in_data}: {num_classes} class, expected at least 2 (with one class every "
+                             "prediction is certain and no detector can score)")
+    B = cfg.batch_size
+    if len(y_tr) < B * world:
+        raise ConfidentError(f"{cfg.in_data}: {len(y_tr)} training images"
+                             + (f" (--train-limit {cfg.train_limit})" if cfg.train_limit else "")
+                             + f", fewer than one batch of {B}" + (f" on each of {world} processes" if world > 1 else ""))
+    if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
+        raise ConfidentError(f"--method {cfg.method} needs OOD training images from --out {cfg.out_data}")
+
+
+def _check_ood_folders(cfg: Config) -> None:
+    """An OOD folder inside the --in folder (or holding it) would score in-distribution images as OOD."""
+    if not cfg.in_data.startswith("folder:"):
+        return
+    home = _folder_path(cfg.in_data).resolve()
+    names = [("--out", cfg.out_data), ("--val-ood", cfg.val_ood)]
+    if cfg.extra_ood not in ("auto", "none"):
+        names += [("--extra-ood", n.strip()) for n in cfg.extra_ood.split(",")]
+    for flag, n in names:
+        if n.startswith("folder:"):
+            p = _folder_path(n).resolve()
+            if home in p.parents or p in home.parents:        # (the folder itself: never an OOD set, _same_set)
+                raise ConfidentError(f"{flag} {n}: {'inside' if home in p.parents else 'holds'} the --in folder "
+                                     f"{home}, so its images include in-distribution ones: expected a folder apart")
+
+
+class FolderLock:
+    """One run per output folder: an exclusive flock on <folder>/.lock, which names its holder (pid, host,
+    start). The kernel drops the lock when its process ends, however it ends, so a killed run leaves none stuck.
+    The file is removed on release; a taker checks that the file it locked is still the one at the path."""
+
+    def __init__(self, folder: Path):
+        self.path, self.fd = folder / ".lock", None
+
+    def acquire(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:                                   # (no flock on this platform: no lock)
+            return self
+        import socket
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                try:
+                    holder = self.path.read_text().strip() or "a run that is starting"
+                except OSError:
+                    holder = "another run"
+                raise ConfidentError(f"--output-dir {self.path.parent}: in use by {holder}; one run per folder: "
+                                     "wait for it to end, or use another --output-dir") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+                self.fd = fd
+                return self
+            os.close(fd)                                      # released and removed meanwhile: take the new one
+        raise ConfidentError(f"{self.path}: could not take the folder's lock")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)                 # removed while still held, then let go
+            os.close(self.fd)
+            self.fd = None
+
+
+STAGED = ("checkpoint.pt", "config.json", "results.csv", "results.md", "results.json")   # results.json: last
+
+
+def _clean_folder(out_dir: Path, fresh: bool, log) -> None:
+    """With the folder's lock held: temporary files of killed writes, an unfinished staging folder, and for a
+    fresh run the training state of an earlier one (it must never be resumed into this run's results)."""
+    stale = [p for p in out_dir.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if (out_dir / ".new").is_dir():
+        stale.append(out_dir / ".new")
+        import shutil
+        shutil.rmtree(out_dir / ".new")
+    if stale:
+        log(f"removed {len(stale)} leftover(s) of an interrupted run: " + ", ".join(p.name for p in stale))
+    if fresh:
+        for name in ("train_state.pt", "epochs.json"):
+            if (out_dir / name).exists():
+                (out_dir / name).unlink()
+                log(f"removed {name} of an earlier run (a fresh run; --resume continues one)")
+
+
+def _publish(out_dir: Path) -> None:
+    """Moves a finished run's files from the staging folder over the previous run's, results.json last: until
+    then the previous run's results stay whole; results.json goes first so no mixed folder looks finished."""
+    new = out_dir / ".new"
+    (out_dir / "results.json").unlink(missing_ok=True)
+    for name in STAGED:
+        if (new / name).exists():
+            os.replace(new / name, out_dir / name)
+    new.rmdir()
 
 
 def pick_by_validation(candidates) -> dict:
@@ -2328,6 +2464,7 @@ def run(cfg: Config, log=print) -> dict:
     master = rank == 0
     log0 = log if master else (lambda *a, **k: None)
     env = environment()                         # the code that runs: the commit at the start, not at the end
+    _check_ood_folders(cfg)
     classes = class_names(cfg.in_data)          # label i is classes[i]; a labelled folder's layout is checked here
     out_dir = Path(cfg.output_dir or _default_out_dir(cfg))
     root = Path(cfg.data_root)
@@ -2375,17 +2512,35 @@ def run(cfg: Config, log=print) -> dict:
         val_sets[cfg.val_ood] = load_uint8(cfg.val_ood, "train", root, download_ok=cfg.download)[0]
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
-    if cfg.resume:                                  # checked before the folder is touched: a failed resume keeps it
-        _check_resumable(cfg, out_dir)
-    elif cfg.epochs == 0 and not (cfg.method == "conf-gan" and cfg.gan_epochs):
+    # every refusal comes before the output folder changes: the data above, training's own checks, the resume
+    _check_trainable(cfg, y_tr, x_ood_train, len(classes), world)
+    resumed_at = _check_resumable(cfg, out_dir) if cfg.resume else None
+    if not cfg.resume and cfg.epochs == 0 and not (cfg.method == "conf-gan" and cfg.gan_epochs):
         log0("note: --epochs 0 trains nothing: the classifier is evaluated as initialised")
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("results.json", "results.csv", "results.md"):   # no finished-looking result from an old run
-            (out_dir / stale).unlink(missing_ok=True)
-        if not cfg.resume:
-            (out_dir / "epochs.json").unlink(missing_ok=True)
-        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out_dir / "config.json")
+    lock = None
+    if master:                                      # one run per folder; then the folder's leftovers go
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfidentError(f"--output-dir {out_dir}: cannot be created ({e.strerror}; errno {e.errno})") \
+                from None
+        lock = FolderLock(out_dir).acquire()
+    try:
+        if master:
+            if cfg.resume:                          # (again, now that no other run can change it)
+                resumed_at = _check_resumable(cfg, out_dir)
+            _clean_folder(out_dir, not cfg.resume, log0)
+        return _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, out_dir, t0, x_tr, y_tr,
+                                x_te, y_te, x_ood_train, ood_test, val_sets, resumed_at)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, out_dir, t0, x_tr, y_tr, x_te, y_te,
+                     x_ood_train, ood_test, val_sets, resumed_at) -> dict:
+    """run()'s second half, with the folder's lock held: train (train_state.pt every epoch), evaluate, then the
+    finished run's files, staged in out_dir/.new and moved over the previous run's together (_publish)."""
     # --select-epoch best: every epoch's evaluation, kept in epochs.json across a resume
     evals = json.loads((out_dir / "epochs.json").read_text()) \
         if cfg.select_epoch == "best" and cfg.resume and (out_dir / "epochs.json").exists() else []
@@ -2403,8 +2558,8 @@ def run(cfg: Config, log=print) -> dict:
     tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world, num_classes=len(classes),
                after_epoch=evaluate_epoch if cfg.select_epoch == "best" else None)
     model = tr.raw["net"]
-    if master:
-        atomic_save(model.state_dict(), out_dir / "checkpoint.pt")
+    if master:                                                # staged: the previous run's checkpoint stays till the end
+        atomic_save(model.state_dict(), out_dir / ".new" / "checkpoint.pt")
     seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
     if evals and evals[-1]["epoch"] == tr.epoch:              # the final epoch is evaluated already
         res = {k: v for k, v in evals[-1].items() if k != "epoch"}
@@ -2419,6 +2574,8 @@ def run(cfg: Config, log=print) -> dict:
             for name, e in pick_by_validation([(e["epoch"], e["ood"]) for e in evals]).items()})
     if master:
         res.update(classes=classes, config=dataclasses.asdict(cfg), env=env, seconds=time.time() - t0)
+        if resumed_at is not None:
+            res["resumed_at_epoch"] = resumed_at
         if tr.diagnostics:
             res["diagnostics"] = tr.diagnostics
         rows = results_rows(res, cfg, seen)
@@ -2427,11 +2584,14 @@ def run(cfg: Config, log=print) -> dict:
         w.writeheader()
         w.writerows(rows)
         md = markdown_table(res, cfg, seen)
-        atomic_write_text(buf.getvalue(), out_dir / "results.csv")
-        atomic_write_text(md + "\n", out_dir / "results.md")
-        atomic_write_text(json.dumps(res, indent=2), out_dir / "results.json")   # last: marks a finished run
-        log0("\n" + md + f"\n\nwrote {out_dir}/ (config.json, checkpoint.pt, results.json/csv/md) "
-             f"in {time.time() - t0:.0f}s")
+        log0("\n" + md + "\n")                                # on stdout first, whatever happens to the disk
+        new = out_dir / ".new"
+        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), new / "config.json")
+        atomic_write_text(buf.getvalue(), new / "results.csv")
+        atomic_write_text(md + "\n", new / "results.md")
+        atomic_write_text(json.dumps(res, indent=2), new / "results.json")
+        _publish(out_dir)                                     # results.json last: marks a finished run
+        log0(f"wrote {out_dir}/ (config.json, checkpoint.pt, results.json/csv/md) in {time.time() - t0:.0f}s")
     if ddp:
         import torch.distributed as dist
         dist.destroy_process_group()
@@ -2584,6 +2744,11 @@ def main(argv=None):
         (tune if cfg.tune else run)(cfg, log=lambda *a, **k: print(*a, **k, flush=True))
     except ConfidentError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:                                      # a file that could not be read, written or made
+        name = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e} (errno {e.errno}{' ' + name if name else ''})",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last epoch's checkpoint is kept (resume with --resume)", file=sys.stderr)
