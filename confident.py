@@ -594,40 +594,79 @@ def _load_svhn(split, root, verify, download_ok):
 # --- image folders: your own labelled images (--in folder:PATH, in torchvision's ImageFolder layout), any folder
 # of unlabelled images (--out folder:PATH), and the TinyImageNet / LSUN "resize" sets
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
 
-def _image_files(folder: Path, strict: bool = False) -> list[Path]:
-    """The image files under `folder`, recursively, sorted by path; hidden files and folders are skipped. Any
-    other file is ignored, or with strict=True refused by name."""
-    files = []
+def _scan_folder(folder: Path, strict: bool = False) -> tuple[list[Path], list[Path]]:
+    """(image files, skipped files) under `folder`, recursively, sorted by path. Skipped: hidden files (and files
+    in hidden folders) and, unless strict=True refuses them by name, files of another type. A link that leads out
+    of the folder is refused: the images are to be the folder's own."""
+    home, files, skipped = folder.resolve(), [], []
     for p in sorted(folder.rglob("*")):
-        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+        if p.is_symlink():
+            target = p.resolve()
+            if target != home and home not in target.parents:
+                raise ConfidentError(f"{p}: a link to {target}, outside {folder}: expected the folder's own files "
+                                     "(copy them in, or name their folder itself)")
+            if p.is_dir():                                    # (not descended into: its files are the folder's)
+                skipped.append(p)
+        if not p.is_file():
             continue
-        if p.suffix.lower() in IMAGE_EXTS:
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            skipped.append(p)
+        elif p.suffix.lower() in IMAGE_EXTS:
             files.append(p)
         elif strict:
             raise ConfidentError(f"{p}: not an image file (expected {', '.join(IMAGE_EXTS)}); move it out of "
                                  f"{folder}")
-    return files
+        else:
+            skipped.append(p)
+    return files, skipped
 
 
-def read_image_folder(folder: Path, size: int = 32, resize: bool = False, strict: bool = False) -> torch.Tensor:
-    """All images under `folder` (see _image_files) as uint8 (N, 3, size, size). Pillow's RGB conversion
-    replicates grayscale to three channels (and drops alpha). An image of another size is refused, or with
-    resize=True resized whole (no crop, aspect ratio not kept) to size x size with Pillow's bilinear filter."""
+def _image_files(folder: Path, strict: bool = False) -> list[Path]:
+    """The image files under `folder` (see _scan_folder)."""
+    return _scan_folder(folder, strict)[0]
+
+
+def _to_8bit(im, p: Path):
+    """A 16-bit grayscale image (Pillow's I;16 modes, or I with values in 0..65535) scaled to 8 bits,
+    65535 -> 255 (Pillow's own RGB conversion would clip every value above 255 to white)."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ConfidentError(f"{p}: 32-bit integer image with values in [{a.min():.0f}, {a.max():.0f}]: "
+                                 "expected 8- or 16-bit images")
+        return Image.fromarray(np.rint(a * (255 / 65535)).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise ConfidentError(f"{p}: floating-point image (mode F): expected 8- or 16-bit images")
+    return im
+
+
+def read_image_folder(folder: Path, size: int = 32, resize: bool = False, strict: bool = False,
+                      log=None) -> torch.Tensor:
+    """All images under `folder` (see _scan_folder) as uint8 (N, 3, size, size). Pillow's RGB conversion
+    replicates grayscale to three channels (and drops alpha); 16-bit images are scaled to 8 bits (_to_8bit).
+    An image of another size is refused, or with resize=True resized whole (no crop, aspect ratio not kept) to
+    size x size with Pillow's bilinear filter. Skipped files are counted and named through `log`."""
     try:
         from PIL import Image
     except ImportError:
         raise ConfidentError("reading image folders needs Pillow: pip install pillow") from None
-    files = _image_files(folder, strict)
+    files, skipped = _scan_folder(folder, strict)
+    if skipped and log is not None:
+        names = [str(p.relative_to(folder)) for p in skipped]
+        log(f"{folder}: read {len(files)} images, skipped {len(skipped)} other file(s): " + ", ".join(names[:10])
+            + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            + f" (read: {', '.join(IMAGE_EXTS)}; hidden files are skipped)")
     if not files:
         raise ConfidentError(f"{folder}: no images found (expected {', '.join(IMAGE_EXTS)} files)")
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(files):
         try:
             with Image.open(p) as im:
-                im = im.convert("RGB")
+                im = _to_8bit(im, p).convert("RGB")
                 if im.size != (size, size) and resize:
                     im = im.resize((size, size), Image.BILINEAR)
                 elif im.size != (size, size):
@@ -664,16 +703,47 @@ def folder_classes(folder: Path) -> list[str]:
     return names["train"]
 
 
-def read_labelled_folder(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def read_labelled_folder(folder: Path, split: str, log=None) -> tuple[torch.Tensor, torch.Tensor]:
     """folder/<split>/<class>/**/*.png|jpg|... (torchvision's ImageFolder layout) as uint8 (N, 3, 32, 32) and
     labels 0..K-1 in sorted class order. Images of any size are resized whole to 32x32 with Pillow's bilinear
     filter (no crop), grayscale is replicated to RGB; a class folder without images, or a file in it that is not
-    a readable image, is an error naming it (hidden files are skipped)."""
+    a readable image, is an error naming it (hidden files are skipped). The images come in class order; run()
+    draws its splits from them in stratified_order."""
     xs, ys = [], []
     for label, c in enumerate(folder_classes(folder)):
-        xs.append(read_image_folder(folder / split / c, resize=True, strict=True))
+        xs.append(read_image_folder(folder / split / c, resize=True, strict=True, log=log))
         ys.append(torch.full((len(xs[-1]),), label, dtype=torch.int64))
     return torch.cat(xs), torch.cat(ys)
+
+
+def stratified_order(y: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """An order of a labelled folder's images in which every prefix holds each class in its share (to within one
+    image): each class's images are shuffled (seeded, the same for every run), then the classes interleaved by
+    rank / class size. The validation images (the first --val-size), --eval-limit and --train-limit take prefixes,
+    so each takes every class alike."""
+    g = torch.Generator().manual_seed(seed)
+    idx, key = [], []
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        idx.append(members)
+        key.append((torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members))
+    if not idx:
+        return torch.arange(0)
+    idx, key = torch.cat(idx), torch.cat(key)
+    return idx[torch.sort(key, stable=True).indices]
+
+
+def _folder_order(name: str, x: torch.Tensor, y: torch.Tensor | None = None):
+    """A folder's images are read sorted by path (class by class, sub-folder by sub-folder): a labelled --in
+    folder is put in stratified_order, an OOD folder in a seeded shuffle, so that the first --val-size images
+    are drawn from all of it. The named sets keep their published order."""
+    if not name.startswith("folder:"):
+        return (x, y) if y is not None else x
+    if y is not None:
+        o = stratified_order(y)
+        return x[o], y[o]
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
 
 
 def class_names(name: str) -> list[str]:
@@ -753,7 +823,7 @@ def _photos(split: str, n: int = 2000) -> torch.Tensor:
 
 
 def load_uint8(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
-               download_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               download_ok: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, C, 32, 32), uint8 (float32 for noise), and int64 labels (-1 for unlabelled sets). A folder:PATH
     with train/ and test/ sub-folders is labelled (read_labelled_folder, that split); any other folder is
     unlabelled, all its images for either split, resized to 32x32 like a labelled folder's."""
@@ -766,8 +836,8 @@ def load_uint8(name: str, split: str = "test", root: str | Path = "data", verify
         if not folder.is_dir():
             raise ConfidentError(f"{folder}: not a folder (from data set {name!r})")
         if (folder / "train").is_dir() and (folder / "test").is_dir():   # labelled: that split, its labels
-            return read_labelled_folder(folder, split)
-        x = read_image_folder(folder, resize=True)                      # unlabelled: every image, either split
+            return read_labelled_folder(folder, split, log)
+        x = read_image_folder(folder, resize=True, log=log)             # unlabelled: every image, either split
     elif name in ("mnist", "fashion-mnist"):
         return _load_idx_set(name, split, root, verify, download_ok)
     elif name == "cifar10":
@@ -2330,7 +2400,8 @@ def _check_trainable(cfg: Config, y_tr: torch.Tensor, x_ood, num_classes: int, w
     if len(y_tr) < B * world:
         raise ConfidentError(f"{cfg.in_data}: {len(y_tr)} training images"
                              + (f" (--train-limit {cfg.train_limit})" if cfg.train_limit else "")
-                             + f", fewer than one batch of {B}" + (f" on each of {world} processes" if world > 1 else ""))
+                             + f", fewer than one batch of {B}"
+                             + (f" on each of {world} processes" if world > 1 else ""))
     if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
         raise ConfidentError(f"--method {cfg.method} needs OOD training images from --out {cfg.out_data}")
 
@@ -2469,15 +2540,17 @@ def run(cfg: Config, log=print) -> dict:
     out_dir = Path(cfg.output_dir or _default_out_dir(cfg))
     root = Path(cfg.data_root)
     t0 = time.time()
-    x_tr, y_tr = load_uint8(cfg.in_data, "train", root, download_ok=cfg.download)
-    x_te, y_te = load_uint8(cfg.in_data, "test", root, download_ok=cfg.download)
+    x_tr, y_tr = load_uint8(cfg.in_data, "train", root, download_ok=cfg.download, log=log0)
+    x_te, y_te = load_uint8(cfg.in_data, "test", root, download_ok=cfg.download, log=log0)
+    (x_tr, y_tr), (x_te, y_te) = _folder_order(cfg.in_data, x_tr, y_tr), _folder_order(cfg.in_data, x_te, y_te)
     if cfg.train_limit:
         x_tr, y_tr = x_tr[:cfg.train_limit], y_tr[:cfg.train_limit]
     if cfg.eval_limit:
         x_te, y_te = x_te[:cfg.eval_limit], y_te[:cfg.eval_limit]
     x_ood_train = None
     if cfg.method in ("conf", "kplus1"):                      # (resolve() refused --out = --in)
-        x_ood_train = load_uint8(cfg.out_data, "train", root, download_ok=cfg.download)[0]
+        x_ood_train = _folder_order(cfg.out_data, load_uint8(cfg.out_data, "train", root, download_ok=cfg.download,
+                                                             log=log0)[0])
     # evaluation sets: --out, then every other set found locally (noise is always there); never the in-set itself
     names, optional = [cfg.out_data], []
     other = (lambda n: not _same_set(n, cfg.in_data) and not _same_set(n, cfg.out_data))
@@ -2490,7 +2563,7 @@ def run(cfg: Config, log=print) -> dict:
     ood_test = {}
     for n in names + optional:
         try:
-            x = load_uint8(n, "test", root, download_ok=cfg.download and n in names)[0]
+            x = _folder_order(n, load_uint8(n, "test", root, download_ok=cfg.download and n in names, log=log0)[0])
         except ConfidentError as e:
             if n in names:
                 raise
@@ -2509,7 +2582,8 @@ def run(cfg: Config, log=print) -> dict:
             log0("skipping " + _too_few_to_score(f"OOD set {n!r}", len(ood_test.pop(n)), v))
     val_sets = {}
     if cfg.val_ood != "none":     # a validation OOD source: its train split, never a test image
-        val_sets[cfg.val_ood] = load_uint8(cfg.val_ood, "train", root, download_ok=cfg.download)[0]
+        val_sets[cfg.val_ood] = _folder_order(cfg.val_ood, load_uint8(cfg.val_ood, "train", root,
+                                                                      download_ok=cfg.download, log=log0)[0])
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
     # every refusal comes before the output folder changes: the data above, training's own checks, the resume

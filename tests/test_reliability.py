@@ -825,8 +825,8 @@ def test_a_failed_resume_loses_nothing(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     cfg = confident.Config(in_data="mnist", out_data="gaussian", method="ce", model="simple_cnn", width=0.0625,
-                           epochs=1, extra_ood="none", data_root=str(REPO / "data"), download=False,
-                           output_dir=str(out), resume=True, device="cpu")
+                           epochs=1, batch_size=16, extra_ood="none", data_root=str(REPO / "data"),
+                           download=False, output_dir=str(out), resume=True, device="cpu")
     (out / "results.json").write_text('{"old": true}')
     (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "width": 0.125}))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -837,7 +837,7 @@ def test_a_failed_resume_loses_nothing(tmp_path):
     with pytest.raises(ConfidentError, match="is not a training checkpoint of this run.*drop --resume"):
         confident.run(cfg, log=lambda *a: None)
     x, y = _tiny_data()
-    confident.train(dataclasses.replace(cfg, resume=False, width=0.125, batch_size=16), x, y, None, out,
+    confident.train(dataclasses.replace(cfg, resume=False, width=0.125), x, y, None, out,
                     log=lambda *a: None)
     before["train_state.pt"] = (out / "train_state.pt").read_bytes()
     with pytest.raises(ConfidentError, match="trained with --width 0.125; this run has --width 0.0625"):
