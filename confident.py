@@ -164,6 +164,7 @@ def resolve(cfg: Config) -> Config:
               ("d_lr_mult", cfg.d_lr_mult > 0, "> 0"), ("gan_lr_mult", cfg.gan_lr_mult > 0, "> 0"),
               ("replay", cfg.replay >= 0, ">= 0"), ("r1", cfg.r1 >= 0, ">= 0"),
               ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
+              ("seed", 0 <= cfg.seed < 2 ** 32, "a whole number from 0 to 2**32 - 1"),
               ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("ema_raw_frac", 0 <= cfg.ema_raw_frac <= 1, "in [0, 1]")]
     for f in dataclasses.fields(cfg):                         # inf passes every ">" check above: refuse it first
         v = getattr(cfg, f.name)
@@ -230,7 +231,7 @@ def _check_device(name: str) -> None:
         d = torch.device(name)
     except (RuntimeError, ValueError):
         d = None
-    if d is None or d.type not in ("cpu", "cuda"):
+    if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index not in (None, 0)):
         raise ConfidentError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if d.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -316,6 +317,11 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 def check_dataset_name(name: str, flag: str = "") -> None:
     if name.startswith("folder:"):
+        bad = sorted({c for c in name if c == "|" or not c.isprintable()})
+        if bad:                                               # (they would break results.md's table and the log)
+            raise ConfidentError(f"{flag + ': ' if flag else ''}data set {name!r}: a folder name with "
+                                 f"{', '.join(map(repr, bad))}: expected one without '|' or control characters "
+                                 "(rename the folder, or link to it under another name)")
         return
     if name not in LABELLED + UNLABELLED:
         raise ConfidentError(f"{flag + ': ' if flag else ''}unknown data set {name!r}: expected one of "
@@ -1210,6 +1216,23 @@ def _check_images(x: torch.Tensor, what: str = "x"):
         raise ConfidentError(f"{what}: images of shape {shape}, expected (N, 3, H, W) or (N, 1, H, W)")
     if x.shape[0] == 0:
         raise ConfidentError(f"{what}: an empty set (0 images)")
+    if tuple(x.shape[2:]) != (32, 32):
+        raise ConfidentError(f"{what}: images of {x.shape[3]}x{x.shape[2]} pixels, expected 32x32 (the classifiers' "
+                             "input size: resize them first)")
+    _check_image_dtype(x, what)
+    if x.is_floating_point():
+        lo, hi = torch.aminmax(x.detach())
+        if not (float(lo) >= 0 and float(hi) <= 1):           # (NaN fails too)
+            raise ConfidentError(f"{what}: float images with values in [{float(lo):.4g}, {float(hi):.4g}], expected "
+                                 "[0, 1] (uint8 for 0-255 pixels)")
+
+
+def _odin_number(v, what: str) -> float:
+    """An ODIN temperature or epsilon as a float, or a ConfidentError naming it."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ConfidentError(f"ODIN {what} {v!r}: expected a number") from None
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -1257,6 +1280,7 @@ def odin_scores(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: 
     (fp64 for a float64 model), then cast to the model's dtype. Returns (N,) on CPU, float32 (float64 for a
     float64 model)."""
     _check_images(x)
+    temperature, epsilon = _odin_number(temperature, "temperature"), _odin_number(epsilon, "epsilon")
     if not (math.isfinite(float(temperature)) and temperature > 0):
         raise ConfidentError(f"ODIN temperature {temperature!r}: expected a finite value > 0")
     if not (math.isfinite(float(epsilon)) and epsilon >= 0):
@@ -1285,7 +1309,7 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
     forward-images, against 3 * nT * nE passes done point by point. Equal to `odin_scores` per point, and
     in the same dtypes (float64 scores for a float64 model, which always takes the torch path)."""
     _check_images(x)
-    Ts, Es = [float(t) for t in temperatures], [float(e) for e in epsilons]
+    Ts, Es = [_odin_number(t, "temperature") for t in temperatures], [_odin_number(e, "epsilon") for e in epsilons]
     if not Ts or not all(math.isfinite(t) and t > 0 for t in Ts):
         raise ConfidentError(f"ODIN temperatures {Ts}: expected a non-empty list of values > 0")
     if not Es or not all(math.isfinite(e) and e >= 0 for e in Es):
