@@ -2400,7 +2400,8 @@ def _check_resumable(cfg: Config, out_dir: Path) -> int:
         raise ConfidentError(f"--resume: {state} records no settings and there is no config.json beside it: its run "
                              "cannot be checked against this one; drop --resume to start afresh")
     now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(Config())
-    diff = [k for k in now if k not in RESUME_FREE and before.get(k, defaults[k]) != now[k]]
+    free = RESUME_FREE + (("gan_epochs",) if cfg.method != "conf-gan" else ())   # (= epochs; used by conf-gan only)
+    diff = [k for k in now if k not in free and before.get(k, defaults[k]) != now[k]]
     if diff:
         raise ConfidentError(f"--resume: {state} was trained with " + ", ".join(
             f"{_flag(k)} {before.get(k, defaults[k])!r}" for k in diff) + "; this run has " + ", ".join(
