@@ -1035,11 +1035,12 @@ def test_folder_images_16_bit_tif_skipped_files_and_links(tmp_path):
     Image.fromarray(np.full((32, 32, 3), 70, np.uint8)).save(d / "c.tif")
     Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(d / "d.tiff")
     (d / "e.svg").write_text("<svg/>")
-    logs = []
-    x, _ = confident.load_uint8(f"folder:{d}", "test", tmp_path, log=logs.append)
+    x, _ = confident.load_uint8(f"folder:{d}", "test", tmp_path)
     assert x.shape == (4, 3, 32, 32)
     assert x[0].unique().tolist() == [128] and x[1].unique().tolist() == [255]
     assert x[2].unique().tolist() == [70] and x[3].unique().tolist() == [90]
+    logs = []
+    confident.load_uint8(f"folder:{d}", "test", tmp_path, log=logs.append)
     assert len(logs) == 1 and "skipped 1 other file(s): e.svg" in logs[0]
     outside = tmp_path / "elsewhere.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(outside)
