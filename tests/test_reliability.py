@@ -1102,6 +1102,24 @@ def test_a_full_disk_at_the_results_keeps_the_table_and_the_previous_results(png
     assert {n: (out / n).read_bytes() for n in before} == before
 
 
+def test_a_checkpoint_written_to_a_full_device_is_an_error_naming_file_and_errno(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC (writes to /dev/full fail with it): torch.save into the file reported it as
+    "RuntimeError: [enforce fail at inline_container.cc...]"; it is a ConfidentError naming the file and errno 28,
+    and the file there before is unchanged, with no temporary file left."""
+    def full_device(fd, mode="r", *a, **k):
+        os.close(fd)
+        return open("/dev/full", mode)
+    (tmp_path / "train_state.pt").write_bytes(b"the last good checkpoint")
+    monkeypatch.setattr(os, "fdopen", full_device)
+    with pytest.raises(ConfidentError, match=r"train_state.pt: could not be written .*errno 28 ENOSPC"):
+        confident.atomic_save({"w": torch.zeros(100_000)}, tmp_path / "train_state.pt")
+    with pytest.raises(ConfidentError, match=r"results.json: could not be written .*errno 28 ENOSPC"):
+        confident.atomic_write_text("{}" * 10_000, tmp_path / "results.json")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["train_state.pt"]
+    assert (tmp_path / "train_state.pt").read_bytes() == b"the last good checkpoint"
+
+
 def test_the_next_run_removes_temporary_files_of_killed_writes(pngs, tmp_path, capsys):
     """A write killed between its temporary file and the rename leaves .<name>.<random>.tmp; the next run in
     that folder removes it (holding the folder's lock)."""
