@@ -1539,6 +1539,12 @@ def _as_created(tmp: str) -> None:
     os.chmod(tmp, 0o666 & ~mask)
 
 
+def _run_settings(cfg: Config) -> dict:
+    """What a training checkpoint records of its run (--resume compares it): every setting, and the number of
+    processes (under torchrun --batch-size is per process: the batch is batch_size x world)."""
+    return {**dataclasses.asdict(cfg), "world": int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1}
+
+
 def _write_failed(path: Path, e: OSError) -> ConfidentError:
     """An OS error while writing `path` (a full disk, a read-only folder, ...) as one line: file, reason, errno."""
     name = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
@@ -1634,7 +1640,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "rng": rng_state(), "global_step": self.global_step, "replay": self.replay,
-                "diagnostics": json.dumps(self.diagnostics), "config": json.dumps(dataclasses.asdict(self.cfg)),
+                "diagnostics": json.dumps(self.diagnostics), "config": json.dumps(_run_settings(self.cfg)),
                 "models": {k: m.state_dict() for k, m in self.modules().items()},
                 "opts": {k: o.state_dict() for k, o in self.opts.items()},
                 "scheds": {k: s.state_dict() for k, s in self.scheds.items()}}
@@ -2383,7 +2389,7 @@ def _flag(k: str) -> str:
     return "--" + {"in_data": "in", "out_data": "out"}.get(k, k.replace("_", "-"))
 
 
-def _check_resumable(cfg: Config, out_dir: Path) -> int:
+def _check_resumable(cfg: Config, out_dir: Path, world: int = 1) -> int:
     """--resume's checks before anything in out_dir changes: the checkpoint is there, loads (memory-mapped, so
     cheaply) as a training state, and was trained with this run's settings (those it records; a checkpoint
     without them is compared with config.json). --epochs may grow, never below the epochs already trained.
@@ -2402,6 +2408,8 @@ def _check_resumable(cfg: Config, out_dir: Path) -> int:
     now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(Config())
     free = RESUME_FREE + (("gan_epochs",) if cfg.method != "conf-gan" else ())   # (= epochs; used by conf-gan only)
     diff = [k for k in now if k not in free and before.get(k, defaults[k]) != now[k]]
+    if "batch_size" in diff and before["batch_size"] * before.get("world", 1) == cfg.batch_size * world:
+        diff.remove("batch_size")                             # the same batch, split over another number of processes
     if diff:
         raise ConfidentError(f"--resume: {state} was trained with " + ", ".join(
             f"{_flag(k)} {before.get(k, defaults[k])!r}" for k in diff) + "; this run has " + ", ".join(
@@ -2565,17 +2573,22 @@ def run(cfg: Config, log=print) -> dict:
     out_dir = Path(cfg.output_dir or _default_out_dir(cfg))
     root = Path(cfg.data_root)
     t0 = time.time()
-    x_tr, y_tr = load_uint8(cfg.in_data, "train", root, download_ok=cfg.download, log=log0)
-    x_te, y_te = load_uint8(cfg.in_data, "test", root, download_ok=cfg.download, log=log0)
-    (x_tr, y_tr), (x_te, y_te) = _folder_order(cfg.in_data, x_tr, y_tr), _folder_order(cfg.in_data, x_te, y_te)
+
+    def load(name, split, download_ok):     # a folder, in the order its splits are drawn in, naming what it skips
+        if not name.startswith("folder:"):
+            return load_uint8(name, split, root, download_ok=download_ok)
+        x, y = load_uint8(name, split, root, download_ok=download_ok, log=log0)
+        return _folder_order(name, x, y) if name == cfg.in_data else (_folder_order(name, x), None)
+
+    x_tr, y_tr = load(cfg.in_data, "train", cfg.download)
+    x_te, y_te = load(cfg.in_data, "test", cfg.download)
     if cfg.train_limit:
         x_tr, y_tr = x_tr[:cfg.train_limit], y_tr[:cfg.train_limit]
     if cfg.eval_limit:
         x_te, y_te = x_te[:cfg.eval_limit], y_te[:cfg.eval_limit]
     x_ood_train = None
     if cfg.method in ("conf", "kplus1"):                      # (resolve() refused --out = --in)
-        x_ood_train = _folder_order(cfg.out_data, load_uint8(cfg.out_data, "train", root, download_ok=cfg.download,
-                                                             log=log0)[0])
+        x_ood_train = load(cfg.out_data, "train", cfg.download)[0]
     # evaluation sets: --out, then every other set found locally (noise is always there); never the in-set itself
     names, optional = [cfg.out_data], []
     other = (lambda n: not _same_set(n, cfg.in_data) and not _same_set(n, cfg.out_data))
@@ -2588,7 +2601,7 @@ def run(cfg: Config, log=print) -> dict:
     ood_test = {}
     for n in names + optional:
         try:
-            x = _folder_order(n, load_uint8(n, "test", root, download_ok=cfg.download and n in names, log=log0)[0])
+            x = load(n, "test", cfg.download and n in names)[0]
         except ConfidentError as e:
             if n in names:
                 raise
@@ -2607,13 +2620,12 @@ def run(cfg: Config, log=print) -> dict:
             log0("skipping " + _too_few_to_score(f"OOD set {n!r}", len(ood_test.pop(n)), v))
     val_sets = {}
     if cfg.val_ood != "none":     # a validation OOD source: its train split, never a test image
-        val_sets[cfg.val_ood] = _folder_order(cfg.val_ood, load_uint8(cfg.val_ood, "train", root,
-                                                                      download_ok=cfg.download, log=log0)[0])
+        val_sets[cfg.val_ood] = load(cfg.val_ood, "train", cfg.download)[0]
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
     # every refusal comes before the output folder changes: the data above, training's own checks, the resume
     _check_trainable(cfg, y_tr, x_ood_train, len(classes), world)
-    resumed_at = _check_resumable(cfg, out_dir) if cfg.resume else None
+    resumed_at = _check_resumable(cfg, out_dir, world) if cfg.resume else None
     if not cfg.resume and cfg.epochs == 0 and not (cfg.method == "conf-gan" and cfg.gan_epochs):
         log0("note: --epochs 0 trains nothing: the classifier is evaluated as initialised")
     lock = None
@@ -2627,7 +2639,7 @@ def run(cfg: Config, log=print) -> dict:
     try:
         if master:
             if cfg.resume:                          # (again, now that no other run can change it)
-                resumed_at = _check_resumable(cfg, out_dir)
+                resumed_at = _check_resumable(cfg, out_dir, world)
             _clean_folder(out_dir, not cfg.resume, log0)
         return _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, out_dir, t0, x_tr, y_tr,
                                 x_te, y_te, x_ood_train, ood_test, val_sets, resumed_at)

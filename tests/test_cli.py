@@ -199,7 +199,7 @@ def cached_loads(monkeypatch):
     end-to-end run above goes through them uncached)."""
     real = confident.load_uint8
 
-    def load(name, split="test", root="data", verify=True, download_ok=False, log=None):
+    def load(name, split="test", root="data", verify=True, download_ok=False):
         key = (name, split, str(Path(root).resolve()), verify)
         if key not in _LOADED:
             _LOADED[key] = real(name, split, root, verify, download_ok)

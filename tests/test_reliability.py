@@ -11,6 +11,10 @@
    regime, and keeps the last good checkpoint.
 4. Bad input at the API and CLI: wrong shapes, empty sets, NaN scores, bad labels, negative beta or eps,
    T <= 0 raise ConfidentError instead of returning a wrong number.
+5. Output folders: a refused command changes no file of a finished run; one run per folder (a second is refused,
+   a killed one leaves no lock); --resume continues exactly the run in the folder or refuses naming the setting;
+   a labelled folder's validation and --eval-limit take every class alike; 16-bit, .tif, skipped files and links
+   out of a folder; a full disk is one error line that names the file and keeps the last checkpoint.
 """
 import dataclasses
 import errno
