@@ -2552,7 +2552,9 @@ def run(cfg: Config, log=print) -> dict:
     --select-epoch best also evaluates after every epoch (epochs.json, resumable) and adds "best_epoch": per OOD
     set, the epoch with the lowest baseline detection error on the validation images, with that epoch's metrics
     on the held-out rest. The paper reports "the best test result"; choosing the epoch on the test images would
-    flatter it, so the choice uses the validation images only, and the final epoch stays in "ood"."""
+    flatter it, so the choice uses the validation images only, and the final epoch stays in "ood".
+    The output folder: every check comes before it changes; then the run holds its lock (FolderLock) and replaces
+    a previous run's results only with complete ones (_publish)."""
     cfg = resolve(cfg)
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
