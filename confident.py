@@ -30,6 +30,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import errno
 import gzip
 import hashlib
 import io
@@ -186,6 +187,7 @@ def check_config(cfg: Config, name=_field, model_given: bool = False) -> Config:
               ("d_lr_mult", cfg.d_lr_mult > 0, "> 0"), ("gan_lr_mult", cfg.gan_lr_mult > 0, "> 0"),
               ("replay", cfg.replay >= 0, ">= 0"), ("r1", cfg.r1 >= 0, ">= 0"),
               ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
+              ("seed", 0 <= cfg.seed < 2 ** 32, "a whole number from 0 to 2**32 - 1"),
               ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("ema_raw_frac", 0 <= cfg.ema_raw_frac <= 1, "in [0, 1]")]
     for field, ok, want in checks:
         if not ok:
@@ -263,7 +265,7 @@ def _check_device(name: str) -> None:
         d = torch.device(name)
     except (RuntimeError, ValueError):
         d = None
-    if d is None or d.type not in ("cpu", "cuda"):
+    if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index not in (None, 0)):
         raise ConfidentError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if d.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -350,6 +352,11 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 def check_dataset_name(name: str, flag: str = "") -> None:
     if name.startswith("folder:"):
+        bad = sorted({c for c in name if c == "|" or not c.isprintable()})
+        if bad:                                               # (they would break results.md's table and the log)
+            raise ConfidentError(f"{flag + ': ' if flag else ''}data set {name!r}: a folder name with "
+                                 f"{', '.join(map(repr, bad))}: expected one without '|' or control characters "
+                                 "(rename the folder, or link to it under another name)")
         return
     if name not in LABELLED + UNLABELLED:
         raise ConfidentError(f"{flag + ': ' if flag else ''}unknown data set {name!r}: expected one of "
@@ -628,40 +635,79 @@ def _load_svhn(split, root, verify, download_ok):
 # --- image folders: your own labelled images (--in folder:PATH, in torchvision's ImageFolder layout), any folder
 # of unlabelled images (--out folder:PATH), and the TinyImageNet / LSUN "resize" sets
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
 
-def _image_files(folder: Path, strict: bool = False) -> list[Path]:
-    """The image files under `folder`, recursively, sorted by path; hidden files and folders are skipped. Any
-    other file is ignored, or with strict=True refused by name."""
-    files = []
+def _scan_folder(folder: Path, strict: bool = False) -> tuple[list[Path], list[Path]]:
+    """(image files, skipped files) under `folder`, recursively, sorted by path. Skipped: hidden files (and files
+    in hidden folders) and, unless strict=True refuses them by name, files of another type. A link that leads out
+    of the folder is refused: the images are to be the folder's own."""
+    home, files, skipped = folder.resolve(), [], []
     for p in sorted(folder.rglob("*")):
-        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+        if p.is_symlink():
+            target = p.resolve()
+            if target != home and home not in target.parents:
+                raise ConfidentError(f"{p}: a link to {target}, outside {folder}: expected the folder's own files "
+                                     "(copy them in, or name their folder itself)")
+            if p.is_dir():                                    # (not descended into: its files are the folder's)
+                skipped.append(p)
+        if not p.is_file():
             continue
-        if p.suffix.lower() in IMAGE_EXTS:
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            skipped.append(p)
+        elif p.suffix.lower() in IMAGE_EXTS:
             files.append(p)
         elif strict:
             raise ConfidentError(f"{p}: not an image file (expected {', '.join(IMAGE_EXTS)}); move it out of "
                                  f"{folder}")
-    return files
+        else:
+            skipped.append(p)
+    return files, skipped
 
 
-def read_image_folder(folder: Path, size: int = 32, resize: bool = False, strict: bool = False) -> torch.Tensor:
-    """All images under `folder` (see _image_files) as uint8 (N, 3, size, size). Pillow's RGB conversion
-    replicates grayscale to three channels (and drops alpha). An image of another size is refused, or with
-    resize=True resized whole (no crop, aspect ratio not kept) to size x size with Pillow's bilinear filter."""
+def _image_files(folder: Path, strict: bool = False) -> list[Path]:
+    """The image files under `folder` (see _scan_folder)."""
+    return _scan_folder(folder, strict)[0]
+
+
+def _to_8bit(im, p: Path):
+    """A 16-bit grayscale image (Pillow's I;16 modes, or I with values in 0..65535) scaled to 8 bits,
+    65535 -> 255 (Pillow's own RGB conversion would clip every value above 255 to white)."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ConfidentError(f"{p}: 32-bit integer image with values in [{a.min():.0f}, {a.max():.0f}]: "
+                                 "expected 8- or 16-bit images")
+        return Image.fromarray(np.rint(a * (255 / 65535)).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise ConfidentError(f"{p}: floating-point image (mode F): expected 8- or 16-bit images")
+    return im
+
+
+def read_image_folder(folder: Path, size: int = 32, resize: bool = False, strict: bool = False,
+                      log=None) -> torch.Tensor:
+    """All images under `folder` (see _scan_folder) as uint8 (N, 3, size, size). Pillow's RGB conversion
+    replicates grayscale to three channels (and drops alpha); 16-bit images are scaled to 8 bits (_to_8bit).
+    An image of another size is refused, or with resize=True resized whole (no crop, aspect ratio not kept) to
+    size x size with Pillow's bilinear filter. Skipped files are counted and named through `log`."""
     try:
         from PIL import Image
     except ImportError:
         raise ConfidentError("reading image folders needs Pillow: pip install pillow") from None
-    files = _image_files(folder, strict)
+    files, skipped = _scan_folder(folder, strict)
+    if skipped and log is not None:
+        names = [str(p.relative_to(folder)) for p in skipped]
+        log(f"{folder}: read {len(files)} images, skipped {len(skipped)} other file(s): " + ", ".join(names[:10])
+            + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            + f" (read: {', '.join(IMAGE_EXTS)}; hidden files are skipped)")
     if not files:
         raise ConfidentError(f"{folder}: no images found (expected {', '.join(IMAGE_EXTS)} files)")
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(files):
         try:
             with Image.open(p) as im:
-                im = im.convert("RGB")
+                im = _to_8bit(im, p).convert("RGB")
                 if im.size != (size, size) and resize:
                     im = im.resize((size, size), Image.BILINEAR)
                 elif im.size != (size, size):
@@ -698,16 +744,47 @@ def folder_classes(folder: Path) -> list[str]:
     return names["train"]
 
 
-def read_labelled_folder(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def read_labelled_folder(folder: Path, split: str, log=None) -> tuple[torch.Tensor, torch.Tensor]:
     """folder/<split>/<class>/**/*.png|jpg|... (torchvision's ImageFolder layout) as uint8 (N, 3, 32, 32) and
     labels 0..K-1 in sorted class order. Images of any size are resized whole to 32x32 with Pillow's bilinear
     filter (no crop), grayscale is replicated to RGB; a class folder without images, or a file in it that is not
-    a readable image, is an error naming it (hidden files are skipped)."""
+    a readable image, is an error naming it (hidden files are skipped). The images come in class order; run()
+    draws its splits from them in stratified_order."""
     xs, ys = [], []
     for label, c in enumerate(folder_classes(folder)):
-        xs.append(read_image_folder(folder / split / c, resize=True, strict=True))
+        xs.append(read_image_folder(folder / split / c, resize=True, strict=True, log=log))
         ys.append(torch.full((len(xs[-1]),), label, dtype=torch.int64))
     return torch.cat(xs), torch.cat(ys)
+
+
+def stratified_order(y: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """An order of a labelled folder's images in which every prefix holds each class in its share (to within one
+    image): each class's images are shuffled (seeded, the same for every run), then the classes interleaved by
+    rank / class size. The validation images (the first --val-size), --eval-limit and --train-limit take prefixes,
+    so each takes every class alike."""
+    g = torch.Generator().manual_seed(seed)
+    idx, key = [], []
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        idx.append(members)
+        key.append((torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members))
+    if not idx:
+        return torch.arange(0)
+    idx, key = torch.cat(idx), torch.cat(key)
+    return idx[torch.sort(key, stable=True).indices]
+
+
+def _folder_order(name: str, x: torch.Tensor, y: torch.Tensor | None = None):
+    """A folder's images are read sorted by path (class by class, sub-folder by sub-folder): a labelled --in
+    folder is put in stratified_order, an OOD folder in a seeded shuffle, so that the first --val-size images
+    are drawn from all of it. The named sets keep their published order."""
+    if not name.startswith("folder:"):
+        return (x, y) if y is not None else x
+    if y is not None:
+        o = stratified_order(y)
+        return x[o], y[o]
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
 
 
 def class_names(name: str) -> list[str]:
@@ -787,7 +864,7 @@ def _photos(split: str, n: int = 2000) -> torch.Tensor:
 
 
 def load_uint8(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
-               download_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               download_ok: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, C, 32, 32), uint8 (float32 for noise), and int64 labels (-1 for unlabelled sets). A folder:PATH
     with train/ and test/ sub-folders is labelled (read_labelled_folder, that split); any other folder is
     unlabelled, all its images for either split, resized to 32x32 like a labelled folder's."""
@@ -800,8 +877,8 @@ def load_uint8(name: str, split: str = "test", root: str | Path = "data", verify
         if not folder.is_dir():
             raise ConfidentError(f"{folder}: not a folder (from data set {name!r})")
         if (folder / "train").is_dir() and (folder / "test").is_dir():   # labelled: that split, its labels
-            return read_labelled_folder(folder, split)
-        x = read_image_folder(folder, resize=True)                      # unlabelled: every image, either split
+            return read_labelled_folder(folder, split, log)
+        x = read_image_folder(folder, resize=True, log=log)             # unlabelled: every image, either split
     elif name in ("mnist", "fashion-mnist"):
         return _load_idx_set(name, split, root, verify, download_ok)
     elif name == "cifar10":
@@ -1186,6 +1263,23 @@ def _check_images(x: torch.Tensor, what: str = "x"):
         raise ConfidentError(f"{what}: images of shape {shape}, expected (N, 3, H, W) or (N, 1, H, W)")
     if x.shape[0] == 0:
         raise ConfidentError(f"{what}: an empty set (0 images)")
+    if tuple(x.shape[2:]) != (32, 32):
+        raise ConfidentError(f"{what}: images of {x.shape[3]}x{x.shape[2]} pixels, expected 32x32 (the classifiers' "
+                             "input size: resize them first)")
+    _check_image_dtype(x, what)
+    if x.is_floating_point():
+        lo, hi = torch.aminmax(x.detach())
+        if not (float(lo) >= 0 and float(hi) <= 1):           # (NaN fails too)
+            raise ConfidentError(f"{what}: float images with values in [{float(lo):.4g}, {float(hi):.4g}], expected "
+                                 "[0, 1] (uint8 for 0-255 pixels)")
+
+
+def _odin_number(v, what: str) -> float:
+    """An ODIN temperature or epsilon as a float, or a ConfidentError naming it."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ConfidentError(f"ODIN {what} {v!r}: expected a number") from None
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -1233,6 +1327,7 @@ def odin_scores(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: 
     (fp64 for a float64 model), then cast to the model's dtype. Returns (N,) on CPU, float32 (float64 for a
     float64 model)."""
     _check_images(x)
+    temperature, epsilon = _odin_number(temperature, "temperature"), _odin_number(epsilon, "epsilon")
     if not (math.isfinite(float(temperature)) and temperature > 0):
         raise ConfidentError(f"ODIN temperature {temperature!r}: expected a finite value > 0")
     if not (math.isfinite(float(epsilon)) and epsilon >= 0):
@@ -1261,7 +1356,7 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
     forward-images, against 3 * nT * nE passes done point by point. Equal to `odin_scores` per point, and
     in the same dtypes (float64 scores for a float64 model, which always takes the torch path)."""
     _check_images(x)
-    Ts, Es = [float(t) for t in temperatures], [float(e) for e in epsilons]
+    Ts, Es = [_odin_number(t, "temperature") for t in temperatures], [_odin_number(e, "epsilon") for e in epsilons]
     if not Ts or not all(math.isfinite(t) and t > 0 for t in Ts):
         raise ConfidentError(f"ODIN temperatures {Ts}: expected a non-empty list of values > 0")
     if not Es or not all(math.isfinite(e) and e >= 0 for e in Es):
@@ -1492,35 +1587,49 @@ def _as_created(tmp: str) -> None:
     os.chmod(tmp, 0o666 & ~mask)
 
 
-def atomic_save(obj, path: Path):
-    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _run_settings(cfg: Config) -> dict:
+    """What a training checkpoint records of its run (--resume compares it): every setting, and the number of
+    processes (under torchrun --batch-size is per process: the batch is batch_size x world)."""
+    return {**dataclasses.asdict(cfg), "world": int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1}
+
+
+def _write_failed(path: Path, e: OSError) -> ConfidentError:
+    """An OS error while writing `path` (a full disk, a read-only folder, ...) as one line: file, reason, errno."""
+    name = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
+    return ConfidentError(f"{path}: could not be written ({e.strerror or e}; errno {e.errno}"
+                          + (f" {name}" if name else "") + "); the file that was there is unchanged")
+
+
+def _atomic_write_bytes(data, path: Path) -> None:
+    """`data` to a temporary file in the same folder, synced, then renamed to `path`: a kill or a full disk
+    never leaves half a file, and the file there before stays until the new one is complete."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
-            os.fsync(f.fileno())                  # on disk before the rename makes it the checkpoint
+            os.fsync(f.fileno())                  # on disk before the rename makes it the file
         _as_created(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _write_failed(path, e) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj, path: Path):
+    """torch.save, written atomically (_atomic_write_bytes). Serialised in memory first, so that a write error
+    arrives as the OS's own (errno and all), not inside a serialiser's error."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write_bytes(buf.getbuffer(), path)
 
 
 def atomic_write_text(text: str, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _as_created(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def _shape(t) -> str:
@@ -1651,7 +1760,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "rng": rng_state(), "global_step": self.global_step, "replay": self.replay,
-                "diagnostics": json.dumps(self.diagnostics),
+                "diagnostics": json.dumps(self.diagnostics), "config": json.dumps(_run_settings(self.cfg)),
                 "models": {k: m.state_dict() for k, m in self.modules().items()},
                 "opts": {k: o.state_dict() for k, o in self.opts.items()},
                 "scheds": {k: s.state_dict() for k, s in self.scheds.items()}}
@@ -2443,8 +2552,10 @@ def _default_out_dir(cfg: Config) -> str:
     return f"runs/{tag(cfg.in_data)}-{tag(cfg.out_data)}-{cfg.method}-s{cfg.seed}"
 
 
-# what a checkpoint's tensors depend on: a resume with another value cannot load it
-SHAPES_STATE = ("in_data", "method", "model", "width", "gan_width", "nz", "d_sn", "g_ema", "replay")
+# settings that change how a run is carried out, not what it computes: a resume may change them (and --epochs, to
+# more epochs); any other setting is recorded in train_state.pt and a resume with another value is refused
+RESUME_FREE = ("output_dir", "resume", "device", "log_every", "download", "data_root", "eval_batch_size", "tune",
+               "epochs")
 
 
 def _not_resumable(state: Path, e: Exception) -> ConfidentError:
@@ -2467,24 +2578,153 @@ def _load_train_state(state: Path, device, mmap: bool = False) -> dict:
     return sd
 
 
-def _check_resumable(cfg: Config, out_dir: Path) -> None:
+def _flag(k: str) -> str:
+    return "--" + {"in_data": "in", "out_data": "out"}.get(k, k.replace("_", "-"))
+
+
+def _check_resumable(cfg: Config, out_dir: Path, world: int = 1) -> int:
     """--resume's checks before anything in out_dir changes: the checkpoint is there, loads (memory-mapped, so
-    cheaply) as a training state, and was trained with the settings its tensors' shapes depend on."""
+    cheaply) as a training state, and was trained with this run's settings (those it records; a checkpoint
+    without them is compared with config.json). --epochs may grow, never below the epochs already trained.
+    Returns the epoch it resumes at."""
     state = out_dir / "train_state.pt"
     if not state.exists():
         raise ConfidentError(f"--resume: no checkpoint at {state}")
-    _load_train_state(state, "cpu", mmap=True)
+    sd = _load_train_state(state, "cpu", mmap=True)
     try:
-        before = json.loads((out_dir / "config.json").read_text())
-    except (OSError, ValueError):
+        before = json.loads(sd["config"]) if "config" in sd else json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
         before = None
-    if isinstance(before, dict):
-        now = dataclasses.asdict(cfg)
-        diff = [k for k in SHAPES_STATE if k in before and before[k] != now[k]]
-        if diff:
-            raise ConfidentError(f"--resume: {state} was trained with " + ", ".join(
-                f"--{k.replace('_', '-')} {before[k]!r}" for k in diff) + "; this run has " + ", ".join(
-                f"--{k.replace('_', '-')} {now[k]!r}" for k in diff) + " (the same values resume it)")
+    if not isinstance(before, dict):
+        raise ConfidentError(f"--resume: {state} records no settings and there is no config.json beside it: its run "
+                             "cannot be checked against this one; drop --resume to start afresh")
+    now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(Config())
+    free = RESUME_FREE + (("gan_epochs",) if cfg.method != "conf-gan" else ())   # (= epochs; used by conf-gan only)
+    diff = [k for k in now if k not in free and before.get(k, defaults[k]) != now[k]]
+    if "batch_size" in diff and before["batch_size"] * before.get("world", 1) == cfg.batch_size * world:
+        diff.remove("batch_size")                             # the same batch, split over another number of processes
+    if diff:
+        raise ConfidentError(f"--resume: {state} was trained with " + ", ".join(
+            f"{_flag(k)} {before.get(k, defaults[k])!r}" for k in diff) + "; this run has " + ", ".join(
+            f"{_flag(k)} {now[k]!r}" for k in diff) + " (the same values resume it)")
+    done = int(sd["epoch"])
+    total = cfg.epochs + (cfg.gan_epochs if cfg.method == "conf-gan" else 0)
+    if done > total:
+        raise ConfidentError(f"--resume --epochs {cfg.epochs}: {state} has {done} epochs trained already; expected "
+                             f"--epochs >= {done - (total - cfg.epochs)} (more epochs continue the run)")
+    return done
+
+
+def _check_trainable(cfg: Config, y_tr: torch.Tensor, x_ood, num_classes: int, world: int) -> None:
+    """train()'s refusals of the data, made by run() before the output folder is touched."""
+    if len(y_tr) == 0:
+        raise ConfidentError(f"{cfg.in_data}: no training images (an empty set)")
+    if num_classes < 2:
+        raise ConfidentError(f"{cfg.in_data}: {num_classes} class, expected at least 2 (with one class every "
+                             "prediction is certain and no detector can score)")
+    B = cfg.batch_size
+    if len(y_tr) < B * world:
+        raise ConfidentError(f"{cfg.in_data}: {len(y_tr)} training images"
+                             + (f" (--train-limit {cfg.train_limit})" if cfg.train_limit else "")
+                             + f", fewer than one batch of {B}"
+                             + (f" on each of {world} processes" if world > 1 else ""))
+    if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
+        raise ConfidentError(f"--method {cfg.method} needs OOD training images from --out {cfg.out_data}")
+
+
+def _check_ood_folders(cfg: Config) -> None:
+    """An OOD folder inside the --in folder (or holding it) would score in-distribution images as OOD."""
+    if not cfg.in_data.startswith("folder:"):
+        return
+    home = _folder_path(cfg.in_data).resolve()
+    names = [("--out", cfg.out_data), ("--val-ood", cfg.val_ood)]
+    if cfg.extra_ood not in ("auto", "none"):
+        names += [("--extra-ood", n.strip()) for n in cfg.extra_ood.split(",")]
+    for flag, n in names:
+        if n.startswith("folder:"):
+            p = _folder_path(n).resolve()
+            if home in p.parents or p in home.parents:        # (the folder itself: never an OOD set, _same_set)
+                raise ConfidentError(f"{flag} {n}: {'inside' if home in p.parents else 'holds'} the --in folder "
+                                     f"{home}, so its images include in-distribution ones: expected a folder apart")
+
+
+class FolderLock:
+    """One run per output folder: an exclusive flock on <folder>/.lock, which names its holder (pid, host,
+    start). The kernel drops the lock when its process ends, however it ends, so a killed run leaves none stuck.
+    The file is removed on release; a taker checks that the file it locked is still the one at the path."""
+
+    def __init__(self, folder: Path):
+        self.path, self.fd = folder / ".lock", None
+
+    def acquire(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:                                   # (no flock on this platform: no lock)
+            return self
+        import socket
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                try:
+                    holder = self.path.read_text().strip() or "a run that is starting"
+                except OSError:
+                    holder = "another run"
+                raise ConfidentError(f"--output-dir {self.path.parent}: in use by {holder}; one run per folder: "
+                                     "wait for it to end, or use another --output-dir") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+                self.fd = fd
+                return self
+            os.close(fd)                                      # released and removed meanwhile: take the new one
+        raise ConfidentError(f"{self.path}: could not take the folder's lock")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)                 # removed while still held, then let go
+            os.close(self.fd)
+            self.fd = None
+
+
+STAGED = ("checkpoint.pt", "config.json", "results.csv", "results.md", "results.json")   # results.json: last
+
+
+def _clean_folder(out_dir: Path, fresh: bool, log) -> None:
+    """With the folder's lock held: temporary files of killed writes, an unfinished staging folder, and for a
+    fresh run the training state of an earlier one (it must never be resumed into this run's results)."""
+    stale = [p for p in out_dir.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if (out_dir / ".new").is_dir():
+        stale.append(out_dir / ".new")
+        import shutil
+        shutil.rmtree(out_dir / ".new")
+    if stale:
+        log(f"removed {len(stale)} leftover(s) of an interrupted run: " + ", ".join(p.name for p in stale))
+    if fresh:
+        for name in ("train_state.pt", "epochs.json"):
+            if (out_dir / name).exists():
+                (out_dir / name).unlink()
+                log(f"removed {name} of an earlier run (a fresh run; --resume continues one)")
+
+
+def _publish(out_dir: Path) -> None:
+    """Moves a finished run's files from the staging folder over the previous run's, results.json last: until
+    then the previous run's results stay whole; results.json goes first so no mixed folder looks finished."""
+    new = out_dir / ".new"
+    (out_dir / "results.json").unlink(missing_ok=True)
+    for name in STAGED:
+        if (new / name).exists():
+            os.replace(new / name, out_dir / name)
+    new.rmdir()
 
 
 def pick_by_validation(candidates) -> dict:
@@ -2505,7 +2745,9 @@ def run(cfg: Config, log=print) -> dict:
     --select-epoch best also evaluates after every epoch (epochs.json, resumable) and adds "best_epoch": per OOD
     set, the epoch with the lowest baseline detection error on the validation images, with that epoch's metrics
     on the held-out rest. The paper reports "the best test result"; choosing the epoch on the test images would
-    flatter it, so the choice uses the validation images only, and the final epoch stays in "ood"."""
+    flatter it, so the choice uses the validation images only, and the final epoch stays in "ood".
+    The output folder: every check comes before it changes; then the run holds its lock (FolderLock) and replaces
+    a previous run's results only with complete ones (_publish)."""
     cfg = resolve(cfg)
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -2521,19 +2763,27 @@ def run(cfg: Config, log=print) -> dict:
     master = rank == 0
     log0 = log if master else (lambda *a, **k: None)
     env = environment()                         # the code that runs: the commit at the start, not at the end
+    _check_ood_folders(cfg)
     classes = class_names(cfg.in_data)          # label i is classes[i]; a labelled folder's layout is checked here
     out_dir = Path(cfg.output_dir or _default_out_dir(cfg))
     root = Path(cfg.data_root)
     t0 = time.time()
-    x_tr, y_tr = load_uint8(cfg.in_data, "train", root, download_ok=cfg.download)
-    x_te, y_te = load_uint8(cfg.in_data, "test", root, download_ok=cfg.download)
+
+    def load(name, split, download_ok):     # a folder, in the order its splits are drawn in, naming what it skips
+        if not name.startswith("folder:"):
+            return load_uint8(name, split, root, download_ok=download_ok)
+        x, y = load_uint8(name, split, root, download_ok=download_ok, log=log0)
+        return _folder_order(name, x, y) if name == cfg.in_data else (_folder_order(name, x), None)
+
+    x_tr, y_tr = load(cfg.in_data, "train", cfg.download)
+    x_te, y_te = load(cfg.in_data, "test", cfg.download)
     if cfg.train_limit:
         x_tr, y_tr = x_tr[:cfg.train_limit], y_tr[:cfg.train_limit]
     if cfg.eval_limit:
         x_te, y_te = x_te[:cfg.eval_limit], y_te[:cfg.eval_limit]
     x_ood_train = None
     if cfg.method in ("conf", "kplus1"):                      # (resolve() refused --out = --in)
-        x_ood_train = load_uint8(cfg.out_data, "train", root, download_ok=cfg.download)[0]
+        x_ood_train = load(cfg.out_data, "train", cfg.download)[0]
     # evaluation sets: --out, then every other set found locally (noise is always there); never the in-set itself
     names, optional = [cfg.out_data], []
     other = (lambda n: not _same_set(n, cfg.in_data) and not _same_set(n, cfg.out_data))
@@ -2546,7 +2796,7 @@ def run(cfg: Config, log=print) -> dict:
     ood_test = {}
     for n in names + optional:
         try:
-            x = load_uint8(n, "test", root, download_ok=cfg.download and n in names)[0]
+            x = load(n, "test", cfg.download and n in names)[0]
         except ConfidentError as e:
             if n in names:
                 raise
@@ -2565,20 +2815,38 @@ def run(cfg: Config, log=print) -> dict:
             log0("skipping " + _too_few_to_score(f"OOD set {n!r}", len(ood_test.pop(n)), v))
     val_sets = {}
     if cfg.val_ood != "none":     # a validation OOD source: its train split, never a test image
-        val_sets[cfg.val_ood] = load_uint8(cfg.val_ood, "train", root, download_ok=cfg.download)[0]
+        val_sets[cfg.val_ood] = load(cfg.val_ood, "train", cfg.download)[0]
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
-    if cfg.resume:                                  # checked before the folder is touched: a failed resume keeps it
-        _check_resumable(cfg, out_dir)
-    elif cfg.epochs == 0 and not (cfg.method == "conf-gan" and cfg.gan_epochs):
+    # every refusal comes before the output folder changes: the data above, training's own checks, the resume
+    _check_trainable(cfg, y_tr, x_ood_train, len(classes), world)
+    resumed_at = _check_resumable(cfg, out_dir, world) if cfg.resume else None
+    if not cfg.resume and cfg.epochs == 0 and not (cfg.method == "conf-gan" and cfg.gan_epochs):
         log0("note: --epochs 0 trains nothing: the classifier is evaluated as initialised")
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("results.json", "results.csv", "results.md"):   # no finished-looking result from an old run
-            (out_dir / stale).unlink(missing_ok=True)
-        if not cfg.resume:
-            (out_dir / "epochs.json").unlink(missing_ok=True)
-        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), out_dir / "config.json")
+    lock = None
+    if master:                                      # one run per folder; then the folder's leftovers go
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfidentError(f"--output-dir {out_dir}: cannot be created ({e.strerror}; errno {e.errno})") \
+                from None
+        lock = FolderLock(out_dir).acquire()
+    try:
+        if master:
+            if cfg.resume:                          # (again, now that no other run can change it)
+                resumed_at = _check_resumable(cfg, out_dir, world)
+            _clean_folder(out_dir, not cfg.resume, log0)
+        return _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, out_dir, t0, x_tr, y_tr,
+                                x_te, y_te, x_ood_train, ood_test, val_sets, resumed_at)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, out_dir, t0, x_tr, y_tr, x_te, y_te,
+                     x_ood_train, ood_test, val_sets, resumed_at) -> dict:
+    """run()'s second half, with the folder's lock held: train (train_state.pt every epoch), evaluate, then the
+    finished run's files, staged in out_dir/.new and moved over the previous run's together (_publish)."""
     # --select-epoch best: every epoch's evaluation, kept in epochs.json across a resume
     evals = json.loads((out_dir / "epochs.json").read_text()) \
         if cfg.select_epoch == "best" and cfg.resume and (out_dir / "epochs.json").exists() else []
@@ -2596,8 +2864,8 @@ def run(cfg: Config, log=print) -> dict:
     tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world, num_classes=len(classes),
                after_epoch=evaluate_epoch if cfg.select_epoch == "best" else None, _cli=True)
     model = tr.raw["net"]
-    if master:
-        atomic_save(model.state_dict(), out_dir / "checkpoint.pt")
+    if master:                                                # staged: the previous run's checkpoint stays till the end
+        atomic_save(model.state_dict(), out_dir / ".new" / "checkpoint.pt")
     seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()
     if evals and evals[-1]["epoch"] == tr.epoch:              # the final epoch is evaluated already
         res = {k: v for k, v in evals[-1].items() if k != "epoch"}
@@ -2612,6 +2880,8 @@ def run(cfg: Config, log=print) -> dict:
             for name, e in pick_by_validation([(e["epoch"], e["ood"]) for e in evals]).items()})
     if master:
         res.update(classes=classes, config=dataclasses.asdict(cfg), env=env, seconds=time.time() - t0)
+        if resumed_at is not None:
+            res["resumed_at_epoch"] = resumed_at
         if tr.diagnostics:
             res["diagnostics"] = tr.diagnostics
         rows = results_rows(res, cfg, seen)
@@ -2620,11 +2890,14 @@ def run(cfg: Config, log=print) -> dict:
         w.writeheader()
         w.writerows(rows)
         md = markdown_table(res, cfg, seen)
-        atomic_write_text(buf.getvalue(), out_dir / "results.csv")
-        atomic_write_text(md + "\n", out_dir / "results.md")
-        atomic_write_text(json.dumps(res, indent=2), out_dir / "results.json")   # last: marks a finished run
-        log0("\n" + md + f"\n\nwrote {out_dir}/ (config.json, checkpoint.pt, results.json/csv/md) "
-             f"in {time.time() - t0:.0f}s")
+        log0("\n" + md + "\n")                                # on stdout first, whatever happens to the disk
+        new = out_dir / ".new"
+        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), new / "config.json")
+        atomic_write_text(buf.getvalue(), new / "results.csv")
+        atomic_write_text(md + "\n", new / "results.md")
+        atomic_write_text(json.dumps(res, indent=2), new / "results.json")
+        _publish(out_dir)                                     # results.json last: marks a finished run
+        log0(f"wrote {out_dir}/ (config.json, checkpoint.pt, results.json/csv/md) in {time.time() - t0:.0f}s")
     if ddp:
         import torch.distributed as dist
         dist.destroy_process_group()
@@ -2777,6 +3050,11 @@ def main(argv=None):
         (tune if cfg.tune else run)(cfg, log=lambda *a, **k: print(*a, **k, flush=True))
     except ConfidentError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:                                      # a file that could not be read, written or made
+        name = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e} (errno {e.errno}{' ' + name if name else ''})",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last epoch's checkpoint is kept (resume with --resume)", file=sys.stderr)

@@ -401,7 +401,7 @@ def test_in_folder_is_never_evaluated_against_itself(tmp_path, write, offline, m
     for extra in ("auto", f"gaussian,folder:{folder}/../mine/"):
         logs = []
         cfg = Config(in_data=f"folder:{folder}", out_data="uniform", method="ce", extra_ood=extra, val_size=2,
-                     data_root=str(root), output_dir=str(tmp_path / "run"), device="cpu")
+                     batch_size=4, data_root=str(root), output_dir=str(tmp_path / "run"), device="cpu")
         with pytest.raises(AssertionError, match="stop before training"):
             confident.run(cfg, log=logs.append)
         line = next(m for m in logs if m.startswith("data: "))

@@ -11,8 +11,13 @@
    regime, and keeps the last good checkpoint.
 4. Bad input at the API and CLI: wrong shapes, empty sets, NaN scores, bad labels, negative beta or eps,
    T <= 0 raise ConfidentError instead of returning a wrong number.
+5. Output folders: a refused command changes no file of a finished run; one run per folder (a second is refused,
+   a killed one leaves no lock); --resume continues exactly the run in the folder or refuses naming the setting;
+   a labelled folder's validation and --eval-limit take every class alike; 16-bit, .tif, skipped files and links
+   out of a folder; a full disk is one error line that names the file and keeps the last checkpoint.
 """
 import dataclasses
+import errno
 import gzip
 import hashlib
 import http.server
@@ -25,6 +30,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -825,8 +831,8 @@ def test_a_failed_resume_loses_nothing(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     cfg = confident.Config(in_data="mnist", out_data="gaussian", method="ce", model="simple_cnn", width=0.0625,
-                           epochs=1, extra_ood="none", data_root=str(REPO / "data"), download=False,
-                           output_dir=str(out), resume=True, device="cpu")
+                           epochs=1, batch_size=16, extra_ood="none", data_root=str(REPO / "data"),
+                           download=False, output_dir=str(out), resume=True, device="cpu")
     (out / "results.json").write_text('{"old": true}')
     (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "width": 0.125}))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -837,9 +843,317 @@ def test_a_failed_resume_loses_nothing(tmp_path):
     with pytest.raises(ConfidentError, match="is not a training checkpoint of this run.*drop --resume"):
         confident.run(cfg, log=lambda *a: None)
     x, y = _tiny_data()
-    confident.train(dataclasses.replace(cfg, resume=False, width=0.125, batch_size=16), x, y, None, out,
+    confident.train(dataclasses.replace(cfg, resume=False, width=0.125), x, y, None, out,
                     log=lambda *a: None)
     before["train_state.pt"] = (out / "train_state.pt").read_bytes()
     with pytest.raises(ConfidentError, match="trained with --width 0.125; this run has --width 0.0625"):
         confident.run(cfg, log=lambda *a: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Output folders, resume and image folders: a refused command changes nothing, one run per folder, a resume
+# continues exactly the run that is there, folders are split alike for every class, OS errors are one line.
+# The runs are tiny: two-class folders of random 32x32 PNGs, one epoch of a 1/16-width simple CNN.
+
+def _png_folder(root: Path, classes=("a", "b"), n=(24, 15), seed=0) -> Path:
+    """root/{train,test}/<class>/NNN.png, random 32x32 RGB images."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "test"), n):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
+def _folder_args(folder: Path, out: Path, *extra) -> list:
+    return ["--in", f"folder:{folder}", "--out", "gaussian", "--method", "ce", "--model", "simple_cnn",
+            "--width", "0.0625", "--epochs", "1", "--val-size", "10", "--eval-limit", "30", "--extra-ood", "none",
+            "--batch-size", "16", "--temperatures", "1,10", "--epsilons", "0,0.001", "--log-every", "1000",
+            "--device", "cpu", "--no-download", "--output-dir", str(out), *extra]
+
+
+def _main(args, capsys) -> tuple[int, str, str]:
+    """The CLI in this process: (exit code, stdout, stderr)."""
+    try:
+        confident.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _refused(args, capsys, match: str) -> str:
+    code, _, err = _main(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+    return lines[0]
+
+
+def _contents(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory):
+    return _png_folder(tmp_path_factory.mktemp("pngs") / "two")
+
+
+def test_a_refused_command_leaves_a_finished_run_whole(pngs, tmp_path, capsys):
+    """A command refused for its data or its resume changes no file of the finished run in its folder.
+    python confident.py --in folder:X --out gaussian --method ce --model simple_cnn --width 0.0625 --epochs 1
+        --val-size 10 --extra-ood none --batch-size 16 --no-download --output-dir R      (finished), then
+      ... --train-limit 10                (fewer images than a batch)
+      ... --in folder:ONE_CLASS           (one class)
+      ... --resume --width 0.125          (R without config.json: another width than its checkpoint's)
+    each exits 2 and R is byte for byte as before; the right --resume then runs."""
+    out = tmp_path / "R"
+    assert _main(_folder_args(pngs, out), capsys)[0] == 0
+    before = _contents(out)
+    assert {"results.json", "results.csv", "results.md", "config.json", "checkpoint.pt"} <= set(before)
+    _refused(_folder_args(pngs, out, "--train-limit", "10"), capsys, "fewer than one batch of 16")
+    assert _contents(out) == before
+    one = _png_folder(tmp_path / "one", classes=("only",))
+    _refused(_folder_args(one, out), capsys, "1 class, expected at least 2")
+    assert _contents(out) == before
+    (out / "config.json").unlink()
+    before = _contents(out)
+    _refused(_folder_args(pngs, out, "--resume", "--width", "0.125"), capsys,
+             "trained with --width 0.0625; this run has --width 0.125")
+    assert _contents(out) == before
+    assert _main(_folder_args(pngs, out, "--resume"), capsys)[0] == 0   # the right resume is not refused
+    assert json.loads((out / "results.json").read_text())["config"]["width"] == 0.0625
+
+
+def test_a_fresh_run_never_leaves_an_old_train_state_to_resume(pngs, tmp_path, capsys, monkeypatch):
+    """A fresh run into a folder with an earlier run's train_state.pt, stopped before its first checkpoint,
+    must not leave that state for --resume to continue under the new run's settings.
+    python confident.py ... --seed 1 --output-dir R          (finished)
+    python confident.py ... --seed 2 --lr 1e-3 --output-dir R   (killed in its first epoch)
+    python confident.py ... --seed 2 --lr 1e-3 --output-dir R --resume   -> refused: no checkpoint of this run"""
+    out = tmp_path / "R"
+    assert _main(_folder_args(pngs, out, "--seed", "1"), capsys)[0] == 0
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt                               # stopped before its first epoch ended
+    with monkeypatch.context() as m:
+        m.setattr(confident, "train", killed)
+        assert _main(_folder_args(pngs, out, "--seed", "2", "--lr", "1e-3"), capsys)[0] == 130
+    code, _, err = _main(_folder_args(pngs, out, "--seed", "2", "--lr", "1e-3", "--resume"), capsys)
+    assert code == 2 and "no checkpoint at" in err
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1   # the finished run is kept
+
+
+def test_resume_refuses_other_settings_and_fewer_epochs_but_takes_more(pngs, tmp_path, capsys):
+    """--resume continues the run in the folder exactly, or refuses naming the setting.
+    python confident.py ... --epochs 2 --output-dir R                     (finished, 2 epochs)
+      ... --resume --epochs 3 --lr 1e-3      -> refused: --lr
+      ... --resume --epochs 3 --lr-drop-epoch 1 -> refused: --lr-drop-epoch
+      ... --resume --epochs 1                -> refused: 2 epochs trained already
+      ... --resume --epochs 3 --method conf  (no config.json) -> refused: --method
+      ... --resume --epochs 3                -> trains epoch 3; results.json says epochs 3, resumed at 2"""
+    out = tmp_path / "R"
+    assert _main(_folder_args(pngs, out, "--epochs", "2"), capsys)[0] == 0
+    (out / "config.json").unlink()                            # the checkpoint alone says how it was trained
+    before = _contents(out)
+    _refused(_folder_args(pngs, out, "--resume", "--epochs", "3", "--lr", "1e-3"), capsys,
+             "trained with --lr 0.0002; this run has --lr 0.001")
+    _refused(_folder_args(pngs, out, "--resume", "--epochs", "3", "--lr-drop-epoch", "1"), capsys,
+             "--lr-drop-epoch 60; this run has --lr-drop-epoch 1")
+    _refused(_folder_args(pngs, out, "--resume", "--epochs", "1"), capsys, "has 2 epochs trained already")
+    _refused(_folder_args(pngs, out, "--resume", "--epochs", "3", "--method", "conf"), capsys,
+             "trained with --method 'ce'; this run has --method 'conf'")
+    assert _contents(out) == before
+    code, stdout, _ = _main(_folder_args(pngs, out, "--resume", "--epochs", "3"), capsys)
+    assert code == 0 and "resumed from" in stdout and "epoch 3/3" in stdout and "epoch 2/3" not in stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["epochs"] == 3 and res["resumed_at_epoch"] == 2
+    assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 3
+
+
+_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import confident
+confident.main(sys.argv[2:])
+"""
+
+
+def test_one_run_per_folder_and_a_killed_run_leaves_no_lock(pngs, tmp_path, capsys):
+    """Two runs into one --output-dir: the second is refused naming the first; once the first is killed (-9)
+    the folder is free again.
+    python confident.py ... --epochs 100000 --output-dir R &      (running)
+    python confident.py ... --output-dir R                      -> error: ... in use by pid N ...
+    kill -9 %1; python confident.py ... --output-dir R          -> runs"""
+    out = tmp_path / "R"
+    holder = tmp_path / "holder.py"
+    holder.write_text(_HOLDER)
+    p = subprocess.Popen([sys.executable, str(holder), str(REPO), *_folder_args(pngs, out, "--epochs", "100000")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        for ln in p.stdout:                                   # training has begun: the lock is held
+            if ln.startswith("epoch 1/"):
+                break
+        else:
+            raise AssertionError("the first run ended early")
+        line = _refused(_folder_args(pngs, out), capsys, f"in use by pid {p.pid} on ")
+        assert "one run per folder" in line
+        assert not (out / "results.json").exists() and not (out / "config.json").exists()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    assert _main(_folder_args(pngs, out), capsys)[0] == 0
+    assert json.loads((out / "results.json").read_text())["config"]["epochs"] == 1
+    assert not (out / ".lock").exists()
+
+
+def test_labelled_folder_validation_and_eval_limit_take_every_class_alike(tmp_path, capsys, monkeypatch):
+    """The first --val-size test images (validation: temperature scaling, ODIN's (T, eps)) and --eval-limit
+    take each class in its share, not the first class's images only.
+    python confident.py --in folder:X ... --epochs 0 --val-size 10 --eval-limit 20"""
+    folder = _png_folder(tmp_path / "X", n=(16, 15))
+    seen = {}
+
+    def stop(model, x_in, y_in, *a, **k):
+        seen["y"] = y_in.clone()
+        raise ConfidentError("stop here")
+    monkeypatch.setattr(confident, "evaluate", stop)
+    _refused(_folder_args(folder, tmp_path / "R", "--epochs", "0", "--eval-limit", "20"), capsys, "stop here")
+    y = seen["y"]
+    assert len(y) == 20 and int((y == 0).sum()) == 10
+    assert int((y[:10] == 0).sum()) == 5                      # validation: 5 of each class
+
+
+def test_folder_images_16_bit_tif_skipped_files_and_links(tmp_path):
+    """16-bit grayscale PNGs are scaled (32768 -> 128, 65535 -> 255), not saturated; .tif files are read;
+    a skipped file is named in the log; a link out of the folder is refused."""
+    from PIL import Image
+    d = tmp_path / "f"
+    d.mkdir()
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(d / "a16.png")
+    Image.fromarray(np.full((32, 32), 65535, np.uint16)).save(d / "b16.png")
+    Image.fromarray(np.full((32, 32, 3), 70, np.uint8)).save(d / "c.tif")
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(d / "d.tiff")
+    (d / "e.svg").write_text("<svg/>")
+    x, _ = confident.load_uint8(f"folder:{d}", "test", tmp_path)
+    assert x.shape == (4, 3, 32, 32)
+    assert x[0].unique().tolist() == [128] and x[1].unique().tolist() == [255]
+    assert x[2].unique().tolist() == [70] and x[3].unique().tolist() == [90]
+    logs = []
+    confident.load_uint8(f"folder:{d}", "test", tmp_path, log=logs.append)
+    assert len(logs) == 1 and "skipped 1 other file(s): e.svg" in logs[0]
+    outside = tmp_path / "elsewhere.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(outside)
+    (d / "link.png").symlink_to(outside)
+    with pytest.raises(ConfidentError, match=r"link.png: a link to .*elsewhere.png, outside"):
+        confident.load_uint8(f"folder:{d}", "test", tmp_path)
+
+
+def test_an_ood_folder_inside_the_in_folder_is_refused(pngs, tmp_path, capsys):
+    """python confident.py --in folder:X --out folder:X/test ...  -> error (X/test holds in-distribution
+    images); nothing is written."""
+    out = tmp_path / "R"
+    args = _folder_args(pngs, out)
+    args[args.index("gaussian")] = f"folder:{pngs}/test"
+    _refused(args, capsys, "inside the --in folder")
+    assert not out.exists()
+
+
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_last_checkpoint(pngs, tmp_path, capsys, monkeypatch):
+    """A full disk while epoch 2's checkpoint is written: exit 2, one line naming train_state.pt and errno 28;
+    epoch 1's checkpoint is intact and no temporary file is left.
+    python confident.py ... --epochs 2 --output-dir R    (the disk fills up during epoch 2)"""
+    out = tmp_path / "R"
+    calls, real = [], os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            _enospc()
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    line = _refused(_folder_args(pngs, out, "--epochs", "2"), capsys, "train_state.pt")
+    assert "errno 28" in line
+    assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_a_full_disk_at_the_results_keeps_the_table_and_the_previous_results(pngs, tmp_path, capsys, monkeypatch):
+    """The results table reaches stdout before any results file is written; a full disk then is one error line,
+    and the previous run's results stay whole."""
+    out = tmp_path / "R"
+    assert _main(_folder_args(pngs, out), capsys)[0] == 0
+    before = {n: (out / n).read_bytes() for n in ("results.json", "results.csv", "results.md", "config.json")}
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, **k):
+        if str(k.get("prefix", "")).startswith(".results"):
+            _enospc()
+        return real(*a, **k)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    code, stdout, err = _main(_folder_args(pngs, out, "--seed", "5"), capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "results." in err and "errno 28" in err
+    assert confident.METRIC_HEADER in stdout and "seed 5" in stdout   # the new run's table, on stdout
+    assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_a_checkpoint_written_to_a_full_device_is_an_error_naming_file_and_errno(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC (writes to /dev/full fail with it): torch.save into the file reported it as
+    "RuntimeError: [enforce fail at inline_container.cc...]"; it is a ConfidentError naming the file and errno 28,
+    and the file there before is unchanged, with no temporary file left."""
+    def full_device(fd, mode="r", *a, **k):
+        os.close(fd)
+        return open("/dev/full", mode)
+    (tmp_path / "train_state.pt").write_bytes(b"the last good checkpoint")
+    monkeypatch.setattr(os, "fdopen", full_device)
+    with pytest.raises(ConfidentError, match=r"train_state.pt: could not be written .*errno 28 ENOSPC"):
+        confident.atomic_save({"w": torch.zeros(100_000)}, tmp_path / "train_state.pt")
+    with pytest.raises(ConfidentError, match=r"results.json: could not be written .*errno 28 ENOSPC"):
+        confident.atomic_write_text("{}" * 10_000, tmp_path / "results.json")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["train_state.pt"]
+    assert (tmp_path / "train_state.pt").read_bytes() == b"the last good checkpoint"
+
+
+def test_the_next_run_removes_temporary_files_of_killed_writes(pngs, tmp_path, capsys):
+    """A write killed between its temporary file and the rename leaves .<name>.<random>.tmp; the next run in
+    that folder removes it (holding the folder's lock)."""
+    out = tmp_path / "R"
+    out.mkdir()
+    (out / ".train_state.pt.x1y2z3.tmp").write_bytes(b"half a checkpoint")
+    (out / ".results.json.abc.tmp").write_text("{")
+    code, stdout, _ = _main(_folder_args(pngs, out), capsys)
+    assert code == 0 and "removed 2 leftover(s)" in stdout
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999: expected a whole number"),
+    (["--device", "cpu:3"], "--device 'cpu:3'"),
+    (["--out", "folder:odd|name"], "a folder name with '|'"),
+    (["--out", "folder:odd\nname"], "a folder name with '\\n'"),
+])
+def test_cli_small_bad_values_exit_2_with_one_line(flags, match, capsys):
+    """python confident.py --seed 99999999999999999999999 (an overflow traceback before); --device cpu:3
+    (accepted before); a | or newline in a folder name (it broke results.md's table)."""
+    _refused(["--epochs", "0", *flags], capsys, match)
+
+
+def test_detectors_refuse_other_sizes_unscaled_floats_and_non_numbers(tiny_model):
+    with pytest.raises(ConfidentError, match="64x64 pixels, expected 32x32"):
+        confident.baseline_scores(tiny_model, torch.rand(2, 3, 64, 64))
+    with pytest.raises(ConfidentError, match=r"values in \[.*\], expected \[0, 1\]"):
+        confident.baseline_scores(tiny_model, torch.rand(2, 3, 32, 32) * 255)
+    with pytest.raises(ConfidentError, match="ODIN temperature 'abc': expected a number"):
+        confident.odin_scores(tiny_model, torch.rand(2, 3, 32, 32), "abc", 0.0)
+    with pytest.raises(ConfidentError, match="ODIN epsilon"):
+        confident.odin_grid(tiny_model, torch.rand(2, 3, 32, 32), [1], [None])
