@@ -17,7 +17,7 @@ Run it:
         # the paper's protocol (App. B): beta, batch and lr tuned per OOD set on its first --val-size test images,
         # and each run's best epoch by the same validation error; the results are *tuned on the OOD set*
 Use it from your own code (this file works on its own; `kernels/` is optional):
-    from confident import vgg13, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
+    from confident import vgg13, kl_to_uniform, baseline_scores, odin_scores, energy_scores, ood_metrics
 
 Sections, in reading order: config -> data -> models -> losses -> detectors -> metrics and calibration
 -> training regimes -> evaluation -> CLI. Every number in the README comes from this file's CLI,
@@ -1150,9 +1150,13 @@ def _predicted(logits: torch.Tensor, ood_class: bool) -> torch.Tensor:
     return (logits[:, :-1] if ood_class else logits).argmax(dim=1)
 
 
-def _batches(n: int, bs: int):
+def _check_batch_size(bs) -> None:
     if not isinstance(bs, (int, np.integer)) or bs < 1:
         raise ConfidentError(f"batch size {bs!r}: expected an integer >= 1")
+
+
+def _batches(n: int, bs: int):
+    _check_batch_size(bs)
     for i in range(0, n, bs):
         yield slice(i, min(i + bs, n))
 
@@ -1174,7 +1178,7 @@ def _image_batches(x, batch_size: int, what: str = "x"):
         for s in _batches(len(x), batch_size):
             yield x[s]
         return
-    next(_batches(1, batch_size))                                # the batch size is checked here too
+    _check_batch_size(batch_size)                                # still used to chunk ODIN's perturbed images
     if isinstance(x, (np.ndarray, str, bytes, dict)) or not hasattr(x, "__iter__"):
         raise ConfidentError(f"{what}: a {type(x).__name__}, expected a tensor (N, C, H, W) or an iterable of "
                              "batches (a DataLoader, a list of tensors or of (x, y) pairs)")
@@ -1254,15 +1258,6 @@ class _EvalMode:
         self.model.train(self.was)
 
 
-def _with_input_grad():
-    """Autograd on for ODIN's input gradient, also inside torch.no_grad() and torch.inference_mode()."""
-    import contextlib
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.enable_grad())
-    return stack
-
-
 def _grad_leaf(xb: torch.Tensor) -> torch.Tensor:
     """xb as a fresh leaf that records its gradient (a tensor made under inference_mode is cloned out of it)."""
     return (xb.clone() if xb.is_inference() else xb.detach()).requires_grad_(True)
@@ -1322,7 +1317,7 @@ def maxlogit_scores(model: nn.Module, x, batch_size: int = 500, logits=None) -> 
 def _odin_grad_sign(model, xb, feed, temperature, ood_class, logits=None):
     """sign(grad_x of the summed CE(f(x)/T, y_hat)) with the ODIN code's convention (>= 0 -> +1), in xb's
     dtype; the model sees xb cast to `feed`, the loss is computed in xb's dtype."""
-    with _with_input_grad():
+    with torch.inference_mode(False), torch.enable_grad():     # also inside no_grad() / inference_mode()
         xb = _grad_leaf(xb)
         z = _forward(model, xb, feed, logits)
         loss = F.cross_entropy(z.to(xb.dtype) / temperature, _predicted(z, ood_class), reduction="sum")
@@ -1380,7 +1375,7 @@ def odin_grid(model: nn.Module, x, temperatures, epsilons, batch_size: int = 500
     ood_class = getattr(model, "ood_class", False)
     pos = [j for j, e in enumerate(Es) if e > 0]
     blocks = []
-    with _EvalMode(model), _with_input_grad():
+    with _EvalMode(model), torch.inference_mode(False), torch.enable_grad():   # the input gradient, always
         eps_pos = torch.tensor([Es[j] for j in pos], device=dev, dtype=work)
         for xb in _image_batches(x, batch_size):
             xb = _grad_leaf(_as_input(xb, dev, work))

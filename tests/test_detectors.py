@@ -610,3 +610,13 @@ def test_odin_eps_on_a_model_that_normalises_inside_is_the_odin_codes_step():
         want = torch.softmax(net(xn.detach() - eps * sign / s) / T, 1).max(1).values
     torch.testing.assert_close(odin_scores(model, x, T, eps), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(odin_grid(model, x, [T], [eps], impl="torch")[0, 0], want, atol=1e-5, rtol=0)
+
+
+def test_odin_grid_kernels_take_one_channel_batches_from_a_loader():
+    """The Triton path (tests/conftest.py: the CPU interpreter) on 1-channel images from an iterable: the same
+    scores as the torch path."""
+    model = _Gray().eval()
+    x = torch.rand(6, 1, 16, 16)
+    batches = [(x[:4], None), (x[4:], None)]
+    torch.testing.assert_close(odin_grid(model, batches, [1, 10], [0, 0.002], impl="triton"),
+                               odin_grid(model, x, [1, 10], [0, 0.002], impl="torch"), atol=1e-5, rtol=0)

@@ -477,7 +477,8 @@ def test_fit_temperature_is_one_for_calibrated_logits():
 # the end). No interpolation.
 
 def pytorch_ood_fpr_at_tpr(score_in, score_out, k=0.95):
-    outlier = -torch.cat([torch.as_tensor(score_in, dtype=torch.float64), torch.as_tensor(score_out, dtype=torch.float64)])
+    outlier = -torch.cat([torch.as_tensor(score_in, dtype=torch.float64),
+                          torch.as_tensor(score_out, dtype=torch.float64)])
     target = torch.cat([torch.zeros(len(score_in), dtype=torch.long), torch.ones(len(score_out), dtype=torch.long)])
     # OODMetrics._compute: a stable sort first
     outlier, idx = torch.sort(outlier, stable=True)
