@@ -620,3 +620,20 @@ def test_odin_grid_kernels_take_one_channel_batches_from_a_loader():
     batches = [(x[:4], None), (x[4:], None)]
     torch.testing.assert_close(odin_grid(model, batches, [1, 10], [0, 0.002], impl="triton"),
                                odin_grid(model, x, [1, 10], [0, 0.002], impl="torch"), atol=1e-5, rtol=0)
+
+
+def test_evaluate_feeds_a_one_channel_model_one_channel():
+    """evaluate copies grayscale sets to 3 channels only for a model whose first convolution takes 3 (the
+    built-in networks); a 1-channel model gets its 1 channel, and its scores are those of the detectors."""
+    model = _Gray().eval()
+    g = torch.Generator().manual_seed(2)
+    x_in, x_out = torch.rand(40, 1, 16, 16, generator=g), torch.rand(40, 1, 16, 16, generator=g) * 0.5
+    y_in = torch.randint(0, 5, (40,), generator=g)
+    cfg = confident.Config(in_data="mine", out_data="other", val_size=10, temperatures="1,10", epsilons="0,0.002",
+                           impl="torch", detectors="baseline,odin,maxlogit")
+    res = confident.evaluate(model, x_in, y_in, {"other": x_out}, cfg, log=lambda *a: None)
+    want = confident.ood_metrics(baseline_scores(model, x_in)[10:], baseline_scores(model, x_out)[10:])
+    assert res["ood"]["other"]["baseline"]["auroc"] == pytest.approx(want["auroc"], abs=1e-9)
+    ml = confident.maxlogit_scores
+    want = confident.ood_metrics(ml(model, x_in)[10:], ml(model, x_out)[10:])
+    assert res["ood"]["other"]["maxlogit"]["auroc"] == pytest.approx(want["auroc"], abs=1e-9)
