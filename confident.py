@@ -1179,6 +1179,9 @@ def _image_batches(x, batch_size: int, what: str = "x"):
             yield x[s]
         return
     _check_batch_size(batch_size)                                # still used to chunk ODIN's perturbed images
+    if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.utils.data.IterableDataset):
+        raise ConfidentError(f"{what}: a {type(x).__name__} (a Dataset, indexed image by image): pass a DataLoader "
+                             "over it, e.g. DataLoader(dataset, batch_size=500)")
     if isinstance(x, (np.ndarray, str, bytes, dict)) or not hasattr(x, "__iter__"):
         raise ConfidentError(f"{what}: a {type(x).__name__}, expected a tensor (N, C, H, W) or an iterable of "
                              "batches (a DataLoader, a list of tensors or of (x, y) pairs)")
@@ -1186,6 +1189,9 @@ def _image_batches(x, batch_size: int, what: str = "x"):
     for i, b in enumerate(x):
         if isinstance(b, (tuple, list)) and b:
             b = b[0]
+        if isinstance(b, torch.Tensor) and b.ndim == 3:          # a Dataset iterated sample by sample
+            raise ConfidentError(f"{what}, batch {i}: one image of shape {tuple(b.shape)}, expected batches "
+                                 "(N, C, H, W): pass a DataLoader over the Dataset")
         _check_images(b, f"{what}, batch {i}")
         n += len(b)
         yield b

@@ -478,6 +478,10 @@ def test_detectors_take_a_dataloader_or_any_iterable_of_batches(images):
     _assert_same(_every_detector(model, DataLoader(images, batch_size=8)), want)                     # x
     _assert_same(_every_detector(model, [images[:5], images[5:]]), want)                             # a list
     _assert_same(_every_detector(model, [(images[:12], y[:12]), (images[12:], y[12:])]), want)
+    with pytest.raises(ConfidentError, match="TensorDataset.*pass a DataLoader"):
+        baseline_scores(model, TensorDataset(images, y))                                            # not batched
+    with pytest.raises(ConfidentError, match="batch 0: one image of shape .* DataLoader"):
+        baseline_scores(model, [images[0], images[1]])
     x8 = (images * 255).round().to(torch.uint8)
     _assert_same(_every_detector(model, [(x8[i:i + 3], y[i:i + 3]) for i in range(0, 20, 3)]),       # uint8
                  _every_detector(model, x8))
