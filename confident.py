@@ -1496,10 +1496,10 @@ def ood_metrics(score_in, score_out) -> dict:
 
     Scores: one number per input, **higher = more in-distribution** (max softmax, ODIN, energy, MaxLogit all
     are). **In-distribution is the positive class**, as in the paper and the authors' evaluation code
-    (calculate_log.py); a threshold d accepts an input as in-distribution when its score is >= d. Passing
-    OOD-high scores (a distance, an "outlier score") gives wrong numbers without an error: AUROC becomes about
-    1 - AUROC and TNR collapses; negate such scores first. Thresholds sweep [min score, max score) as the
-    authors' code does (the exact limit of its 200,000-step grid); TPR(d) = P(in >= d), FPR(d) = P(out > d).
+    (calculate_log.py): at a threshold d, TPR(d) = P(score_in >= d) and FPR(d) = P(score_out > d), d sweeping
+    [min score, max score) as their code does (the exact limit of its 200,000-step grid). Passing OOD-high
+    scores (a distance, an "outlier score") gives wrong numbers without an error: AUROC comes out as about
+    1 - AUROC and TNR collapses; negate such scores first.
 
     - `tnr_at_tpr95`: 1 - FPR at TPR 95%, FPR averaged over the thresholds with 0.94 <= TPR <= 0.96 (the
       authors' code; 0 when no threshold lands in that band). The paper's "TNR at TPR 95%".
