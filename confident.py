@@ -17,7 +17,7 @@ Run it:
         # the paper's protocol (App. B): beta, batch and lr tuned per OOD set on its first --val-size test images,
         # and each run's best epoch by the same validation error; the results are *tuned on the OOD set*
 Use it from your own code (this file works on its own; `kernels/` is optional):
-    from confident import Config, train, kl_to_uniform, baseline_scores, odin_scores, ood_metrics
+    from confident import Config, train, kl_to_uniform, baseline_scores, odin_scores, energy_scores, ood_metrics
     tr = train(Config(method="joint"), x_train, y_train, model=your_net)   # Algorithm 1 on your network
 
 Sections, in reading order: config -> data -> models -> losses -> detectors -> metrics and calibration
@@ -87,6 +87,7 @@ class Config:
     val_size: int = 1000             # first N test images of each set tune ODIN and temperature scaling
     temperatures: str = "1,10,100,500,1000"   # ODIN grid (paper App. C.3)
     epsilons: str = "0,0.0001,0.001,0.01"     # ODIN grid (paper App. C.3)
+    detectors: str = "baseline,odin"  # scored and reported: any of baseline, odin, energy (T = 1), maxlogit
     select_epoch: str = "final"      # final | best: "best" also evaluates after every epoch and reports, per OOD set,
                                      # the epoch with the lowest baseline detection error on its validation images
                                      # (the paper's "best test result", chosen without a test image) beside the final
@@ -235,6 +236,7 @@ def resolve(cfg: Config) -> Config:
                                  "expected --impl auto or torch here")
     parse_floats(cfg.temperatures, "--temperatures", positive=True)
     parse_floats(cfg.epsilons, "--epsilons", nonnegative=True)
+    parse_detectors(cfg.detectors)
     if cfg.select_epoch not in ("final", "best"):
         raise ConfidentError(f"--select-epoch {cfg.select_epoch!r}: expected final or best")
     if (cfg.tune or cfg.select_epoch == "best") and cfg.val_size == 0:
@@ -915,6 +917,12 @@ def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+def to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Grayscale images (N, 1, H, W) as (N, 3, H, W): a view, no copy (other shapes unchanged). The built-in
+    networks take 3 channels; the detectors feed a model the channels they are given."""
+    return x.expand(-1, 3, -1, -1) if x.ndim == 4 and x.shape[1] == 1 else x
+
+
 def available(name: str, root: str | Path) -> bool:
     """True when `name` can be loaded (and passes its checks) without a download."""
     if name in ("gaussian", "uniform"):
@@ -1237,35 +1245,52 @@ def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch
 
 
 # ------------------------------------------------------------------------------------------------
-# Detectors. A higher score means more in-distribution. For the K+1-class model the score is
-# 1 - p(K+1 | x) (App. E); otherwise the maximum softmax probability. Images go into the model in the
-# dtype of its parameters; softmax, scores and the ODIN step are computed in fp32 (fp64 for a float64 model).
+# Detectors. A higher score means more in-distribution. Every detector takes the model and the images as the
+# model takes them: a tensor (N, C, H, W) or any iterable of batches (`x` or `(x, y, ...)`, e.g. a DataLoader);
+# uint8 images are scaled to [0, 1], float images go in as given, with the channels they have (a grayscale
+# model gets 1 channel, an RGB model 3; nothing is copied between them). A model that returns more than its
+# logits (a tuple, a list, a dict) is read through `logits=` (see `_logits_of`). The model runs in eval mode
+# and is put back as it was; the detectors work inside torch.no_grad() and torch.inference_mode() too (ODIN
+# turns the input gradient it needs back on locally). Images go into the model in the dtype of its parameters;
+# scores and the ODIN step are computed in fp32 (fp64 for a float64 model); scores come back (N,) on the CPU.
+# For the K+1-class model (App. E) the softmax score is 1 - p(K+1 | x); energy and MaxLogit use its K
+# in-distribution logits.
 
 def _score_from_logits(logits: torch.Tensor, temperature: float, ood_class: bool) -> torch.Tensor:
     p = F.softmax(_fp32_at_least(logits) / temperature, dim=1)
     return 1.0 - p[:, -1] if ood_class else p.max(dim=1).values
 
 
+def _energy_from_logits(logits: torch.Tensor, temperature: float, ood_class: bool) -> torch.Tensor:
+    z = _fp32_at_least(logits[:, :-1] if ood_class else logits)
+    return temperature * torch.logsumexp(z / temperature, dim=1)              # -E(x; f), Liu et al. (2020)
+
+
+def _maxlogit_from_logits(logits: torch.Tensor, ood_class: bool) -> torch.Tensor:
+    return _fp32_at_least(logits[:, :-1] if ood_class else logits).max(dim=1).values
+
+
 def _predicted(logits: torch.Tensor, ood_class: bool) -> torch.Tensor:
     return (logits[:, :-1] if ood_class else logits).argmax(dim=1)
 
 
-def _batches(n: int, bs: int):
+def _check_batch_size(bs) -> None:
     if not isinstance(bs, (int, np.integer)) or bs < 1:
         raise ConfidentError(f"batch size {bs!r}: expected an integer >= 1")
+
+
+def _batches(n: int, bs: int):
+    _check_batch_size(bs)
     for i in range(0, n, bs):
         yield slice(i, min(i + bs, n))
 
 
 def _check_images(x: torch.Tensor, what: str = "x"):
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] not in (1, 3):
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConfidentError(f"{what}: images of shape {shape}, expected (N, 3, H, W) or (N, 1, H, W)")
+        raise ConfidentError(f"{what}: images of shape {shape}, expected (N, C, H, W)")
     if x.shape[0] == 0:
         raise ConfidentError(f"{what}: an empty set (0 images)")
-    if tuple(x.shape[2:]) != (32, 32):
-        raise ConfidentError(f"{what}: images of {x.shape[3]}x{x.shape[2]} pixels, expected 32x32 (the classifiers' "
-                             "input size: resize them first)")
     _check_image_dtype(x, what)
     if x.is_floating_point():
         lo, hi = torch.aminmax(x.detach())
@@ -1282,6 +1307,105 @@ def _odin_number(v, what: str) -> float:
         raise ConfidentError(f"ODIN {what} {v!r}: expected a number") from None
 
 
+def _image_batches(x, batch_size: int, what: str = "x"):
+    """The image batches of x: a tensor (N, C, H, W) in slices of batch_size, or the batches of an iterable
+    (e.g. a DataLoader: its own batch size), each a tensor or a tuple/list whose first element is the images."""
+    if isinstance(x, torch.Tensor):
+        _check_images(x, what)
+        for s in _batches(len(x), batch_size):
+            yield x[s]
+        return
+    _check_batch_size(batch_size)                                # still used to chunk ODIN's perturbed images
+    if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.utils.data.IterableDataset):
+        raise ConfidentError(f"{what}: a {type(x).__name__} (a Dataset, indexed image by image): pass a DataLoader "
+                             "over it, e.g. DataLoader(dataset, batch_size=500)")
+    if isinstance(x, (np.ndarray, str, bytes, dict)) or not hasattr(x, "__iter__"):
+        raise ConfidentError(f"{what}: a {type(x).__name__}, expected a tensor (N, C, H, W) or an iterable of "
+                             "batches (a DataLoader, a list of tensors or of (x, y) pairs)")
+    n = 0
+    for i, b in enumerate(x):
+        if isinstance(b, (tuple, list)) and b:
+            b = b[0]
+        if isinstance(b, torch.Tensor) and b.ndim == 3:          # a Dataset iterated sample by sample
+            raise ConfidentError(f"{what}, batch {i}: one image of shape {tuple(b.shape)}, expected batches "
+                                 "(N, C, H, W): pass a DataLoader over the Dataset")
+        _check_images(b, f"{what}, batch {i}")
+        n += len(b)
+        yield b
+    if n == 0:
+        raise ConfidentError(f"{what}: an empty set (no batches)")
+
+
+def _as_input(xb: torch.Tensor, device: torch.device, work: torch.dtype) -> torch.Tensor:
+    """A batch on the model's device in the `work` dtype: uint8 scaled to [0, 1], floats as given."""
+    xb = xb.to(device)
+    return xb.to(work).div_(255) if xb.dtype == torch.uint8 else xb.to(work)
+
+
+def _logits_of(out, logits=None) -> torch.Tensor:
+    """The logits in a model's output. `logits`: None takes the output itself when it is a tensor, the first
+    element of a tuple or list (e.g. `(logits, features)`), or the "logits" entry of a dict; an int or a str
+    indexes the output (`out[logits]`); a callable is applied to it (`logits(out)`)."""
+    if callable(logits):
+        z = logits(out)
+    elif logits is not None:
+        try:
+            z = out[logits]
+        except (KeyError, IndexError, TypeError) as e:
+            raise ConfidentError(f"logits={logits!r}: cannot index the model's output, a {type(out).__name__} "
+                                 f"({e!r})") from None
+    elif isinstance(out, torch.Tensor):
+        z = out
+    elif isinstance(out, (tuple, list)) and len(out):
+        z = out[0]
+    elif isinstance(out, dict) and "logits" in out:
+        z = out["logits"]
+    else:
+        keys = f" with keys {list(out)}" if isinstance(out, dict) else ""
+        raise ConfidentError(f"the model returned a {type(out).__name__}{keys}: expected logits (B, K); pass "
+                             "logits= (an index, a key, or a function of the output) to say where they are")
+    if not isinstance(z, torch.Tensor) or z.ndim != 2:
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ConfidentError(f"the model's logits: {got}, expected a tensor (B, K); pass logits= (an index, a key, "
+                             "or a function of the model's output) to pick them")
+    return z
+
+
+def _forward(model: nn.Module, xb: torch.Tensor, feed: torch.dtype, logits=None) -> torch.Tensor:
+    """The model's logits (B, K) on a batch, fed in the model's dtype; a model that refuses the batch's shape
+    (e.g. 1-channel images for a 3-channel network) is a ConfidentError naming the shape."""
+    try:
+        out = model(xb.to(feed))
+    except RuntimeError as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise ConfidentError(f"the model failed on images of shape {tuple(xb.shape)}: {str(e).splitlines()[0]} "
+                             "(the detectors feed the channels they are given: pass images as the model takes "
+                             "them)") from e
+    z = _logits_of(out, logits)
+    if z.shape[0] != xb.shape[0]:
+        raise ConfidentError(f"the model's logits: shape {tuple(z.shape)} for {xb.shape[0]} images, expected "
+                             f"({xb.shape[0]}, K)")
+    return z
+
+
+class _EvalMode:
+    """The model in eval mode inside the block, back in the mode it had afterwards (also after an error)."""
+    def __init__(self, model: nn.Module):
+        self.model, self.was = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was)
+
+
+def _grad_leaf(xb: torch.Tensor) -> torch.Tensor:
+    """xb as a fresh leaf that records its gradient (a tensor made under inference_mode is cloned out of it)."""
+    return (xb.clone() if xb.is_inference() else xb.detach()).requires_grad_(True)
+
+
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -1296,57 +1420,87 @@ def _dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
 
 
 @torch.no_grad()
-def baseline_scores(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Hendrycks & Gimpel's detector: max softmax probability, model in eval mode. Returns (N,) on CPU,
-    float32 (float64 for a float64 model)."""
-    _check_images(x)
-    was, dev, (feed, work) = model.training, _device_of(model), _dtypes(model)
-    model.eval()
-    ood_class = getattr(model, "ood_class", False)
-    out = [_score_from_logits(model(to_float(x[s].to(dev), work).to(feed)), 1.0, ood_class).cpu()
-           for s in _batches(len(x), batch_size)]
-    model.train(was)
+def _logit_scores(model: nn.Module, x, batch_size: int, logits, score) -> torch.Tensor:
+    """score(logits) over every batch of x, model in eval mode: (N,) on CPU."""
+    dev, (feed, work) = _device_of(model), _dtypes(model)
+    with _EvalMode(model):
+        out = [score(_forward(model, _as_input(xb, dev, work), feed, logits)).cpu()
+               for xb in _image_batches(x, batch_size)]
     return torch.cat(out)
 
 
-def _odin_grad_sign(model, xb, feed, temperature, ood_class):
+def baseline_scores(model: nn.Module, x, batch_size: int = 500, logits=None) -> torch.Tensor:
+    """Hendrycks & Gimpel's detector: the maximum softmax probability max_k softmax(f(x))_k. x: a tensor
+    (N, C, H, W) or an iterable of batches (`x` or `(x, y)`, e.g. a DataLoader); `logits` says where the logits
+    are when the model returns more (default: the output itself, or its first element). Returns (N,) on CPU,
+    float32 (float64 for a float64 model)."""
+    ood_class = getattr(model, "ood_class", False)
+    return _logit_scores(model, x, batch_size, logits, lambda z: _score_from_logits(z, 1.0, ood_class))
+
+
+def energy_scores(model: nn.Module, x, temperature: float = 1.0, batch_size: int = 500, logits=None) -> torch.Tensor:
+    """The energy score (Liu, Wang, Owens & Li, NeurIPS 2020): the free energy is
+    E(x; f) = -T * log sum_k exp(f_k(x) / T); the score is -E(x; f) = T * logsumexp(f(x) / T), higher for
+    in-distribution inputs; T = 1 as in the paper. Inputs and `logits` as `baseline_scores`. Returns (N,) on
+    CPU, float32 (float64 for a float64 model)."""
+    if not (math.isfinite(float(temperature)) and temperature > 0):
+        raise ConfidentError(f"energy temperature {temperature!r}: expected a finite value > 0")
+    ood_class = getattr(model, "ood_class", False)
+    return _logit_scores(model, x, batch_size, logits, lambda z: _energy_from_logits(z, temperature, ood_class))
+
+
+def maxlogit_scores(model: nn.Module, x, batch_size: int = 500, logits=None) -> torch.Tensor:
+    """MaxLogit (Hendrycks, Basart, Mazeika, Zou, Kwon, Mostajabi, Steinhardt & Song, ICML 2022, "Scaling
+    out-of-distribution detection for real-world settings"): the largest unnormalised logit max_k f_k(x).
+    Inputs and `logits` as `baseline_scores`. Returns (N,) on CPU, float32 (float64 for a float64 model)."""
+    ood_class = getattr(model, "ood_class", False)
+    return _logit_scores(model, x, batch_size, logits, lambda z: _maxlogit_from_logits(z, ood_class))
+
+
+def _odin_grad_sign(model, xb, feed, temperature, ood_class, logits=None):
     """sign(grad_x of the summed CE(f(x)/T, y_hat)) with the ODIN code's convention (>= 0 -> +1), in xb's
     dtype; the model sees xb cast to `feed`, the loss is computed in xb's dtype."""
-    xb = xb.detach().requires_grad_(True)
-    logits = model(xb.to(feed))
-    loss = F.cross_entropy(logits.to(xb.dtype) / temperature, _predicted(logits, ood_class), reduction="sum")
-    (g,) = torch.autograd.grad(loss, xb)
-    return torch.where(g >= 0, 1.0, -1.0).to(xb.dtype), logits.detach()
+    with torch.inference_mode(False), torch.enable_grad():     # also inside no_grad() / inference_mode()
+        xb = _grad_leaf(xb)
+        z = _forward(model, xb, feed, logits)
+        loss = F.cross_entropy(z.to(xb.dtype) / temperature, _predicted(z, ood_class), reduction="sum")
+        (g,) = torch.autograd.grad(loss, xb)
+    return torch.where(g >= 0, 1.0, -1.0).to(xb.dtype), z.detach()
 
 
-def odin_scores(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float,
-                batch_size: int = 500) -> torch.Tensor:
+def odin_scores(model: nn.Module, x, temperature: float, epsilon: float, batch_size: int = 500,
+                logits=None) -> torch.Tensor:
     """ODIN (Liang et al.; paper App. C.3) at one (T, eps), done the plain way: forward, input-gradient
     backward, forward. x' = x - eps * sign(grad_x CE(f(x)/T, y_hat)); score = max softmax(f(x')/T).
-    Summed loss (no underflow at T = 1000), no clamping of x', model in eval mode. x' is computed in fp32
-    (fp64 for a float64 model), then cast to the model's dtype. Returns (N,) on CPU, float32 (float64 for a
-    float64 model)."""
-    _check_images(x)
+    Summed loss (no underflow at T = 1000), no clamping of x', model in eval mode.
+
+    eps is in the units of the images as fed: this module's data are in [0, 1] (uint8 images are divided by
+    255), the paper's and the ODIN code's pixel units. A model that normalises its input ((x - mean) / std)
+    should do so inside its forward: x stays in [0, 1], and the step of eps on x is the ODIN code's
+    sign / std step on the normalised input. Inputs and `logits` as `baseline_scores`; works inside
+    torch.no_grad() and torch.inference_mode() (the input gradient is turned on locally; no parameter gradient is
+    touched). x' is computed in fp32 (fp64 for a float64 model), then cast to the model's dtype. Returns (N,) on
+    CPU, float32 (float64 for a float64 model)."""
     temperature, epsilon = _odin_number(temperature, "temperature"), _odin_number(epsilon, "epsilon")
     if not (math.isfinite(float(temperature)) and temperature > 0):
         raise ConfidentError(f"ODIN temperature {temperature!r}: expected a finite value > 0")
     if not (math.isfinite(float(epsilon)) and epsilon >= 0):
         raise ConfidentError(f"ODIN epsilon {epsilon!r}: expected a finite value >= 0")
-    was, dev, (feed, work) = model.training, _device_of(model), _dtypes(model)
-    model.eval()
+    dev, (feed, work) = _device_of(model), _dtypes(model)
     ood_class = getattr(model, "ood_class", False)
     out = []
-    for s in _batches(len(x), batch_size):
-        xb = to_float(x[s].to(dev), work)
-        sign, _ = _odin_grad_sign(model, xb, feed, temperature, ood_class)
-        with torch.no_grad():
-            out.append(_score_from_logits(model((xb - epsilon * sign).to(feed)), temperature, ood_class).cpu())
-    model.train(was)
+    with _EvalMode(model):
+        for xb in _image_batches(x, batch_size):
+            xb = _as_input(xb, dev, work)
+            sign, _ = _odin_grad_sign(model, xb, feed, temperature, ood_class, logits)
+            with torch.no_grad():
+                z = _forward(model, xb - epsilon * sign, feed, logits)
+                out.append(_score_from_logits(z, temperature, ood_class).cpu())
     return torch.cat(out)
 
 
-def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_size: int = 500,
-              impl: str = "auto") -> torch.Tensor:
+def odin_grid(model: nn.Module, x, temperatures, epsilons, batch_size: int = 500, impl: str = "auto",
+              logits=None) -> torch.Tensor:
     """ODIN scores for every (T, eps) in the fewest passes: (len(T), len(eps), N) on CPU.
 
     The clean logits do not depend on T, so one forward (keeping its graph) gives every eps = 0 score and,
@@ -1354,57 +1508,58 @@ def odin_grid(model: nn.Module, x: torch.Tensor, temperatures, epsilons, batch_s
     backward per T through the kept graph gives sign(grad_x); one forward per T over all eps > 0 at once
     (in batches of `batch_size`) scores the perturbed inputs. Cost: 1 forward + nT backward + nT*(nE-1)
     forward-images, against 3 * nT * nE passes done point by point. Equal to `odin_scores` per point, and
-    in the same dtypes (float64 scores for a float64 model, which always takes the torch path)."""
-    _check_images(x)
+    in the same dtypes (float64 scores for a float64 model, which always takes the torch path). Inputs, eps's
+    units, `logits`, no_grad/inference_mode: as `odin_scores`."""
     Ts, Es = [_odin_number(t, "temperature") for t in temperatures], [_odin_number(e, "epsilon") for e in epsilons]
     if not Ts or not all(math.isfinite(t) and t > 0 for t in Ts):
         raise ConfidentError(f"ODIN temperatures {Ts}: expected a non-empty list of values > 0")
     if not Es or not all(math.isfinite(e) and e >= 0 for e in Es):
         raise ConfidentError(f"ODIN epsilons {Es}: expected a non-empty list of values >= 0")
-    was, dev, (feed, work) = model.training, _device_of(model), _dtypes(model)
-    model.eval()
+    dev, (feed, work) = _device_of(model), _dtypes(model)
     ood_class = getattr(model, "ood_class", False)
     pos = [j for j, e in enumerate(Es) if e > 0]
-    eps_pos = torch.tensor([Es[j] for j in pos], device=dev, dtype=work)
-    out = torch.empty(len(Ts), len(Es), len(x), dtype=work)
-    for s in _batches(len(x), batch_size):
-        xb = to_float(x[s].to(dev), work).requires_grad_(True)
-        B = xb.shape[0]
-        logits = model(xb.to(feed))                                                # (B, K), graph kept
-        z = logits.detach().to(work)
-        use_k = (not ood_class) and work == torch.float32 and _use_triton(z, impl)   # the kernels work in fp32
-        if use_k:
-            clean, gz = _kernels().odin_logit_grads(z, Ts)                         # (nT, B), (nT, B, K)
-        else:
-            y_hat = _predicted(z, ood_class)
-            onehot = F.one_hot(y_hat, z.shape[1]).to(work)
-        for t, T in enumerate(Ts):
+    blocks = []
+    with _EvalMode(model), torch.inference_mode(False), torch.enable_grad():   # the input gradient, always
+        eps_pos = torch.tensor([Es[j] for j in pos], device=dev, dtype=work)
+        for xb in _image_batches(x, batch_size):
+            xb = _grad_leaf(_as_input(xb, dev, work))
+            B = xb.shape[0]
+            out = torch.empty(len(Ts), len(Es), B, dtype=work)
+            z_graph = _forward(model, xb, feed, logits)                            # (B, K), graph kept
+            z = z_graph.detach().to(work)
+            use_k = (not ood_class) and work == torch.float32 and _use_triton(z, impl)   # the kernels work in fp32
             if use_k:
-                score0, g_logits = clean[t], gz[t]
+                clean, gz = _kernels().odin_logit_grads(z, Ts)                     # (nT, B), (nT, B, K)
             else:
-                p = F.softmax(z / T, dim=1)
-                score0 = 1.0 - p[:, -1] if ood_class else p.max(dim=1).values
-                g_logits = (p - onehot) / T                    # d(sum_i -log S_yhat(x_i; T)) / dz
-            for j, e in enumerate(Es):
-                if e == 0:
-                    out[t, j, s] = score0.cpu()
-            if not pos:
-                continue
-            (gx,) = torch.autograd.grad(logits, xb, grad_outputs=g_logits.to(logits.dtype),
-                                        retain_graph=t < len(Ts) - 1)
-            with torch.no_grad():
+                y_hat = _predicted(z, ood_class)
+                onehot = F.one_hot(y_hat, z.shape[1]).to(work)
+            for t, T in enumerate(Ts):
                 if use_k:
-                    xp = _kernels().odin_perturb(xb.detach(), gx, eps_pos.tolist())   # (nE+, B, 3, 32, 32)
+                    score0, g_logits = clean[t], gz[t]
                 else:
-                    sign = torch.where(gx >= 0, 1.0, -1.0)
-                    xp = xb.detach()[None] - eps_pos.view(-1, 1, 1, 1, 1) * sign[None]
-                xp = xp.reshape(-1, *xb.shape[1:])                  # (nE+ * B, 3, 32, 32), in batches:
-                sp = torch.cat([_score_from_logits(model(xp[c].to(feed)), T, ood_class)   # larger ones fall
-                                for c in _batches(len(xp), batch_size)])          # out of cache on a CPU
-                out[t, pos, s] = sp.view(len(pos), B).cpu()
-        del logits
-    model.train(was)
-    return out
+                    p = F.softmax(z / T, dim=1)
+                    score0 = 1.0 - p[:, -1] if ood_class else p.max(dim=1).values
+                    g_logits = (p - onehot) / T                    # d(sum_i -log S_yhat(x_i; T)) / dz
+                for j, e in enumerate(Es):
+                    if e == 0:
+                        out[t, j] = score0.cpu()
+                if not pos:
+                    continue
+                (gx,) = torch.autograd.grad(z_graph, xb, grad_outputs=g_logits.to(z_graph.dtype),
+                                            retain_graph=t < len(Ts) - 1)
+                with torch.no_grad():
+                    if use_k:
+                        xp = _kernels().odin_perturb(xb.detach(), gx, eps_pos.tolist())   # (nE+, B, C, H, W)
+                    else:
+                        sign = torch.where(gx >= 0, 1.0, -1.0)
+                        xp = xb.detach()[None] - eps_pos.view(-1, 1, 1, 1, 1) * sign[None]
+                    xp = xp.reshape(-1, *xb.shape[1:])              # (nE+ * B, C, H, W), in batches:
+                    sp = torch.cat([_score_from_logits(_forward(model, xp[c], feed, logits), T, ood_class)
+                                    for c in _batches(len(xp), batch_size)])   # larger ones fall out of cache
+                    out[t, pos] = sp.view(len(pos), B).cpu()                      # on a CPU
+            del z_graph
+            blocks.append(out)
+    return torch.cat(blocks, dim=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1456,19 +1611,69 @@ def _aupr(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((prev - recall) * precision) + recall[-1] * precision[-1])
 
 
+def _fpr_at_ood_recall(n_in_g: np.ndarray, n_out_g: np.ndarray, recall: float = 0.95,
+                       drop_collinear: bool = False) -> float:
+    """FPR at TPR >= recall with OOD the positive class (the peers' convention): the outlier score is -score,
+    so the ROC runs over the distinct scores from the lowest up (n_in_g, n_out_g: how many in-/out-scores
+    equal each, ascending), starting at (0, 0); a point's TPR is the OOD fraction at or below its score, its FPR
+    the in-distribution fraction there. The FPR of the first point whose TPR reaches `recall`; no interpolation.
+    drop_collinear: first drop the points inside a straight stretch of the curve, as scikit-learn's
+    roc_curve(drop_intermediate=True) does."""
+    tps, fps = np.cumsum(n_out_g), np.cumsum(n_in_g)
+    if drop_collinear and len(tps) > 2:
+        corner = np.concatenate([[True], (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), [True]])
+        tps, fps = tps[corner], fps[corner]
+    tpr = np.concatenate([[0], tps]) / tps[-1]
+    fpr = np.concatenate([[0], fps]) / fps[-1]
+    return float(fpr[np.argmax(tpr >= recall)])
+
+
 def ood_metrics(score_in, score_out) -> dict:
-    """TNR at TPR 95%, AUROC, detection accuracy, AUPR-in and AUPR-out (fractions) with the authors'
-    conventions (README: "Metric conventions"); plus `auroc_tie_aware` (Mann-Whitney, ties count half) and
-    `aupr_in_tie_aware` / `aupr_out_tie_aware` (average precision with every distinct score one threshold, so a
-    group of tied scores enters at once; precision from rates as the authors').
-    AUROC follows the authors' calculate_log.py, not ODIN's calMetric.py: a top score held by both sets
-    earns the in-distribution side nothing. With every score equal (their code divides by zero there):
-    0.5 for AUROC, detection accuracy and both AUPRs, 0 for TNR."""
+    """Detection metrics for scores of in-distribution inputs (score_in) and OOD inputs (score_out), as
+    fractions in [0, 1].
+
+    Scores: one number per input, **higher = more in-distribution** (max softmax, ODIN, energy, MaxLogit all
+    are). **In-distribution is the positive class**, as in the paper and the authors' evaluation code
+    (calculate_log.py): at a threshold d, TPR(d) = P(score_in >= d) and FPR(d) = P(score_out > d), d sweeping
+    [min score, max score) as their code does (the exact limit of its 200,000-step grid). Passing OOD-high
+    scores (a distance, an "outlier score") gives wrong numbers without an error: AUROC comes out as about
+    1 - AUROC and TNR collapses; negate such scores first.
+
+    - `tnr_at_tpr95`: 1 - FPR at TPR 95%, FPR averaged over the thresholds with 0.94 <= TPR <= 0.96 (the
+      authors' code; 0 when no threshold lands in that band). The paper's "TNR at TPR 95%".
+    - `auroc`: area under the (FPR, TPR) curve, rectangles over the sweep and nothing after it (the authors'
+      calculate_log.py, not ODIN's calMetric.py, which adds FPR * TPR at the last threshold): a top score held
+      by both sets earns the in-distribution side nothing.
+    - `detection_acc`: 1 - min over d of (P_in(score < d) + P_out(score > d)) / 2.
+    - `aupr_in`: area under precision-recall with in-distribution positive, precision from rates
+      TPR / (TPR + FPR) (both sets weigh the same whatever their sizes), the authors' rectangle rule.
+    - `aupr_out`: the same with OOD positive (score below the threshold), sweeping down from the top score.
+    - `auroc_tie_aware`: P(s_in > s_out) + P(s_in = s_out) / 2 (Mann-Whitney; scikit-learn's roc_auc_score).
+    - `aupr_in_tie_aware`, `aupr_out_tie_aware`: average precision with every distinct score one threshold, so
+      a group of tied scores enters at once; precision from rates as the authors'.
+    - `fpr95_pytorch_ood`: FPR at TPR 95% as pytorch-ood computes it (utils/metrics.py, `fpr_at_tpr` inside
+      `OODMetrics`): **OOD is the positive class**, outlier score = -score; the ROC over the distinct scores
+      (torchmetrics' binary_roc, ties grouped); the FPR (the fraction of in-distribution inputs taken for OOD)
+      at the first point whose TPR (OOD recall) reaches 0.95; no interpolation. Lower is better.
+      torchmetrics passes scores outside [0, 1] through a sigmoid in their own precision, which can merge
+      nearly equal scores into ties; here the scores are used as given, in float64.
+    - `fpr95_openood`: FPR at TPR 95% as OpenOOD v1.5 computes it (evaluators/metrics.py,
+      `auc_and_fpr_recall`): the same convention (OOD positive, -score, first ROC point with TPR >= 0.95, no
+      interpolation) on scikit-learn's roc_curve, whose default drop_intermediate=True first drops the points
+      inside straight stretches of the curve, so with ties it can land on a later point than pytorch-ood's.
+      Lower is better.
+
+    1 - `tnr_at_tpr95` is a different number from either FPR95: it is the fraction of *OOD* inputs accepted
+    while 95% of the in-distribution ones are, they the fraction of *in-distribution* inputs rejected while 95%
+    of the OOD ones are. With every score equal (the authors' code divides by zero there): 0.5 for AUROC,
+    detection accuracy and both AUPRs, 0 for TNR, 1 for both FPR95s."""
     si, so = _check_scores(score_in, "in-distribution scores"), _check_scores(score_out, "OOD scores")
     u, tpr, fpr, n_in_g, n_out_g = _rate_curves(si, so)
+    peers = dict(fpr95_pytorch_ood=_fpr_at_ood_recall(n_in_g, n_out_g),
+                 fpr95_openood=_fpr_at_ood_recall(n_in_g, n_out_g, drop_collinear=True))
     if len(u) < 2:   # every score equal: no threshold separates anything
         return dict(tnr_at_tpr95=0.0, auroc=0.5, detection_acc=0.5, aupr_in=0.5, aupr_out=0.5,
-                    auroc_tie_aware=0.5, aupr_in_tie_aware=0.5, aupr_out_tie_aware=0.5)
+                    auroc_tie_aware=0.5, aupr_in_tie_aware=0.5, aupr_out_tie_aware=0.5, **peers)
     length = np.diff(u)                                                       # measure of each interval
     # TNR at TPR 95%: 1 - the threshold-averaged FPR over 0.94 <= TPR <= 0.96 (length-weighted = grid limit)
     band = (tpr >= 0.94) & (tpr <= 0.96)
@@ -1497,7 +1702,7 @@ def ood_metrics(score_in, score_out) -> dict:
     return dict(tnr_at_tpr95=1.0 - fpr95, auroc=auroc, detection_acc=1.0 - det_err, aupr_in=aupr_in,
                 aupr_out=aupr_out, auroc_tie_aware=auroc_mw,
                 aupr_in_tie_aware=_average_precision(n_in_g[::-1] / len(si), n_out_g[::-1] / len(so)),
-                aupr_out_tie_aware=_average_precision(n_out_g / len(so), n_in_g / len(si)))
+                aupr_out_tie_aware=_average_precision(n_out_g / len(so), n_in_g / len(si)), **peers)
 
 
 def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -2334,12 +2539,13 @@ def _wrap_ddp(tr: Trainer, device):
 # Evaluation: accuracy, ECE before/after temperature scaling, and every detector x OOD set.
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Logits (N, K) on CPU in eval mode: float32 (float64 for a float64 model), as the detectors score them."""
-    was, dev, (feed, work) = model.training, _device_of(model), _dtypes(model)
-    model.eval()
-    out = [model(to_float(x[s].to(dev), work).to(feed)).to(work).cpu() for s in _batches(len(x), batch_size)]
-    model.train(was)
+def predict_logits(model: nn.Module, x, batch_size: int = 500, logits=None) -> torch.Tensor:
+    """Logits (N, K) on CPU in eval mode: float32 (float64 for a float64 model), as the detectors score them.
+    x and `logits` as the detectors' (a tensor or an iterable of batches; where the logits are in the output)."""
+    dev, (feed, work) = _device_of(model), _dtypes(model)
+    with _EvalMode(model):
+        out = [_forward(model, _as_input(xb, dev, work), feed, logits).to(work).cpu()
+               for xb in _image_batches(x, batch_size)]
     return torch.cat(out)
 
 
@@ -2363,17 +2569,40 @@ def _too_few_to_score(what: str, n: int, v: int, val_size: str = "--val-size") -
     return f"{what}: {n} images, need more than {val_size} {v}"
 
 
+DETECTORS = ("baseline", "odin", "energy", "maxlogit")   # --detectors: the choices, in the tables' order
+
+
+def parse_detectors(text: str) -> list[str]:
+    """--detectors "baseline,odin,...": the named detectors in DETECTORS order, each once."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    bad = [n for n in names if n not in DETECTORS]
+    if bad or not names:
+        raise ConfidentError(f"--detectors {text!r}: expected a comma-separated list of {', '.join(DETECTORS)}")
+    return [d for d in DETECTORS if d in names]
+
+
+def _takes_rgb(model: nn.Module) -> bool:
+    """True when the model's first convolution takes 3 channels (the built-in networks)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv is not None and conv.in_channels == 3
+
+
 def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=print, val_sets=None) -> dict:
     """The paper's protocol: the first `val_size` test images of the in-set and of each OOD set tune ODIN's
-    (T, eps) (minimum detection error) and fit temperature scaling; metrics on the rest. The baseline has
-    nothing to tune and is scored on the same held-out remainder, so both detectors see the same images.
-    Its detection error on each OOD set's validation images is recorded as well ("baseline_val_detection_error"):
-    --tune's grid point and --select-epoch best's epoch are chosen by it (paper App. B)."""
+    (T, eps) (minimum detection error) and fit temperature scaling; metrics on the rest. The other detectors
+    (`cfg.detectors`: baseline, energy with T = 1, MaxLogit) have nothing to tune and are scored on the same
+    held-out remainder, so every detector sees the same images. The baseline's detection error on each OOD
+    set's validation images is recorded whichever detectors are asked for ("baseline_val_detection_error"):
+    --tune's grid point and --select-epoch best's epoch are chosen by it (paper App. B). Grayscale sets go into
+    a model whose first convolution takes 3 channels (the built-in networks) as 3 equal channels."""
+    dets = parse_detectors(cfg.detectors)
     Ts, Es = parse_floats(cfg.temperatures, "Config.temperatures"), parse_floats(cfg.epsilons, "Config.epsilons")
     v = cfg.val_size
     if len(x_in) <= v:
         raise ConfidentError(_too_few_to_score("x_in", len(x_in), v, "Config.val_size") + " (the first val_size "
                              "images of each set tune ODIN and temperature scaling; the rest are scored)")
+    fit = to_rgb if _takes_rgb(model) else (lambda x: x)
+    x_in = fit(x_in)
     ood_class = getattr(model, "ood_class", False)
     t0 = time.time()
     bs = cfg.eval_batch_size
@@ -2388,12 +2617,15 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
            "calibration_temperature": T_cal, "n_in_test": len(x_in) - v, "ood": {}}
     log(f"accuracy {acc:.4f} | ECE {res['ece']:.4f} -> {res['ece_temperature_scaled']:.4f} "
         f"with T = {T_cal:.3f} ({time.time() - t0:.1f}s)")
-    grid_in = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_in, dim=2)   # (nT, nE, N_in)
+    if "odin" in dets:
+        grid_in = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_in, dim=2)   # (nT, nE, N_in)
     base_in = _score_from_logits(logits, 1.0, ood_class)
+    from_logits = {"energy": lambda z: _energy_from_logits(z, 1.0, ood_class),   # Liu et al.: T = 1
+                   "maxlogit": lambda z: _maxlogit_from_logits(z, ood_class)}
     if v > 0:   # validation only: in-set validation images (and, with --val-ood, that set's train split)
         res["validation"] = {"accuracy": float((logits[:v, :K].argmax(1) == y_in[:v]).float().mean()), "ood": {}}
         for name, x_val in (val_sets or {}).items():
-            s_val = _sharded(lambda x: baseline_scores(model, x, bs), x_val)
+            s_val = _sharded(lambda x: baseline_scores(model, x, bs), fit(x_val))
             res["validation"]["ood"][name] = {"baseline": ood_metrics(base_in[:v], s_val), "split": "train",
                                               "n": len(x_val)}
             log(f"validation {name} (train split, seen): baseline TNR "
@@ -2401,56 +2633,76 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
     for name, x_out in ood_sets.items():
         if len(x_out) <= v:
             raise ConfidentError(_too_few_to_score(f"OOD set ood_sets[{name!r}]", len(x_out), v, "Config.val_size"))
+        x_out = fit(x_out)
         t1 = time.time()
-        grid_out = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_out, dim=2)
         base_out = _sharded(lambda x: baseline_scores(model, x, bs), x_out)
-        # ODIN: (T, eps) with the lowest detection error on the validation images (paper App. C.3)
-        best, best_err = (0, 0), 2.0
-        val_err = [[0.0] * len(Es) for _ in Ts]
-        for t in range(len(Ts)):
-            for j in range(len(Es)):
-                err = 1 - ood_metrics(grid_in[t, j, :v], grid_out[t, j, :v])["detection_acc"] if v else 0.0
-                val_err[t][j] = err
-                if err < best_err - 1e-12:
-                    best, best_err = (t, j), err
-        # every grid point's test metrics too, so that (T, eps) can be chosen afterwards without this set's
-        # images (e.g. on the other OOD sets' validation images: ODIN on a strictly unseen set)
-        test_grid = [[ood_metrics(grid_in[a, b, v:], grid_out[a, b, v:]) for b in range(len(Es))]
-                     for a in range(len(Ts))]
-        t, j = best
-        res["ood"][name] = {
-            "baseline": ood_metrics(base_in[v:], base_out[v:]),
-            "odin": {**test_grid[t][j], "temperature": Ts[t], "epsilon": Es[j]},
-            "odin_grid": {"temperatures": Ts, "epsilons": Es, "val_detection_error": val_err,
-                          **{k: [[m[k] for m in row] for row in test_grid] for k in METRIC_KEYS}},
-            "n_out_test": len(x_out) - v,
-            # the baseline's detection error on the validation images: what --tune and --select-epoch best minimise
-            "baseline_val_detection_error": 1 - ood_metrics(base_in[:v], base_out[:v])["detection_acc"] if v else None}
-        log(f"{name}: baseline TNR {res['ood'][name]['baseline']['tnr_at_tpr95']:.3f} | ODIN (T={Ts[t]:g}, "
-            f"eps={Es[j]:g}) TNR {res['ood'][name]['odin']['tnr_at_tpr95']:.3f} ({time.time() - t1:.1f}s)")
+        r = res["ood"][name] = {}
+        if "baseline" in dets:
+            r["baseline"] = ood_metrics(base_in[v:], base_out[v:])
+        if "odin" in dets:
+            grid_out = _sharded(lambda x: odin_grid(model, x, Ts, Es, bs, cfg.impl), x_out, dim=2)
+            # ODIN: (T, eps) with the lowest detection error on the validation images (paper App. C.3)
+            best, best_err = (0, 0), 2.0
+            val_err = [[0.0] * len(Es) for _ in Ts]
+            for t in range(len(Ts)):
+                for j in range(len(Es)):
+                    err = 1 - ood_metrics(grid_in[t, j, :v], grid_out[t, j, :v])["detection_acc"] if v else 0.0
+                    val_err[t][j] = err
+                    if err < best_err - 1e-12:
+                        best, best_err = (t, j), err
+            # every grid point's test metrics too, so that (T, eps) can be chosen afterwards without this set's
+            # images (e.g. on the other OOD sets' validation images: ODIN on a strictly unseen set)
+            test_grid = [[ood_metrics(grid_in[a, b, v:], grid_out[a, b, v:]) for b in range(len(Es))]
+                         for a in range(len(Ts))]
+            t, j = best
+            r["odin"] = {**test_grid[t][j], "temperature": Ts[t], "epsilon": Es[j]}
+            r["odin_grid"] = {"temperatures": Ts, "epsilons": Es, "val_detection_error": val_err,
+                              **{k: [[m[k] for m in row] for row in test_grid] for k in METRIC_KEYS}}
+        if any(d in from_logits for d in dets):
+            logits_out = _sharded(lambda x: predict_logits(model, x, bs), x_out)
+            for d in (d for d in dets if d in from_logits):
+                r[d] = ood_metrics(from_logits[d](logits[v:]), from_logits[d](logits_out[v:]))
+            if "energy" in r:
+                r["energy"]["temperature"] = 1.0
+        r["n_out_test"] = len(x_out) - v
+        # the baseline's detection error on the validation images: what --tune and --select-epoch best minimise
+        r["baseline_val_detection_error"] = 1 - ood_metrics(base_in[:v], base_out[:v])["detection_acc"] if v else None
+        said = {"baseline": lambda m: f"baseline TNR {m['tnr_at_tpr95']:.3f}",
+                "odin": lambda m: f"ODIN (T={m['temperature']:g}, eps={m['epsilon']:g}) TNR {m['tnr_at_tpr95']:.3f}",
+                "energy": lambda m: f"energy TNR {m['tnr_at_tpr95']:.3f}",
+                "maxlogit": lambda m: f"MaxLogit TNR {m['tnr_at_tpr95']:.3f}"}
+        log(f"{name}: " + " | ".join(said[d](r[d]) for d in dets) + f" ({time.time() - t1:.1f}s)")
     return res
 
 
 METRIC_KEYS = ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out")
 TIE_AWARE_KEYS = ("auroc_tie_aware", "aupr_in_tie_aware", "aupr_out_tie_aware")
+PEER_KEYS = ("fpr95_pytorch_ood", "fpr95_openood")      # FPR at TPR 95%, OOD positive, as those libraries compute it
+
+
+def _detectors_in(r: dict) -> list[str]:
+    """The detectors an evaluation recorded, in DETECTORS order."""
+    return [d for d in DETECTORS if d in r]
 
 
 def results_rows(res: dict, cfg: Config, seen: set) -> list[dict]:
     rows = []
     for name, r in res["ood"].items():
-        for det in ("baseline", "odin"):
+        for det in _detectors_in(r):
             row = {"in": cfg.in_data, "out": name, "seen": name in seen, "method": cfg.method,
                    "model": cfg.model, "seed": cfg.seed, "detector": det, "accuracy": res["accuracy"],
                    "ece": res["ece"], "ece_ts": res["ece_temperature_scaled"]}
             row.update({k: r[det][k] for k in METRIC_KEYS + TIE_AWARE_KEYS if k in r[det]})
             row["T"], row["eps"] = r[det].get("temperature", ""), r[det].get("epsilon", "")
+            row.update({k: r[det][k] for k in PEER_KEYS if k in r[det]})
             rows.append(row)
     return rows
 
 
 def _detector_cells(m: dict, det: str) -> str:
-    """One detector's markdown cells: name, the metrics in percent, ODIN's (T, eps)."""
-    te = f"({m['temperature']:g}, {m['epsilon']:g})" if det == "odin" else ""
+    """One detector's markdown cells: name, the metrics in percent, ODIN's (T, eps), the energy score's T."""
+    te = f"({m['temperature']:g}, {m['epsilon']:g})" if det == "odin" else \
+        f"T = {m['temperature']:g}" if det == "energy" else ""
     return f"{det} | " + " | ".join(f"{100 * m[k]:.1f}" for k in METRIC_KEYS) + f" | {te} |"
 
 
@@ -2464,11 +2716,11 @@ def markdown_table(res: dict, cfg: Config, seen: set) -> str:
              f"(T = {res['calibration_temperature']:.3f}).", "",
              "| OOD set | " + METRIC_HEADER, "|---|---|---|---|---|---|---|---|"]
     for name, r in res["ood"].items():
-        for det in ("baseline", "odin"):
+        for det in _detectors_in(r):
             lines.append(f"| {name}{' (seen)' if name in seen else ''} | " + _detector_cells(r[det], det))
     lines += ["", "Percentages; in-distribution positive; the authors' metric conventions (README)."]
     ties = [f"{name} {det} {label} {100 * r[det][k]:.1f} (tie-aware {100 * r[det][k + '_tie_aware']:.1f})"
-            for name, r in res["ood"].items() for det in ("baseline", "odin")
+            for name, r in res["ood"].items() for det in _detectors_in(r)
             for k, label in (("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"))
             if k + "_tie_aware" in r[det] and abs(r[det][k] - r[det][k + "_tie_aware"]) > 0.05]
     if ties:
@@ -2485,7 +2737,7 @@ def markdown_table(res: dict, cfg: Config, seen: set) -> str:
             lines += ["", "| OOD set | epoch | val. det. err. | accuracy | " + METRIC_HEADER,
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
             for name, b in differ.items():
-                for det in ("baseline", "odin"):
+                for det in _detectors_in(b):
                     lines.append(f"| {name}{' (seen)' if name in seen else ''} | {b['epoch']} | "
                                  f"{100 * b['baseline_val_detection_error']:.1f} | {100 * b['accuracy']:.2f} | "
                                  + _detector_cells(b[det], det))
@@ -3028,7 +3280,7 @@ def tuning_markdown(t: dict) -> str:
                                                if t["select_epoch"] == "best" else ""), "",
              "| OOD set | beta | batch | lr | val. det. err. | accuracy | " + METRIC_HEADER, "|---" * 13 + "|"]
     for name, c in t["chosen"].items():
-        for det in ("baseline", "odin"):
+        for det in _detectors_in(c):
             lines.append(f"| {name}{' (seen)' if c['seen_in_training'] else ''} | {c['beta']:g} | {c['batch_size']} | "
                          f"{c['lr']:g} | {100 * c['baseline_val_detection_error']:.1f} | {100 * c['accuracy']:.2f} | "
                          + _detector_cells(c[det], det))

@@ -713,7 +713,7 @@ def load_model(run: Run, mode: str, results: Path) -> nn.Module:
 def scores(run: Run, mode: str, results: Path, sets: list[str]) -> dict[str, np.ndarray]:
     """Max-softmax scores of `run`'s checkpoint on the held-out images of each set (recomputed, not stored)."""
     net = load_model(run, mode, results)
-    return {s: C.baseline_scores(net, test_images(s, mode)).numpy() for s in sets}
+    return {s: C.baseline_scores(net, C.to_rgb(test_images(s, mode))).numpy() for s in sets}
 
 
 def roc(si: np.ndarray, so: np.ndarray):

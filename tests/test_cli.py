@@ -102,10 +102,10 @@ def test_main_checkpoint_reproduces_reported_numbers(e2e):
     model.eval()
     res = json.loads((e2e / "results.json").read_text())
     x_in, y_in = confident.load_uint8("fashion-mnist", "test", DATA)
-    x_in, y_in = x_in[:300], y_in[:300]
+    x_in, y_in = confident.to_rgb(x_in[:300]), y_in[:300]      # grayscale sets: 3 equal channels for vgg13
     logits = confident.predict_logits(model, x_in)
     assert float((logits[100:].argmax(1) == y_in[100:]).float().mean()) == pytest.approx(res["accuracy"], abs=1e-6)
-    x_out = confident.load_uint8("mnist", "test", DATA)[0][:300]
+    x_out = confident.to_rgb(confident.load_uint8("mnist", "test", DATA)[0][:300])
     m = confident.ood_metrics(confident.baseline_scores(model, x_in[100:]), confident.baseline_scores(model, x_out[100:]))
     for k in METRICS:
         assert m[k] == pytest.approx(res["ood"]["mnist"]["baseline"][k], abs=1e-6), k
@@ -224,9 +224,44 @@ def test_every_method_runs_one_tiny_epoch(tmp_path, cached_loads, method):
     assert {r["seen"] for r in rows} == ({"True"} if method in ("conf", "kplus1") else {"False"})
 
 
+def test_detectors_flag_prints_and_records_every_detector(tmp_path, cached_loads, capsys):
+    """--detectors baseline,odin,energy,maxlogit: each detector on each OOD set in the printed table, results.md,
+    results.csv (one row each) and results.json (ood.<set>.<detector>); energy and MaxLogit recomputed from the
+    checkpoint by their papers' definitions on the same held-out images."""
+    out = tmp_path / "four"
+    confident.main(["--in", "fashion-mnist", "--out", "mnist", "--width", "0.0625", "--epochs", "1",
+                    "--train-limit", "128", "--eval-limit", "150", "--val-size", "50", "--extra-ood", "gaussian",
+                    "--temperatures", "1,1000", "--epsilons", "0,0.001", "--impl", "torch", "--data-root", str(DATA),
+                    "--detectors", "baseline,odin,energy,maxlogit", "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    rows = list(csv.DictReader(io_lines(out / "results.csv")))
+    md = (out / "results.md").read_text()
+    dets = ("baseline", "odin", "energy", "maxlogit")
+    for name in ("mnist", "gaussian"):
+        assert [d for d in res["ood"][name] if d in dets] == list(dets)
+        assert [r["detector"] for r in rows if r["out"] == name] == list(dets)
+        for d in dets:
+            assert re.search(rf"\| {name} \| {d} \| ", md) and re.search(rf"\| {name} \| {d} \| ", printed), (name, d)
+            for k in METRICS + ("fpr95_pytorch_ood", "fpr95_openood"):
+                assert 0.0 <= res["ood"][name][d][k] <= 1.0
+    # the same held-out images and the same scores: the API's detectors on the checkpoint, in the run's memory
+    # format (the CPU's channels-last) so that every score is bit-identical and no tie moves (this 1-epoch model's
+    # scores are nearly constant); test_detectors.py checks the detectors against their papers' definitions
+    model = confident.build_classifier("vgg13", 10, 0.0625).to(memory_format=torch.channels_last)
+    model.load_state_dict(_load_state(out / "checkpoint.pt"))
+    x_in = confident.to_rgb(confident.load_uint8("fashion-mnist", "test", DATA)[0][:150])
+    x_out = confident.to_rgb(confident.load_uint8("mnist", "test", DATA)[0][:150])
+    for d, f in (("energy", confident.energy_scores), ("maxlogit", confident.maxlogit_scores),
+                 ("baseline", confident.baseline_scores)):
+        want = confident.ood_metrics(f(model, x_in)[50:], f(model, x_out)[50:])
+        for k in METRICS:
+            assert res["ood"]["mnist"][d][k] == pytest.approx(want[k], abs=1e-9), (d, k)
+
+
 def test_run_rejects_bad_config_before_writing(tmp_path):
     for kw in (dict(method="nope"), dict(in_data="gaussian"), dict(beta=-0.5), dict(temperatures="1,0"),
-               dict(epsilons="-0.1"), dict(width=0.0), dict(out_data="imagenet")):
+               dict(epsilons="-0.1"), dict(width=0.0), dict(out_data="imagenet"), dict(detectors="odin,knn")):
         with pytest.raises(ConfidentError):
             confident.run(dataclasses.replace(_tiny("ce", tmp_path / "bad"), **kw), log=_quiet)
     assert not (tmp_path / "bad").exists()
@@ -264,12 +299,13 @@ BAD_CLI = {
     "in": (["--in", "imagenet"], "imagenet"),
     "beta": (["--beta", "-0.5"], "beta"),
     "temperatures": (["--temperatures", "0"], "temperatures"),
+    "detectors": (["--detectors", "baseline,mahalanobis"], "--detectors"),
 }
 
 
 @pytest.fixture(scope="module")
 def bad_cli_runs(tmp_path_factory):
-    """All four bad invocations at once (each pays for importing torch)."""
+    """All the bad invocations at once (each pays for importing torch)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = {}
     base = tmp_path_factory.mktemp("badcli")

@@ -1,6 +1,9 @@
 """Detectors: the max-softmax baseline, ODIN against a one-image-at-a-time reference, the batched ODIN grid
 against ODIN point by point, the K+1-class score, bad (T, eps), the model's train/eval mode, and models in
 bf16, fp16 and float64."""
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,11 +60,15 @@ def test_baseline_scores_equal_max_softmax(images):
     assert float(got.min()) >= 0.1 - 1e-6 and float(got.max()) <= 1.0
 
 
-def test_baseline_scores_on_uint8_and_grayscale_match_float_rgb():
-    model = _model()
+def test_baseline_scores_on_uint8_match_float_and_grayscale_is_not_copied_to_rgb():
+    model = _model()                                           # a 3-channel network
     x8 = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
     xf = (x8.float() / 255).expand(-1, 3, -1, -1)
-    torch.testing.assert_close(baseline_scores(model, x8), baseline_scores(model, xf), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ConfidentError, match=r"shape \(6, 1, 32, 32\).*channels"):
+        baseline_scores(model, x8)                             # fed as given: the network's conv refuses it
+    torch.testing.assert_close(baseline_scores(model, confident.to_rgb(x8)), baseline_scores(model, xf),
+                               atol=1e-6, rtol=1e-6)
+    assert confident.to_rgb(x8).data_ptr() == x8.data_ptr()   # a view, no copy
 
 
 @pytest.mark.parametrize("T,eps", [(1, 0.0), (1, 0.001), (10, 0.01), (1000, 0.0014), (1000, 0.0)])
@@ -366,3 +373,271 @@ def test_odin_point_and_temperature_are_chosen_on_validation_images_only():
     assert res["ece_temperature_scaled"] == pytest.approx(
         confident.expected_calibration_error(torch.softmax(logits[v:] / T_val, 1), y_in[v:]))
     assert res["n_in_test"] == 40 and res["ood"]["mine"]["n_out_test"] == 40
+
+
+def test_evaluate_scores_every_requested_detector_on_the_held_out_images():
+    """--detectors: energy (T = 1) and MaxLogit on the same held-out images as the baseline and ODIN, from the
+    papers' definitions; asking for them changes nothing of the baseline's and ODIN's numbers."""
+    model, x_in, y_in, x_out, cfg = _protocol_case()
+    v = cfg.val_size
+    quiet = lambda *a: None                                                      # noqa: E731
+    default = confident.evaluate(model, x_in, y_in, {"mine": x_out}, cfg, log=quiet)
+    cfg4 = dataclasses.replace(cfg, detectors="maxlogit,energy,baseline,odin")
+    logs = []
+    res = confident.evaluate(model, x_in, y_in, {"mine": x_out}, cfg4, log=logs.append)
+    r = res["ood"]["mine"]
+    assert list(r)[:4] == ["baseline", "odin", "odin_grid", "energy"] and "maxlogit" in r
+    assert {k: v_ for k, v_ in r.items() if k not in ("energy", "maxlogit")} == default["ood"]["mine"]
+    with torch.no_grad():
+        z_in, z_out = model(x_in).double(), model(x_out).double()
+    energy = lambda z: -(-1.0 * torch.log(torch.exp(z / 1.0).sum(1)))           # noqa: E731  -E(x; f), T = 1
+    maxlogit = lambda z: z.max(1).values                                        # noqa: E731
+    for det, f in (("energy", energy), ("maxlogit", maxlogit)):
+        want = confident.ood_metrics(f(z_in)[v:], f(z_out)[v:])
+        for k in confident.METRIC_KEYS + confident.PEER_KEYS:
+            assert r[det][k] == pytest.approx(want[k], abs=1e-6), (det, k)
+    assert r["energy"]["temperature"] == 1.0
+    assert "energy TNR" in logs[-1] and "MaxLogit TNR" in logs[-1] and "ODIN (T=" in logs[-1]
+    only = confident.evaluate(model, x_in, y_in, {"mine": x_out}, dataclasses.replace(cfg, detectors="energy"),
+                              log=quiet)["ood"]["mine"]
+    assert "odin" not in only and "baseline" not in only and only["energy"] == r["energy"]
+    assert only["baseline_val_detection_error"] == r["baseline_val_detection_error"]   # --tune's criterion stays
+    with pytest.raises(ConfidentError, match="--detectors"):
+        confident.evaluate(model, x_in, y_in, {"mine": x_out}, dataclasses.replace(cfg, detectors="odin,mahalanobis"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Energy score and MaxLogit against their papers' definitions, written out here:
+# Liu, Wang, Owens & Li (NeurIPS 2020), Eq. (1)-(2): the free energy E(x; f) = -T * log sum_i exp(f_i(x) / T),
+# and the detector keeps inputs with -E(x; f) above a threshold (higher = in-distribution).
+# Hendrycks et al. (ICML 2022): MaxLogit = max_k f_k(x), the largest unnormalised logit.
+
+def _paper_energy(z, T):
+    z = z.double()
+    return -(-T * torch.log(torch.sum(torch.exp(z / T), dim=1)))
+
+
+@pytest.mark.parametrize("T", [1.0, 0.5, 10.0])
+def test_energy_scores_are_minus_the_free_energy(images, T):
+    model = _model()
+    with torch.no_grad():
+        z = model(images)
+    got = confident.energy_scores(model, images, temperature=T, batch_size=7)
+    assert got.shape == (20,) and got.dtype == torch.float32 and got.device.type == "cpu"
+    torch.testing.assert_close(got.double(), _paper_energy(z, T), atol=1e-4, rtol=1e-6)
+
+
+def test_maxlogit_scores_are_the_largest_logit(images):
+    model = _model()
+    with torch.no_grad():
+        z = model(images)
+    got = confident.maxlogit_scores(model, images, batch_size=7)
+    torch.testing.assert_close(got, torch.tensor([max(row.tolist()) for row in z]), atol=1e-6, rtol=1e-6)
+
+
+def test_energy_and_maxlogit_of_a_k_plus_1_model_use_its_k_logits(images):
+    model = _model("simple_cnn", ood_class=True)
+    with torch.no_grad():
+        z = model(images)[:, :10]                              # the K in-distribution logits, not the OOD class
+    torch.testing.assert_close(confident.energy_scores(model, images).double(), _paper_energy(z, 1.0),
+                               atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(confident.maxlogit_scores(model, images), z.max(1).values, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("T", [0.0, -1.0, float("nan"), float("inf")])
+def test_energy_refuses_bad_temperature(images, T):
+    with pytest.raises(ConfidentError, match="energy temperature"):
+        confident.energy_scores(_model(), images, temperature=T)
+
+
+# ------------------------------------------------------------------------------------------------
+# Detectors the way PyTorch users call them: a DataLoader or any iterable of batches, inside torch.no_grad()
+# and torch.inference_mode(), on a 1-channel model, on a model that returns more than its logits.
+
+def _every_detector(model, x, **kw):
+    """Every detector (and predict_logits) on x: {name: tensor}."""
+    return {"baseline": baseline_scores(model, x, **kw), "energy": confident.energy_scores(model, x, **kw),
+            "maxlogit": confident.maxlogit_scores(model, x, **kw), "odin": odin_scores(model, x, 10, 0.001, **kw),
+            "odin_grid": odin_grid(model, x, [1, 10], [0, 0.001], impl="torch", **kw),
+            "logits": predict_logits(model, x, **kw)}
+
+
+def _assert_same(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-6, msg=k)
+
+
+def test_detectors_take_a_dataloader_or_any_iterable_of_batches(images):
+    from torch.utils.data import DataLoader, TensorDataset
+    model = _model()
+    y = torch.arange(20) % 10
+    want = _every_detector(model, images)
+    _assert_same(_every_detector(model, DataLoader(TensorDataset(images, y), batch_size=7)), want)   # (x, y)
+    _assert_same(_every_detector(model, DataLoader(TensorDataset(images), batch_size=6)), want)      # [x]
+    _assert_same(_every_detector(model, DataLoader(images, batch_size=8)), want)                     # x
+    _assert_same(_every_detector(model, [images[:5], images[5:]]), want)                             # a list
+    _assert_same(_every_detector(model, [(images[:12], y[:12]), (images[12:], y[12:])]), want)
+    with pytest.raises(ConfidentError, match="TensorDataset.*pass a DataLoader"):
+        baseline_scores(model, TensorDataset(images, y))                                            # not batched
+    with pytest.raises(ConfidentError, match="batch 0: one image of shape .* DataLoader"):
+        baseline_scores(model, [images[0], images[1]])
+    x8 = (images * 255).round().to(torch.uint8)
+    _assert_same(_every_detector(model, [(x8[i:i + 3], y[i:i + 3]) for i in range(0, 20, 3)]),       # uint8
+                 _every_detector(model, x8))
+    gen = ((x8[i:i + 3], y[i:i + 3]) for i in range(0, 20, 3))                                          # one pass
+    torch.testing.assert_close(baseline_scores(model, gen), baseline_scores(model, x8), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [([], "empty"), ([torch.rand(3, 32, 32)], r"batch 0.*\(N, C, H, W\)"),
+                                       ([torch.rand(2, 3, 32, 32), torch.zeros(2, 3, 32, 32, dtype=torch.int64)],
+                                        "batch 1.*int64"),
+                                       ([np.zeros((2, 3, 32, 32))], "batch 0.*ndarray"), (42, "int")])
+def test_bad_batches_are_refused_and_the_model_mode_restored(bad, match):
+    model = _model().train()
+    for fn in (lambda x: baseline_scores(model, x), lambda x: odin_scores(model, x, 1, 0.001),
+               lambda x: odin_grid(model, x, [1], [0, 0.001], impl="torch"),
+               lambda x: confident.energy_scores(model, x), lambda x: predict_logits(model, x)):
+        with pytest.raises(ConfidentError, match=match):
+            fn(list(bad) if isinstance(bad, list) else bad)
+        assert model.training and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_detectors_work_inside_no_grad_and_inference_mode(images, mode):
+    model = _model()
+    want = _every_detector(model, images)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with ctx():
+        got = _every_detector(model, images)
+        x_made_inside = images.clone()                         # under inference_mode: an inference tensor
+        got_inside = _every_detector(model, x_made_inside)
+    _assert_same(got, want, atol=0)
+    _assert_same(got_inside, want, atol=0)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+class _Gray(torch.nn.Module):
+    """A 1-channel CNN with BatchNorm (not one of this module's networks)."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, stride=2, padding=1), torch.nn.BatchNorm2d(6),
+                                        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+        self.head = torch.nn.Linear(24, 5)
+        with torch.no_grad():
+            self.head.weight.mul_(15)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_a_one_channel_model_gets_one_channel():
+    model = _Gray().eval()
+    x = torch.rand(9, 1, 28, 28)
+    with torch.no_grad():
+        z = model(x)
+    got = _every_detector(model, x, batch_size=4)
+    torch.testing.assert_close(got["logits"], z, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["baseline"], torch.softmax(z, 1).max(1).values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["odin"], _odin_reference(model, x, 10, 0.001), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["odin_grid"][1, 1], got["odin"], atol=1e-5, rtol=0)
+    x8 = (x * 255).round().to(torch.uint8)                     # uint8 images: scaled to [0, 1], still 1 channel
+    torch.testing.assert_close(baseline_scores(model, x8), baseline_scores(model, x8.float() / 255), atol=0, rtol=0)
+    with pytest.raises(ConfidentError, match=r"shape \(9, 3, 28, 28\)"):
+        baseline_scores(model, x.expand(-1, 3, -1, -1))
+
+
+class _Returns(torch.nn.Module):
+    """Wraps a classifier so that it returns its logits inside a tuple, a list or a dict."""
+    def __init__(self, net, how):
+        super().__init__()
+        self.net, self.how = net, how
+
+    def forward(self, x):
+        z = self.net(x)
+        feats = torch.ones(len(x), 7, dtype=z.dtype, device=z.device)
+        return {"tuple": lambda: (z, feats), "list": lambda: [z, feats], "second": lambda: (feats, z),
+                "dict": lambda: {"features": feats, "logits": z}, "other": lambda: {"out": z, "aux": feats},
+                "3d": lambda: z[:, :, None]}[self.how]()
+
+
+@pytest.mark.parametrize("how,logits", [("tuple", None), ("list", None), ("dict", None), ("second", 1),
+                                        ("other", "out"), ("other", lambda out: out["out"])])
+def test_a_model_returning_more_than_logits(images, how, logits):
+    net = _model()
+    want = _every_detector(net, images)
+    _assert_same(_every_detector(_Returns(net, how), images, logits=logits), want, atol=0)
+    with torch.inference_mode():
+        _assert_same(_every_detector(_Returns(net, how), images, logits=logits), want, atol=0)
+
+
+@pytest.mark.parametrize("how,logits,match", [("other", None, r"keys \['out', 'aux'\].*logits="),
+                                              ("tuple", 5, "logits=5"), ("other", "logits", "logits='logits'"),
+                                              ("3d", None, r"\(20, 10, 1\).*logits=")])
+def test_a_model_output_without_logits_where_looked_is_a_clear_error(images, how, logits, match):
+    model = _Returns(_model(), how)
+    for fn in (lambda: baseline_scores(model, images, logits=logits),
+               lambda: odin_scores(model, images, 10, 0.001, logits=logits),
+               lambda: odin_grid(model, images, [10], [0.001], impl="torch", logits=logits)):
+        with pytest.raises(ConfidentError, match=match):
+            fn()
+
+
+class _Normalised(torch.nn.Module):
+    """(x - mean) / std inside the model, then the network: images stay in [0, 1] outside."""
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+def test_odin_eps_on_a_model_that_normalises_inside_is_the_odin_codes_step():
+    """The ODIN code feeds normalised images and divides its gradient sign by each channel's std, so that eps is
+    a step in [0, 1] pixel units: x_n' = x_n - eps * sign(grad_{x_n}) / std. With the normalisation inside the
+    model the detectors' x' = x - eps * sign(grad_x) is the same step."""
+    net, T, eps = _tiny_cnn(), 10.0, 0.004
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    model = _Normalised(net, mean, std).eval()
+    x = torch.rand(10, 3, 32, 32)
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    xn = ((x - m) / s).requires_grad_(True)
+    logits = net(xn)
+    F.cross_entropy(logits / T, logits.detach().argmax(1), reduction="sum").backward()
+    sign = torch.where(xn.grad >= 0, 1.0, -1.0)
+    with torch.no_grad():
+        want = torch.softmax(net(xn.detach() - eps * sign / s) / T, 1).max(1).values
+    torch.testing.assert_close(odin_scores(model, x, T, eps), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(odin_grid(model, x, [T], [eps], impl="torch")[0, 0], want, atol=1e-5, rtol=0)
+
+
+def test_odin_grid_kernels_take_one_channel_batches_from_a_loader():
+    """The Triton path (tests/conftest.py: the CPU interpreter) on 1-channel images from an iterable: the same
+    scores as the torch path."""
+    model = _Gray().eval()
+    x = torch.rand(6, 1, 16, 16)
+    batches = [(x[:4], None), (x[4:], None)]
+    torch.testing.assert_close(odin_grid(model, batches, [1, 10], [0, 0.002], impl="triton"),
+                               odin_grid(model, x, [1, 10], [0, 0.002], impl="torch"), atol=1e-5, rtol=0)
+
+
+def test_evaluate_feeds_a_one_channel_model_one_channel():
+    """evaluate copies grayscale sets to 3 channels only for a model whose first convolution takes 3 (the
+    built-in networks); a 1-channel model gets its 1 channel, and its scores are those of the detectors."""
+    model = _Gray().eval()
+    g = torch.Generator().manual_seed(2)
+    x_in, x_out = torch.rand(40, 1, 16, 16, generator=g), torch.rand(40, 1, 16, 16, generator=g) * 0.5
+    y_in = torch.randint(0, 5, (40,), generator=g)
+    cfg = confident.Config(in_data="mine", out_data="other", val_size=10, temperatures="1,10", epsilons="0,0.002",
+                           impl="torch", detectors="baseline,odin,maxlogit")
+    res = confident.evaluate(model, x_in, y_in, {"other": x_out}, cfg, log=lambda *a: None)
+    want = confident.ood_metrics(baseline_scores(model, x_in)[10:], baseline_scores(model, x_out)[10:])
+    assert res["ood"]["other"]["baseline"]["auroc"] == pytest.approx(want["auroc"], abs=1e-9)
+    ml = confident.maxlogit_scores
+    want = confident.ood_metrics(ml(model, x_in)[10:], ml(model, x_out)[10:])
+    assert res["ood"]["other"]["maxlogit"]["auroc"] == pytest.approx(want["auroc"], abs=1e-9)

@@ -130,7 +130,7 @@ def test_amp_training_learns_like_fp32():
     for amp in (False, True):
         cfg = confident.Config(method="ce", model="simple_cnn", width=0.25, epochs=2, lr=1e-3, amp=amp, impl="torch")
         tr = confident.train(cfg, x, y, log=lambda *a: None)
-        logits = confident.predict_logits(tr.raw["net"], xt)
+        logits = confident.predict_logits(tr.raw["net"], confident.to_rgb(xt))
         acc[amp] = float((logits.argmax(1) == yt).float().mean())
     assert acc[False] > 0.5 and acc[True] > 0.5, acc
     assert abs(acc[True] - acc[False]) < 0.03, acc

@@ -270,7 +270,11 @@ def test_ood_metrics_all_scores_equal():
     got = ood_metrics(np.full(5, 0.7), np.full(8, 0.7))
     assert got == dict(tnr_at_tpr95=0.0, auroc=0.5, detection_acc=0.5, aupr_in=0.5, aupr_out=0.5,
                        auroc_tie_aware=0.5,             # one tied group: half of every pair
-                       aupr_in_tie_aware=0.5, aupr_out_tie_aware=0.5)   # one threshold, precision 1 / (1 + 1)
+                       aupr_in_tie_aware=0.5, aupr_out_tie_aware=0.5,   # one threshold, precision 1 / (1 + 1)
+                       fpr95_pytorch_ood=1.0, fpr95_openood=1.0)        # ROC (0, 0), (1, 1): the second point
+    si, so = np.full(5, 0.7), np.full(8, 0.7)
+    assert got["fpr95_pytorch_ood"] == pytest.approx(pytorch_ood_fpr_at_tpr(si, so))
+    assert got["fpr95_openood"] == pytest.approx(openood_fpr_recall(si, so))
 
 
 def test_ood_metrics_perfect_separation_all_one():
@@ -457,3 +461,123 @@ def test_fit_temperature_is_one_for_calibrated_logits():
     z = torch.randn(6000, 10, generator=g) * 2
     y = torch.multinomial(torch.softmax(z, 1), 1, generator=g)[:, 0]
     assert fit_temperature(z, y) == pytest.approx(1.0, rel=0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# FPR at TPR 95% as the two libraries most PyTorch users compare with compute it, each transcribed from its own
+# code (written out here from reading it). Both treat OOD as the positive class and take an outlier score
+# (higher = more OOD); ours is -score.
+#
+# pytorch-ood, src/pytorch_ood/utils/metrics.py: `OODMetrics._compute` maps OOD (label < 0) to 1 and ID to 0 and
+# calls `fpr_at_tpr(scores, labels)`, which takes torchmetrics' `binary_roc(pred, target)` (functional/
+# classification/roc.py `_binary_roc_compute` on precision_recall_curve.py `_binary_clf_curve`: predictions
+# outside [0, 1] go through a sigmoid; sorted descending; one point per distinct value with cumulative TP and
+# FP counts; a (0, 0) point prepended; TPR = TP / TP[-1], FPR = FP / FP[-1]), then
+# idx = torch.searchsorted(tpr, 0.95) (the first TPR >= 0.95) and returns fpr[idx] (fpr[idx - 1] if idx is past
+# the end). No interpolation.
+
+def pytorch_ood_fpr_at_tpr(score_in, score_out, k=0.95):
+    outlier = -torch.cat([torch.as_tensor(score_in, dtype=torch.float64),
+                          torch.as_tensor(score_out, dtype=torch.float64)])
+    target = torch.cat([torch.zeros(len(score_in), dtype=torch.long), torch.ones(len(score_out), dtype=torch.long)])
+    # OODMetrics._compute: a stable sort first
+    outlier, idx = torch.sort(outlier, stable=True)
+    target = target[idx]
+    # binary_roc -> _binary_precision_recall_curve_format: sigmoid unless every prediction is in [0, 1]
+    preds = outlier
+    if not torch.all((0 <= preds) * (preds <= 1)):
+        preds = preds.sigmoid()
+    # _binary_clf_curve
+    order = torch.argsort(preds, descending=True)
+    preds, target = preds[order], target[order]
+    distinct = torch.where(preds[1:] - preds[:-1])[0]
+    threshold_idxs = F.pad(distinct, [0, 1], value=target.size(0) - 1)
+    tps = torch.cumsum(target, dim=0)[threshold_idxs]
+    fps = 1 + threshold_idxs - tps
+    # _binary_roc_compute
+    tps = torch.cat([torch.zeros(1, dtype=tps.dtype), tps])
+    fps = torch.cat([torch.zeros(1, dtype=fps.dtype), fps])
+    fpr, tpr = fps / fps[-1], tps / tps[-1]
+    # fpr_at_tpr
+    i = torch.searchsorted(tpr, k)
+    if i == fpr.shape[0]:
+        return float(fpr[i - 1])
+    return float(fpr[i])
+
+
+# OpenOOD v1.5, openood/evaluators/metrics.py `auc_and_fpr_recall(conf, label, tpr_th)`: ood_indicator = 1 where
+# label == -1; `fpr_list, tpr_list, _ = sklearn.metrics.roc_curve(ood_indicator, -conf)`;
+# fpr = fpr_list[np.argmax(tpr_list >= tpr_th)] with tpr_th = 0.95. scikit-learn's roc_curve (metrics/_ranking.py)
+# with its default drop_intermediate=True: `_binary_clf_curve` (stable descending sort, the last index of each
+# distinct value, cumulative TP, FP = 1 + index - TP), then the points whose second differences of FP and TP are
+# both 0 are dropped (first and last kept), then a (0, 0) point is prepended; FPR = FP / FP[-1], TPR = TP / TP[-1].
+
+def openood_fpr_recall(score_in, score_out, tpr_th=0.95):
+    conf = np.concatenate([np.asarray(score_in, np.float64), np.asarray(score_out, np.float64)])
+    label = np.concatenate([np.zeros(len(score_in), int), np.full(len(score_out), -1)])
+    ood_indicator = np.zeros_like(label)
+    ood_indicator[label == -1] = 1
+    y_true, y_score = ood_indicator, -conf
+    # _binary_clf_curve
+    desc = np.argsort(y_score, kind="mergesort")[::-1]
+    y_score, y_true = y_score[desc], y_true[desc]
+    distinct_value_indices = np.where(np.diff(y_score))[0]
+    threshold_idxs = np.r_[distinct_value_indices, y_true.size - 1]
+    tps = np.cumsum(y_true * 1.0)[threshold_idxs]
+    fps = 1 + threshold_idxs - tps
+    # roc_curve, drop_intermediate=True
+    if len(fps) > 2:
+        optimal_idxs = np.where(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])[0]
+        fps, tps = fps[optimal_idxs], tps[optimal_idxs]
+    tps, fps = np.r_[0, tps], np.r_[0, fps]
+    fpr_list, tpr_list = fps / fps[-1], tps / tps[-1]
+    return float(fpr_list[np.argmax(tpr_list >= tpr_th)])
+
+
+def _peer_cases():
+    rng = np.random.default_rng(11)
+    yield rng.normal(1, 1, 200), rng.normal(0, 1, 150)                     # continuous, distinct
+    yield rng.random(1000), rng.random(37)                                  # overlapping, unequal sizes
+    yield rng.integers(0, 6, 300) / 5, rng.integers(0, 4, 90) / 5           # heavy ties, in [0, 1]: no sigmoid
+    yield np.minimum(1, rng.random(400) * 3), np.minimum(1, rng.random(100) * 1.2)   # saturated tops tied at 1
+    yield rng.normal(5, 2, 20), rng.normal(3, 2, 20)                        # 19/20 = 0.95 exactly reachable
+    yield rng.normal(0, 1, 64), rng.normal(3, 1, 64)                        # OOD-high scores: near-total failure
+    # a tie group straddling 95% OOD recall inside a straight stretch of the ROC: scikit-learn drops that point
+    yield np.r_[np.full(18, 5.0), [0.1, 0.2]], np.r_[np.full(18, -5.0), [0.1, 0.2]]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_fpr95_matches_pytorch_ood_and_openood(case):
+    si, so = list(_peer_cases())[case]
+    got = ood_metrics(si, so)
+    # torchmetrics divides integer counts into float32 rates: equal to float32 precision
+    assert got["fpr95_pytorch_ood"] == pytest.approx(pytorch_ood_fpr_at_tpr(si, so), abs=1e-7)
+    assert got["fpr95_openood"] == pytest.approx(openood_fpr_recall(si, so), abs=1e-12)
+    # the same numbers from torch float32 scores (pytorch-ood's usual input) and from plain lists
+    got32 = ood_metrics(torch.tensor(si, dtype=torch.float32), torch.tensor(so, dtype=torch.float32).tolist())
+    si32, so32 = np.float32(si).astype(np.float64), np.float32(so).astype(np.float64)
+    assert got32["fpr95_pytorch_ood"] == pytest.approx(pytorch_ood_fpr_at_tpr(si32, so32), abs=1e-7)
+    assert got32["fpr95_openood"] == pytest.approx(openood_fpr_recall(si32, so32), abs=1e-12)
+
+
+def test_fpr95_conventions_differ_where_the_sources_differ():
+    """The straddling tie group: pytorch-ood stops at the point inside the straight stretch, scikit-learn (OpenOOD)
+    has dropped it and lands on the next one; and neither is 1 - the paper's TNR at TPR 95%, whose positive class
+    is the in-distribution."""
+    si, so = list(_peer_cases())[6]
+    got = ood_metrics(si, so)
+    assert got["fpr95_pytorch_ood"] == pytest.approx(0.05) and got["fpr95_openood"] == pytest.approx(0.10)
+    rng = np.random.default_rng(5)
+    si, so = rng.normal(2, 1, 500), rng.normal(0, 1.5, 500)
+    got = ood_metrics(si, so)
+    assert abs((1 - got["tnr_at_tpr95"]) - got["fpr95_pytorch_ood"]) > 0.05
+    assert got["fpr95_pytorch_ood"] == pytest.approx(got["fpr95_openood"])      # distinct scores: no dropped point
+
+
+def test_ood_high_scores_give_mirrored_numbers_not_an_error():
+    """The docstring's warning, checked: scores with the wrong direction are not detected; negating them fixes it."""
+    rng = np.random.default_rng(2)
+    si, so = rng.normal(0, 1, 300), rng.normal(2, 1, 300)          # an "outlier score": OOD high
+    wrong, right = ood_metrics(si, so), ood_metrics(-si, -so)
+    assert right["auroc_tie_aware"] > 0.85
+    assert wrong["auroc_tie_aware"] == pytest.approx(1 - right["auroc_tie_aware"])

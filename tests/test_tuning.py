@@ -75,8 +75,8 @@ def test_tune_validation_error_is_the_baseline_on_the_first_val_size_images(tune
     c = _json(tuned / "tuning.json")["chosen"]["mnist"]
     model = confident.build_classifier("vgg13", 10, 0.0625)
     model.load_state_dict(torch.load(tuned / c["dir"] / "checkpoint.pt", map_location="cpu", weights_only=True))
-    x_in = confident.load_uint8("fashion-mnist", "test", DATA)[0][:V]
-    x_out = confident.load_uint8("mnist", "test", DATA)[0][:V]
+    x_in = confident.to_rgb(confident.load_uint8("fashion-mnist", "test", DATA)[0][:V])    # 3 channels for vgg13
+    x_out = confident.to_rgb(confident.load_uint8("mnist", "test", DATA)[0][:V])
     m = confident.ood_metrics(confident.baseline_scores(model, x_in), confident.baseline_scores(model, x_out))
     assert 1 - m["detection_acc"] == pytest.approx(c["baseline_val_detection_error"], abs=1e-9)
 
