@@ -30,6 +30,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import functools
 import errno
 import gzip
 import hashlib
@@ -3220,6 +3221,70 @@ def _check_same_point(cfg: Config, folder: Path) -> None:
                                  "expected the same settings (or another --output-dir)")
 
 
+def run_status(out_dir) -> str:
+    """What a run folder holds: "done" (its results.json), "resume" (an unfinished run's train_state.pt) or "new"."""
+    out_dir = Path(out_dir)
+    if (out_dir / "results.json").exists():
+        return "done"
+    return "resume" if (out_dir / "train_state.pt").exists() else "new"
+
+
+def _timed(fn, resume: bool):
+    t0 = time.time()
+    return fn(resume), time.time() - t0
+
+
+def run_many(tasks, jobs: int = 1, log=print) -> dict:
+    """Many runs with one skip/resume rule (--tune, reproduce.py and stability.py all go through it).
+
+    `tasks`: (out_dir, fn) pairs; fn(resume) trains and evaluates one run into out_dir and returns its results.
+    A folder that holds results.json is not run again (its results are read back); one that holds only
+    train_state.pt is resumed, fn(True); the others start fresh, fn(False). `jobs` > 1 runs that many at a
+    time in spawned worker processes (fn must pickle: a module-level function or a functools.partial of one).
+    Returns {out_dir: results, or the ConfidentError that stopped that run} in the tasks' order: one failed
+    run does not stop the others; any other exception does."""
+    out, todo = {}, []
+    for d, fn in tasks:
+        d = Path(d)
+        if run_status(d) == "done":
+            out[d] = json.loads((d / "results.json").read_text())
+            log(f"{d.name}: finished before, not run again")
+        else:
+            out[d] = None
+            todo.append((d, fn, run_status(d) == "resume"))
+    if not todo:
+        return out
+    log(f"{len(todo)} run(s) to do, {len(out) - len(todo)} finished before; {max(1, jobs)} at a time")
+    t0 = time.time()
+
+    def finished(i, d, f):
+        try:
+            res, secs = f()
+        except ConfidentError as e:
+            out[d] = e
+            log(f"  [{i}/{len(todo)}] {d.name}: failed: {e}")
+            return
+        out[d] = res
+        log(f"  [{i}/{len(todo)}] {d.name}: {secs:.0f}s (total {time.time() - t0:.0f}s)")
+
+    if jobs <= 1:
+        for i, (d, fn, resume) in enumerate(todo):
+            log(f"{d.name}: {'resuming' if resume else 'starting'}")
+            finished(i + 1, d, lambda: _timed(fn, resume))
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            futs = {ex.submit(_timed, fn, resume): d for d, fn, resume in todo}
+            for i, f in enumerate(cf.as_completed(futs)):
+                finished(i + 1, futs[f], f.result)
+    return out
+
+
+def _tune_point(cfg: Config, log, resume: bool) -> dict:
+    return run(dataclasses.replace(cfg, resume=resume), log)
+
+
 def tune(cfg: Config, log=print) -> dict:
     """--tune: one run per grid point, each in its own sub-folder of --output-dir (a point whose results.json exists
     is not run again; one with only train_state.pt resumes), then per OOD set the point with the lowest baseline
@@ -3231,26 +3296,23 @@ def tune(cfg: Config, log=print) -> dict:
     if cfg.method not in BETA_METHODS:
         log(f"tune: --method {cfg.method} has no beta; tuning batch size and learning rate only")
     grid_points = [(b, bs, lr) for b in grid["beta"] for bs in grid["batch_size"] for lr in grid["lr"]]
-    points = []
-    for i, (beta, bs, lr) in enumerate(grid_points):
+    points, tasks = [], []
+    for beta, bs, lr in grid_points:
         sub = out_dir / f"beta{beta:g}-batch{bs}-lr{lr:g}"
         pcfg = resolve(dataclasses.replace(cfg, tune="", beta=beta, batch_size=bs, lr=lr, output_dir=str(sub),
                                            resume=False))
         _check_same_point(pcfg, sub)
-        point = {"beta": beta, "batch_size": bs, "lr": lr, "dir": sub.name, "ood": {}}
-        points.append(point)
-        if (sub / "results.json").exists():
-            log(f"tune: point {i + 1}/{len(grid_points)} {sub.name}: finished before, not run again")
-            res = json.loads((sub / "results.json").read_text())
+        points.append({"beta": beta, "batch_size": bs, "lr": lr, "dir": sub.name, "ood": {}})
+        tasks.append((sub, functools.partial(_tune_point, pcfg, log)))
+    log(f"tune: {len(tasks)} grid point(s) in {out_dir}")
+    for point, res in zip(points, run_many(tasks, log=log).values()):
+        if isinstance(res, TrainingDiverged):                # one point failed, not the tuning: left out, go on
+            log(f"tune: {point['dir']} diverged, left out of the choice: {res}")
+            point["diverged"] = str(res)
+        elif isinstance(res, Exception):
+            raise res
         else:
-            log(f"tune: point {i + 1}/{len(grid_points)} {sub.name}")
-            try:
-                res = run(dataclasses.replace(pcfg, resume=(sub / "train_state.pt").exists()), log)
-            except TrainingDiverged as e:                    # one point failed, not the tuning: left out, go on
-                log(f"tune: {sub.name} diverged, left out of the choice: {e}")
-                point["diverged"] = str(e)
-                continue
-        point["ood"] = _reported(res)
+            point["ood"] = _reported(res)
     if not any(p["ood"] for p in points):
         raise ConfidentError(f"--tune {cfg.tune!r}: every grid point diverged (see above): nothing to choose from")
     seen = {cfg.out_data} if cfg.method in ("conf", "kplus1") else set()

@@ -30,6 +30,7 @@ import argparse
 import collections
 import copy
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -425,40 +426,29 @@ def _threads(jobs: int):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, jobs)))
 
 
-def _do_run(run: Run, mode: str, results: str, jobs: int) -> tuple[str, float]:
+def _do_run(run: Run, mode: str, results: str, jobs: int, resume: bool) -> dict:
+    """One run, in main() itself or in a worker of confident.run_many (then with its share of the cores)."""
     _threads(jobs)
     C.load_uint8 = _load_uint8          # memoised loads in this process (a pool worker, or main() itself)
     out = run_dir(run, mode, Path(results))
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(out / "train.log", "w") as logf:
-        C.run(config_for(run, mode, Path(results)), log=lambda *a, **k: print(*a, file=logf, flush=True))
-    return run.name, time.time() - t0
+    cfg = dataclasses.replace(config_for(run, mode, Path(results)), resume=resume)
+    with open(out / "train.log", "a" if resume else "w") as logf:
+        return C.run(cfg, log=lambda *a, **k: print(*a, file=logf, flush=True))
 
 
 def execute(runs: list[Run], mode: str, results: Path, jobs: int):
-    todo, seen = [], set()
-    for r in runs:
-        if r not in seen and not done(r, mode, results):
-            todo.append(r)
-        seen.add(r)
-    if not todo:
-        return
-    todo.sort(key=lambda r: -r.cost())
-    print(f"[{mode}] {len(todo)} run(s) to do, {len(seen) - len(todo)} already finished; {jobs} at a time", flush=True)
-    t0 = time.time()
-    if jobs <= 1:
-        for i, r in enumerate(todo):
-            name, s = _do_run(r, mode, str(results), 1)
-            print(f"  [{i + 1}/{len(todo)}] {name}: {s:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
-    else:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = [ex.submit(_do_run, r, mode, str(results), jobs) for r in todo]
-            for i, f in enumerate(cf.as_completed(futs)):
-                name, s = f.result()
-                print(f"  [{i + 1}/{len(todo)}] {name}: {s:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
+    """Every run not finished yet, the costliest first, `jobs` at a time, by confident.run_many's rule (results.json
+    there: skipped; train_state.pt there: resumed). A failed run stops the stage."""
+    todo = list(dict.fromkeys(sorted(runs, key=lambda r: -r.cost())))
+    tasks = [(run_dir(r, mode, results), functools.partial(_do_run, r, mode, str(results), jobs)) for r in todo]
+    def log(msg):
+        if not msg.endswith("not run again"):         # run_many counts the finished runs in its first line
+            print(f"[{mode}] {msg}", flush=True)
+    out = C.run_many(tasks, jobs=jobs, log=log)
+    bad = [(d, e) for d, e in out.items() if isinstance(e, Exception)]
+    if bad:
+        raise bad[0][1]
 
 
 # ------------------------------------------------------------------------------------------------

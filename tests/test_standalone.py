@@ -108,6 +108,40 @@ except C.ConfidentError as e:
 else:
     raise AssertionError("kplus1 with K outputs must be refused")
 assert same_state(before, global_state())
+
+# every detector on the joint-trained network: tensors and DataLoaders alike, and inside torch.inference_mode()
+net = C.train(cfg, x, y, model=TinyNet(), log=quiet).raw["net"]
+x_in, x_out = torch.rand(24, 3, 32, 32), torch.rand(24, 3, 32, 32) * 0.2
+dets = {"baseline": lambda m, d: C.baseline_scores(m, d, batch_size=8),
+        "odin": lambda m, d: C.odin_scores(m, d, 1000, 0.001, batch_size=8),
+        "energy": lambda m, d: C.energy_scores(m, d, batch_size=8),
+        "maxlogit": lambda m, d: C.maxlogit_scores(m, d, batch_size=8)}
+for name, f in dets.items():
+    s_in = f(net, x_in)
+    assert s_in.shape == (24,) and torch.isfinite(s_in).all(), name
+    s_loader = f(net, DataLoader(TensorDataset(x_in, torch.zeros(24)), batch_size=5))
+    with torch.inference_mode():
+        s_inf = f(net, x_in)
+    assert torch.allclose(s_in, s_loader, atol=1e-6) and torch.allclose(s_in, s_inf, atol=1e-6), name
+    m = C.ood_metrics(s_in, f(net, x_out))
+    assert all(0 <= m[k] <= 1 for k in ("tnr_at_tpr95", "auroc", "detection_acc", "aupr_in", "aupr_out",
+                                         "fpr95_pytorch_ood", "fpr95_openood")), (name, m)
+grid = C.odin_grid(net, x_in, [1, 1000], [0, 0.001], batch_size=8)
+assert torch.allclose(grid[1, 1], dets["odin"](net, x_in), atol=1e-5)
+
+# a 1-channel network gets its 1 channel
+gray = TinyNet(c=1).eval()
+g_in = torch.rand(10, 1, 32, 32)
+for name, f in dets.items():
+    with torch.inference_mode():
+        assert f(gray, g_in).shape == (10,), name
+
+# calibration: ECE before and after temperature scaling
+with torch.no_grad():
+    z = C.predict_logits(net, x)
+T = C.fit_temperature(z, y)
+ece, ece_t = (C.expected_calibration_error(torch.softmax(z / t, 1), y) for t in (1.0, T))
+assert T > 0 and 0 <= ece <= 1 and 0 <= ece_t <= 1
 print("ok")
 """
 
