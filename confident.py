@@ -1713,7 +1713,7 @@ class Trainer:
                 torch._foreach_lerp_(list(self.G_ema.parameters()), list(g.parameters()), self._ema_weight(g))
                 for be, b in zip(self.G_ema.buffers(), g.buffers()):
                     be.copy_(b)
-        # D's accuracy on this real and this generated batch (diagnostics; no extra pass)
+        # D's accuracy on this real and this generated batch (logged; no extra pass)
         return {"d": d_loss.detach(), "g": g_loss.detach(),
                 "d_acc_real": (d_real.detach() > 0).float().mean(), "d_acc_fake": (d_fake.detach() < 0).float().mean()}
 
