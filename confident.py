@@ -72,8 +72,6 @@ class Config:
     method: str = "joint"            # ce | conf | conf-gan | joint | joint-pt | kplus1
     model: str = "vgg13"             # vgg13 | alexnet | simple_cnn
     width: float = 1.0               # multiplies every layer's width (classifier and GAN); < 1 for CPU runs
-    gan_width: float = 0.0           # > 0: G's and D's width multiplier instead of `width` (beyond the paper:
-                                     # separates the classifier's capacity from the GAN's); 0: = width
     epochs: int = 100                # paper: 100 epochs
     gan_epochs: int = -1             # conf-gan only: epochs of the separately trained GAN (-1: = epochs)
     lr: float = 2e-4                 # Adam, all three networks (authors' code)
@@ -108,21 +106,15 @@ class Config:
     cuda_graphs: bool = False        # capture each training step into a CUDA graph (CUDA only)
     impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
     log_every: int = 50              # print progress every N steps
-    # Diagnostics of training (every regime; G and D too in GAN regimes): logged, and in results.json.
-    diag_every: int = 0              # also every N steps (0: only at the end of each epoch)
     val_ood: str = "none"            # a validation OOD set: its *train* split is scored against the in-set's
                                      # validation images (results.json "validation"; reported as seen)
-    # Stabilisers of joint training, beyond the paper (results/stability/README.md); each default is the paper's.
+    # Beyond the paper: the one stabiliser of joint training that removed its collapses over seeds
+    # (results/stability/README.md; the study's other stabilisers are in stability.py). 0: the paper's training.
     g_ema: float = 0.0               # > 0: the classifier's KL samples come from an EMA of G with this decay
-    ema_raw_frac: float = 0.0        # with g_ema: this fraction of each KL batch comes from the raw G instead
-    g_ema_debias: bool = False       # with g_ema: average G's trained weights only, without its initialisation
-    d_sn: bool = False               # spectral normalisation on D's convolutions
-    d_lr_mult: float = 1.0           # D's learning rate = lr * this (two time-scale update)
-    gan_lr_mult: float = 1.0         # G's and D's learning rates = lr * this (D's times d_lr_mult); the classifier's: lr
-    replay: int = 0                  # > 0: keep this many past G samples; half of each KL batch comes from them
-    r1: float = 0.0                  # > 0: R1 penalty (r1 / 2) * |grad_x D(x)|^2 on real images
-    clip_grad: float = 0.0           # > 0: clip the classifier's gradient to this global L2 norm
-    beta_warmup: int = 0             # > 0: beta ramps linearly from 0 over this many steps (G and classifier)
+
+    def check(self, name) -> None:
+        """A subclass's checks of its own fields, named by name(field); check_config calls it after its own.
+        Config has none."""
 
 
 PAPER_DEFAULTS = {"cifar10": dict(beta=0.1, batch_size=64), "svhn": dict(beta=1.0, batch_size=128)}
@@ -176,7 +168,6 @@ def check_config(cfg: Config, name=_field, model_given: bool = False) -> Config:
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfidentError(f"{name(f.name)} {v!r}: expected a finite number")
     checks = [("beta", cfg.beta >= 0, ">= 0"), ("width", 0 < cfg.width <= 8, "in (0, 8]"),
-              ("gan_width", 0 <= cfg.gan_width <= 8, "0 (= width) or in (0, 8]"),
               ("epochs", cfg.epochs >= 0, ">= 0"), ("gan_epochs", cfg.gan_epochs >= 0, ">= 0"),
               ("lr", cfg.lr > 0, "> 0"), ("batch_size", cfg.batch_size >= 2, ">= 2"),
               ("pt_weight", cfg.pt_weight >= 0, ">= 0"), ("val_size", cfg.val_size >= 0, ">= 0"),
@@ -185,29 +176,15 @@ def check_config(cfg: Config, name=_field, model_given: bool = False) -> Config:
               ("impl", cfg.impl in ("auto", "torch", "triton"), "auto, torch or triton"),
               ("channels_last", cfg.channels_last in ("auto", "on", "off"), "auto, on or off"),
               ("log_every", cfg.log_every >= 1, ">= 1"), ("lr_drop_epoch", cfg.lr_drop_epoch >= 0, ">= 0"),
-              ("diag_every", cfg.diag_every >= 0, ">= 0"), ("g_ema", 0 <= cfg.g_ema < 1, "in [0, 1)"),
-              ("d_lr_mult", cfg.d_lr_mult > 0, "> 0"), ("gan_lr_mult", cfg.gan_lr_mult > 0, "> 0"),
-              ("replay", cfg.replay >= 0, ">= 0"), ("r1", cfg.r1 >= 0, ">= 0"),
-              ("beta_warmup", cfg.beta_warmup >= 0, ">= 0"),
-              ("seed", 0 <= cfg.seed < 2 ** 32, "a whole number from 0 to 2**32 - 1"),
-              ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("ema_raw_frac", 0 <= cfg.ema_raw_frac <= 1, "in [0, 1]")]
+              ("g_ema", 0 <= cfg.g_ema < 1, "in [0, 1)"),
+              ("seed", 0 <= cfg.seed < 2 ** 32, "a whole number from 0 to 2**32 - 1")]
     for field, ok, want in checks:
         if not ok:
             raise ConfidentError(f"{name(field)} {getattr(cfg, field)!r}: expected {want}")
-    if cfg.ema_raw_frac and not cfg.g_ema:
-        raise ConfidentError(f"{name('ema_raw_frac')} {cfg.ema_raw_frac!r} mixes raw G samples into the EMA "
-                             f"generator's: expected {name('g_ema')} > 0 too")
-    if cfg.g_ema_debias and not cfg.g_ema:
-        raise ConfidentError(f"{name('g_ema_debias')} corrects the EMA generator's average: expected "
-                             f"{name('g_ema')} > 0 too")
-    if cfg.gan_width and cfg.method not in GAN_METHODS:
-        raise ConfidentError(f"{name('gan_width')} {cfg.gan_width!r} sets the GAN's width: expected "
-                             f"{name('method')} conf-gan, joint or joint-pt, not {cfg.method} (it has no GAN)")
-    stabilisers = [n for n in ("g_ema", "d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(cfg, n)]
-    stabilisers += [n for n in ("d_lr_mult", "gan_lr_mult") if getattr(cfg, n) != 1.0]
-    if stabilisers and cfg.method not in ("joint", "joint-pt"):
-        raise ConfidentError(f"{name(stabilisers[0])} is a stabiliser of joint training: "
+    if cfg.g_ema and cfg.method not in ("joint", "joint-pt"):
+        raise ConfidentError(f"{name('g_ema')} is a stabiliser of joint training: "
                              f"expected {name('method')} joint or joint-pt, not {cfg.method}")
+    cfg.check(name)
     if cfg.cuda_graphs:
         why = _graphs_module(name).uncapturable(cfg, name)
         if why:
@@ -1909,17 +1886,12 @@ class Trainer:
         elif generator is not None or discriminator is not None:
             raise ConfidentError(f"generator= / discriminator= are for the GAN regimes (conf-gan, joint, joint-pt): "
                                  f"Config.method {cfg.method!r} has no GAN")
-        gw = cfg.gan_width or cfg.width                  # G's and D's width (--gan-width; default: the classifier's)
+        gw = self._gan_width()                           # G's and D's width (the classifier's)
         nc = self.image_shape[0]
         self.G = (generator if generator is not None else Generator(cfg.nz, nc=nc, width=gw).to(device)) \
             if uses_gan else None
-        self.D = (discriminator if discriminator is not None else Discriminator(nc=nc, width=gw).to(device)) \
-            if uses_gan else None
-        if self.D is not None and cfg.d_sn:                # stabiliser: spectral norm on every conv of D
-            for mod in list(self.D.modules()):
-                for name, m in list(mod.named_children()):
-                    if isinstance(m, nn.Conv2d):
-                        setattr(mod, name, nn.utils.parametrizations.spectral_norm(m))
+        self.D = self._discriminator(discriminator if discriminator is not None else
+                                     Discriminator(nc=nc, width=gw).to(device)) if uses_gan else None
         # stabiliser: an EMA copy of G (train mode, no gradients) supplies the classifier's KL samples
         self.G_ema = None
         if self.G is not None and cfg.g_ema > 0:
@@ -1941,20 +1913,56 @@ class Trainer:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.opts = {"net": self.opt}
         if uses_gan:
-            gan_lr = cfg.lr * cfg.gan_lr_mult
-            self.opts["G"] = torch.optim.Adam(self.G.parameters(), lr=gan_lr, betas=(0.5, 0.999))
-            self.opts["D"] = torch.optim.Adam(self.D.parameters(), lr=gan_lr * cfg.d_lr_mult, betas=(0.5, 0.999))
+            lr_g, lr_d = self._gan_lrs()
+            self.opts["G"] = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=(0.5, 0.999))
+            self.opts["D"] = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=(0.5, 0.999))
         self.scheds = {k: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[cfg.lr_drop_epoch], gamma=0.1)
                        for k, o in self.opts.items()}
         self.epoch = 0
-        self.global_step = 0                             # steps taken (beta warm-up)
-        self.replay = torch.empty(0, *self.image_shape, device=device)   # stabiliser: past G samples (--replay)
-        self.diagnostics = []                            # one dict per diagnostics point (TrainingProbe)
+        self.global_step = 0                             # steps taken
         # conf-gan: the first gan_epochs train an ordinary GAN, the rest the classifier on its samples
         self.total_epochs = cfg.epochs + (cfg.gan_epochs if cfg.method == "conf-gan" else 0)
 
     def modules(self) -> dict:
         return self.raw
+
+    # Hooks: each default is the paper's training (with --g-ema); a subclass may change one (stability.py's
+    # stabilisers of joint training), the rest of the loop staying as it is.
+    def _gan_width(self) -> float:
+        """The width multiplier of the built-in G and D."""
+        return self.cfg.width
+
+    def _discriminator(self, D: nn.Module) -> nn.Module:
+        """D as trained, given the one built or passed in (before G's EMA copy is made)."""
+        return D
+
+    def _gan_lrs(self) -> tuple:
+        """G's and D's learning rates (the authors' code: the classifier's)."""
+        return self.cfg.lr, self.cfg.lr
+
+    def _real_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The real batch as D's step reads it (e.g. made to require its gradient for a penalty)."""
+        return x
+
+    def _d_loss(self, d_loss: torch.Tensor, x_real: torch.Tensor, d_real: torch.Tensor) -> torch.Tensor:
+        """D's loss as minimised, given the GAN loss (a penalty may be added)."""
+        return d_loss
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The classifier's gradient norm after backward (logged); no gradient is changed. One fused call."""
+        grads = [q.grad for q in self.net.parameters() if q.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+    def watch(self, x_train, to_input, rank: int) -> None:
+        """Called by train() before its first step with the training images (None for a DataLoader without a
+        data set) and the function making a batch of them the networks' input; nothing here."""
+
+    def after_step(self, logs: dict, epoch: int, i: int, steps: int) -> None:
+        """Called by train() after step i of `steps` of `epoch` with the step's logs; nothing here."""
+
+    def results(self) -> dict:
+        """More entries for run()'s results.json; none here."""
+        return {}
 
     def _amp(self):
         """bf16 autocast when --amp, on CUDA or the CPU (the BCE terms take logits in fp32, so they are
@@ -1965,8 +1973,8 @@ class Trainer:
                               enabled=self.cfg.amp and self.device.type in ("cuda", "cpu"))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "rng": rng_state(), "global_step": self.global_step, "replay": self.replay,
-                "diagnostics": json.dumps(self.diagnostics), "config": json.dumps(_run_settings(self.cfg)),
+        return {"epoch": self.epoch, "rng": rng_state(), "global_step": self.global_step,
+                "config": json.dumps(_run_settings(self.cfg)),
                 "models": {k: m.state_dict() for k, m in self.modules().items()},
                 "opts": {k: o.state_dict() for k, o in self.opts.items()},
                 "scheds": {k: s.state_dict() for k, s in self.scheds.items()}}
@@ -1982,33 +1990,28 @@ class Trainer:
             s.load_state_dict(sd["scheds"][k])
         self.epoch = sd["epoch"]
         self.global_step = int(sd.get("global_step", 0))
-        self.replay = sd.get("replay", self.replay).to(self.device)
-        self.diagnostics = json.loads(sd.get("diagnostics", "[]"))
         set_rng_state(sd["rng"])
 
     def _noise(self, B):
         return torch.randn(B, self.cfg.nz, device=self.device)
 
     def beta_now(self) -> float:
-        """beta, ramped linearly from 0 over the first --beta-warmup steps (the paper: no warm-up)."""
-        w = self.cfg.beta_warmup
-        return self.cfg.beta * (min(1.0, self.global_step / w) if w > 0 else 1.0)
+        """The KL weight of this step: beta (a hook: a subclass may ramp it)."""
+        return self.cfg.beta
 
     def _gan_step(self, x, kl_beta: float, pt_weight: float) -> dict:
         """Algorithm 1, GAN half: D ascends log D(x) + log(1 - D(G(z))); G descends the non-saturating
         GAN loss + kl_beta * KL(U || p(y|G(z))) (+ pull-away). kl_beta = 0 is the ordinary GAN."""
-        B, r1 = x.shape[0], self.cfg.r1
+        B = x.shape[0]
         with self._amp():
             fake = self.G(self._noise(B))
             if self.own["G"] and (not isinstance(fake, torch.Tensor) or fake.shape[1:] != x.shape[1:]):
                 raise ConfidentError(f"generator: samples of shape {_shape(fake)}, expected images shaped like the "
                                      f"batch, ({B}, {', '.join(map(str, x.shape[1:]))})")
-            x_real = x.detach().requires_grad_(True) if r1 > 0 else x
+            x_real = self._real_input(x)
             d_real, d_fake = self._d(x_real), self._d(fake.detach())
             d_loss = gan_d_loss(d_real, d_fake)
-        if r1 > 0:   # stabiliser: R1 penalty, (r1 / 2) * E |grad_x D(x)|^2 on real images (Mescheder et al. 2018)
-            (gx,) = torch.autograd.grad(d_real.float().sum(), x_real, create_graph=True)
-            d_loss = d_loss + r1 / 2 * gx.float().pow(2).flatten(1).sum(1).mean()
+        d_loss = self._d_loss(d_loss, x_real, d_real)
         self.opts["D"].zero_grad(set_to_none=True)
         d_loss.backward()
         self.opts["D"].step()
@@ -2026,7 +2029,7 @@ class Trainer:
                 torch._foreach_lerp_(list(self.G_ema.parameters()), list(g.parameters()), self._ema_weight(g))
                 for be, b in zip(self.G_ema.buffers(), g.buffers()):
                     be.copy_(b)
-        # D's accuracy on this real and this generated batch (diagnostics; no extra pass)
+        # D's accuracy on this real and this generated batch (logged; no extra pass)
         return {"d": d_loss.detach(), "g": g_loss.detach(),
                 "d_acc_real": (d_real.detach() > 0).float().mean(), "d_acc_fake": (d_fake.detach() < 0).float().mean()}
 
@@ -2053,38 +2056,14 @@ class Trainer:
         return out
 
     def _ema_weight(self, g: nn.Module):
-        """The weight of G's new parameters in the EMA update: 1 - decay. With --g-ema-debias, Adam's bias
-        correction (Kingma & Ba 2015, Alg. 1: m_t / (1 - beta1^t)) written as one lerp: (1 - d) / (1 - d^t) after
-        G's t-th update, so the EMA is the average of G's first t updated weights, each s-th weighted by
-        d^(t - s), with no share left to G's random initialisation (plain EMA: d^t of it, 0.245 after the main
-        job's 1,404 steps at 0.999). t is the count Adam keeps for G: on the device under --cuda-graphs, so the
-        captured graph reads it when replayed."""
-        d = self.cfg.g_ema
-        if not self.cfg.g_ema_debias:
-            return 1.0 - d
-        t = self.opts["G"].state[next(g.parameters())]["step"]
-        w = (1.0 - d) / (1.0 - d ** t)
-        return w.item() if w.device.type == "cpu" else w
+        """The weight of G's new parameters in the EMA update (--g-ema): 1 - decay."""
+        return 1.0 - self.cfg.g_ema
 
     def _kl_samples(self, B: int) -> torch.Tensor:
-        """The classifier's OOD batch in joint training: fresh samples of G (Algorithm 1), of its EMA copy
-        (--g-ema; the last round(B * --ema-raw-frac) of them from the raw G), and half of them replaced by past
-        samples once the replay buffer holds enough (--replay)."""
+        """The classifier's OOD batch in joint training: fresh samples of G (Algorithm 1), or of its EMA copy
+        (--g-ema)."""
         with torch.no_grad(), self._amp():
-            x_out = (self.G_ema if self.G_ema is not None else self.G)(self._noise(B)).float()
-            k = round(B * self.cfg.ema_raw_frac)          # resolve() allows it only with --g-ema
-            if k:                                         # stabiliser mix: raw G's fresh samples in the batch's tail
-                x_out = torch.cat([x_out[:B - k], self.G(self._noise(k)).float()])
-        n = self.cfg.replay
-        if n > 0:
-            if len(self.replay) >= B // 2:
-                old = self.replay[torch.randint(len(self.replay), (B // 2,), device=self.device)]
-                fresh = x_out
-                x_out = torch.cat([fresh[:B - B // 2], old])
-            else:
-                fresh = x_out
-            self.replay = torch.cat([fresh.detach(), self.replay])[:n]     # newest first, oldest dropped
-        return x_out
+            return (self.G_ema if self.G_ema is not None else self.G)(self._noise(B)).float()
 
     def step(self, x, y, x_out=None) -> dict:
         """One mini-batch of the configured regime; returns its losses and statistics as 0-d tensors
@@ -2130,13 +2109,7 @@ class Trainer:
                 loss = confidence_loss(logits, targets, beta, cfg.impl)
         self.opt.zero_grad(set_to_none=True)             # also drops grads the G step left on the classifier
         loss.backward()
-        # the classifier's gradient norm (diagnostics), clipped with --clip-grad (a stabiliser beyond the paper);
-        # without clipping only the norm is computed (one fused call), no gradient is rescaled
-        if cfg.clip_grad > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad)
-        else:
-            grads = [q.grad for q in self.net.parameters() if q.grad is not None]
-            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        gnorm = self._grad_norm()
         self.opt.step()
         logs["c"] = loss.detach()
         logs["gnorm"] = gnorm.detach()
@@ -2151,55 +2124,6 @@ class Trainer:
         for k, s in self.scheds.items():
             if self.cfg.method != "conf-gan" or (k != "net") == gan_phase:
                 s.step()
-
-
-class TrainingProbe:
-    """Diagnostics of training at one point in time, without touching the run's randomness or state:
-    fixed latent codes (own generator), fixed real images (own permutation), G's BatchNorm buffers restored.
-    What the classifier (eval mode, as the detectors see it) says about G's samples and about real training
-    images, how far the samples sit from the data (nearest-neighbour RMS pixel distance to `n_ref` training
-    images; real images' own distance to them for scale) and how diverse they are (mean pairwise RMS distance,
-    as a fraction of the real images')."""
-
-    def __init__(self, x_train, nz: int, seed: int, device, n: int = 500, n_ref: int = 2000, to_input=to_float):
-        g = torch.Generator().manual_seed(seed + 424_242)
-        n = max(1, min(n, len(x_train) // 4))                       # small training sets: a quarter probes
-        idx = torch.randperm(len(x_train), generator=g)[:n + n_ref]
-        self.real = to_input(_take(x_train, idx[:n]).to(device))                # (n, 3, 32, 32)
-        self.ref = to_input(_take(x_train, idx[n:]).to(device)).flatten(1)      # (n_ref, 3072)
-        self.z = torch.randn(n, nz, generator=g).to(device)
-
-    def _sample(self, G):
-        bufs = [b.clone() for b in G.buffers()]
-        fake = G(self.z).float()                                                 # train mode, as in training
-        for b, saved in zip(G.buffers(), bufs):
-            b.copy_(saved)
-        return fake
-
-    @staticmethod
-    def _rms(a, b):                                                              # (n, m) RMS pixel distances
-        return torch.cdist(a, b).div_(math.sqrt(a.shape[1]))
-
-    @torch.no_grad()
-    def __call__(self, tr: "Trainer") -> dict:
-        net, G = tr.raw["net"], tr.raw.get("G_ema", tr.raw.get("G"))             # the classifier's sample source
-        was = net.training
-        net.eval()
-        out = {}
-        for name, x in (("real", self.real),) if G is None else (("gen", self._sample(G)), ("real", self.real)):
-            z = net(x).float()[:, :tr.K]
-            out[f"maxsoftmax_{name}"] = float(F.softmax(z, 1).max(1).values.mean())
-            out[f"kl_{name}"] = float((torch.logsumexp(z, 1) - z.mean(1)).mean() - math.log(tr.K))
-        net.train(was)
-        if G is None:
-            return out
-        f, r = self._sample(G).flatten(1), self.real.flatten(1)
-        out["nn_dist_gen"] = float(self._rms(f, self.ref).min(1).values.mean())
-        out["nn_dist_real"] = float(self._rms(r, self.ref).min(1).values.mean())
-        n = len(f)
-        off = ~torch.eye(n, dtype=torch.bool, device=f.device)
-        out["diversity"] = float(self._rms(f, f)[off].mean() / self._rms(r, r)[off].mean())
-        return out
 
 
 def _global_rng_state() -> dict:
@@ -2257,7 +2181,7 @@ def _pair(batch, what: str):
 def train(cfg: Config, x_train, y_train=None, x_ood=None, out_dir: Path | None = None, log=print,
           device=None, rank=0, world=1, num_classes: int | None = None, after_epoch=None, *,
           model: nn.Module | None = None, generator: nn.Module | None = None,
-          discriminator: nn.Module | None = None, _cli: bool = False) -> Trainer:
+          discriminator: nn.Module | None = None, trainer_cls=None, _cli: bool = False) -> Trainer:
     """Train with cfg (regime Config.method, Config.epochs epochs) and return the Trainer; its classifier is
     `tr.raw["net"]`. The training loop shared by every regime; checkpoints every epoch (atomically) to out_dir,
     resumes from it with Config.resume.
@@ -2282,17 +2206,18 @@ def train(cfg: Config, x_train, y_train=None, x_ood=None, out_dir: Path | None =
     cfg and data give the same model; the caller's global random state (torch, CUDA, numpy, random) is given back
     as it was, also when training fails. With world > 1 (torchrun) each rank takes its shard of every epoch's
     permutation (a DataLoader must shard itself, e.g. with a DistributedSampler). after_epoch(tr), if given,
-    is called on every rank after each epoch, before its checkpoint (--select-epoch best evaluates there)."""
+    is called on every rank after each epoch, before its checkpoint (--select-epoch best evaluates there).
+    trainer_cls: the Trainer subclass to train with (None: Trainer), e.g. one with other hooks."""
     saved = _global_rng_state()
     try:
         return _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_classes, after_epoch,
-                      model, generator, discriminator, _cli)
+                      model, generator, discriminator, _cli, trainer_cls or Trainer)
     finally:
         _set_global_rng_state(saved)
 
 
 def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_classes, after_epoch,
-           model, generator, discriminator, cli) -> Trainer:
+           model, generator, discriminator, cli, trainer_cls=None) -> Trainer:
     name = _flag if cli else _field                           # how errors name Config fields
     cfg = check_config(cfg, name, model_given=model is not None)
     # how errors name the data: the CLI's sets, or the caller's arguments
@@ -2357,8 +2282,8 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
         image_shape = shape
     else:
         to_input, image_shape = to_float, (3,) + shape[1:]
-    tr = Trainer(cfg, num_classes, device, log, model=model, generator=generator, discriminator=discriminator,
-                 image_shape=image_shape)
+    tr = (trainer_cls or Trainer)(cfg, num_classes, device, log, model=model, generator=generator,
+                                  discriminator=discriminator, image_shape=image_shape)
     state_path = out_dir / "train_state.pt" if out_dir else None
     if cfg.resume:
         if state_path is None or not state_path.exists():
@@ -2408,9 +2333,8 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
                                  f"expected [0, {num_classes})")
 
     prev_c = None                                             # last epoch's mean classifier loss
-    probe_data = x_train.dataset if loader and _is_dataset(x_train.dataset) else None if loader else x_train
-    probe = TrainingProbe(probe_data, cfg.nz, cfg.seed, device, to_input=to_input) \
-        if rank == 0 and probe_data is not None else None
+    tr.watch(x_train.dataset if loader and _is_dataset(x_train.dataset) else None if loader else x_train,
+             to_input, rank)
     channels_last = tr.channels_last                          # the batches in the networks' memory format
     while tr.epoch < tr.total_epochs:
         e = tr.epoch
@@ -2421,8 +2345,6 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
         if world > 1:                                         # per-rank GAN noise and dropout
             torch.manual_seed(cfg.seed * 7_919 + e * 101 + rank)
         t0, seen, sums, window = time.time(), 0, {}, {}           # window: every step's losses since the last log
-        dsums, dn, dmax = {}, 0, None                             # means (and the largest gradient norm) since
-                                                                  # the last diagnostics
         batches = iter(x_train) if loader else None
         for i in range(steps):
             if loader:
@@ -2457,21 +2379,7 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
                 sums[k] = sums.get(k, 0.0) + v
                 window.setdefault(k, []).append(v)
             seen += len(x) * world
-            if probe is not None and "c" in logs:            # conf-gan's GAN epochs train no classifier
-                dn += 1
-                for k in ("d_acc_real", "d_acc_fake", "c", "acc", "gnorm"):
-                    if k in logs:
-                        dsums[k] = dsums.get(k, 0.0) + logs[k]
-                if "gnorm" in logs:
-                    dmax = logs["gnorm"] if dmax is None else torch.maximum(dmax, logs["gnorm"])
-                if (cfg.diag_every and (i + 1) % cfg.diag_every == 0) or i + 1 == steps:
-                    d = {"epoch": e + 1, "step": i + 1, "global_step": tr.global_step, "beta": tr.beta_now(),
-                         **{k: float(v) / dn for k, v in dsums.items()},
-                         **({"gnorm_max": float(dmax)} if dmax is not None else {}), **probe(tr)}
-                    tr.diagnostics.append(d)
-                    dsums, dn, dmax = {}, 0, None
-                    log(f"diag epoch {e + 1} step {i + 1} | " + " ".join(
-                        f"{k} {v:.3f}" for k, v in d.items() if k not in ("epoch", "step", "global_step", "beta")))
+            tr.after_step(logs, e, i, steps)
             # checked on every log step and always on the epoch's last step, so before its checkpoint is written
             if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
                 _check_finite(window, i + 1, e + 1, cfg.method, state_path)
@@ -2748,33 +2656,38 @@ def markdown_table(res: dict, cfg: Config, seen: set) -> str:
 # ------------------------------------------------------------------------------------------------
 # CLI
 
-def _config_help() -> dict:
-    """Each Config field's comment in this file's source (its documentation, one place): {field: text}."""
+def _config_help(config_cls=Config) -> dict:
+    """Each field's comment in the source of config_cls and of the Config classes it extends (its documentation,
+    one place): {field: text}."""
     import inspect
-    try:
-        lines = inspect.getsource(Config).splitlines()
-    except (OSError, TypeError):                              # no source to read (a frozen build): no help texts
-        return {}
+    lines = []
+    for c in reversed(config_cls.__mro__):
+        if dataclasses.is_dataclass(c):
+            try:
+                lines += inspect.getsource(c).splitlines()
+            except (OSError, TypeError):                      # no source to read (a frozen build): no help texts
+                pass
     out, last = {}, None
     for ln in lines:
         code, _, comment = ln.partition("#")
         name = code.strip().split(":")[0] if ":" in code and "=" in code else ""
         if name.isidentifier():
-            last = name
+            last, col = name, len(code)
             out[name] = comment.strip()
-        elif last and not code.strip() and comment.strip():   # a comment continued on the next line
+        elif last and not code.strip() and comment.strip() and len(code) == col:   # continued in the same column
             out[last] += " " + comment.strip()
         else:
             last = None
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Confidence-calibrated classifiers for OOD detection "
-                                "(Lee et al., ICLR 2018): train, then evaluate baseline and ODIN detectors.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = _config_help()
-    for f in dataclasses.fields(Config):
+def build_parser(config_cls=Config, **kw) -> argparse.ArgumentParser:
+    """The CLI's parser: one flag per field of config_cls (Config, or a subclass adding its own fields)."""
+    p = argparse.ArgumentParser(**{"description": "Confidence-calibrated classifiers for OOD detection "
+                                   "(Lee et al., ICLR 2018): train, then evaluate baseline and ODIN detectors.",
+                                   "formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kw})
+    helps = _config_help(config_cls)
+    for f in dataclasses.fields(config_cls):
         flag = "--" + ("in" if f.name == "in_data" else "out" if f.name == "out_data"
                        else f.name.replace("_", "-"))
         text = helps.get(f.name, "").replace("%", "%%")       # argparse formats help with %
@@ -2851,7 +2764,7 @@ def _check_resumable(cfg: Config, out_dir: Path, world: int = 1) -> int:
     if not isinstance(before, dict):
         raise ConfidentError(f"--resume: {state} records no settings and there is no config.json beside it: its run "
                              "cannot be checked against this one; drop --resume to start afresh")
-    now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(Config())
+    now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)())
     free = RESUME_FREE + (("gan_epochs",) if cfg.method != "conf-gan" else ())   # (= epochs; used by conf-gan only)
     diff = [k for k in now if k not in free and before.get(k, defaults[k]) != now[k]]
     if "batch_size" in diff and before["batch_size"] * before.get("world", 1) == cfg.batch_size * world:
@@ -2993,7 +2906,7 @@ def pick_by_validation(candidates) -> dict:
     return {name: label for name, (label, _) in best.items()}
 
 
-def run(cfg: Config, log=print) -> dict:
+def run(cfg: Config, log=print, trainer_cls=None) -> dict:
     """Train with cfg, evaluate against --out and every other OOD set found, write everything.
     --select-epoch best also evaluates after every epoch (epochs.json, resumable) and adds "best_epoch": per OOD
     set, the epoch with the lowest baseline detection error on the validation images, with that epoch's metrics
@@ -3115,7 +3028,7 @@ def _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, 
             atomic_write_text(json.dumps(evals, indent=1), out_dir / "epochs.json")
 
     tr = train(cfg, x_tr, y_tr, x_ood_train, out_dir, log0, device, rank, world, num_classes=len(classes),
-               after_epoch=evaluate_epoch if cfg.select_epoch == "best" else None, _cli=True)
+               after_epoch=evaluate_epoch if cfg.select_epoch == "best" else None, trainer_cls=trainer_cls, _cli=True)
     model = tr.raw["net"]
     if master:                                                # staged: the previous run's checkpoint stays till the end
         atomic_save(model.state_dict(), out_dir / ".new" / "checkpoint.pt")
@@ -3135,8 +3048,7 @@ def _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, 
         res.update(classes=classes, config=dataclasses.asdict(cfg), env=env, seconds=time.time() - t0)
         if resumed_at is not None:
             res["resumed_at_epoch"] = resumed_at
-        if tr.diagnostics:
-            res["diagnostics"] = tr.diagnostics
+        res.update(tr.results())
         rows = results_rows(res, cfg, seen)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -3281,11 +3193,11 @@ def run_many(tasks, jobs: int = 1, log=print) -> dict:
     return out
 
 
-def _tune_point(cfg: Config, log, resume: bool) -> dict:
-    return run(dataclasses.replace(cfg, resume=resume), log)
+def _tune_point(cfg: Config, log, trainer_cls, resume: bool) -> dict:
+    return run(dataclasses.replace(cfg, resume=resume), log, trainer_cls)
 
 
-def tune(cfg: Config, log=print) -> dict:
+def tune(cfg: Config, log=print, trainer_cls=None) -> dict:
     """--tune: one run per grid point, each in its own sub-folder of --output-dir (a point whose results.json exists
     is not run again; one with only train_state.pt resumes), then per OOD set the point with the lowest baseline
     detection error on that set's validation images. Writes tuning.json and tuning.md: every point's validation
@@ -3303,7 +3215,7 @@ def tune(cfg: Config, log=print) -> dict:
                                            resume=False))
         _check_same_point(pcfg, sub)
         points.append({"beta": beta, "batch_size": bs, "lr": lr, "dir": sub.name, "ood": {}})
-        tasks.append((sub, functools.partial(_tune_point, pcfg, log)))
+        tasks.append((sub, functools.partial(_tune_point, pcfg, log, trainer_cls)))
     log(f"tune: {len(tasks)} grid point(s) in {out_dir}")
     for point, res in zip(points, run_many(tasks, log=log).values()):
         if isinstance(res, TrainingDiverged):                # one point failed, not the tuning: left out, go on
@@ -3357,11 +3269,13 @@ def tuning_markdown(t: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    cfg = Config(**vars(args))
+def main(argv=None, config_cls=Config, trainer_cls=None, **parser_kw):
+    """The CLI. config_cls / trainer_cls: a Config subclass (its fields become flags) and the Trainer subclass
+    that trains with them (stability.py's study); parser_kw: build_parser's, e.g. prog=."""
+    args = build_parser(config_cls, **parser_kw).parse_args(argv)
+    cfg = config_cls(**vars(args))
     try:
-        (tune if cfg.tune else run)(cfg, log=lambda *a, **k: print(*a, **k, flush=True))
+        (tune if cfg.tune else run)(cfg, log=lambda *a, **k: print(*a, **k, flush=True), trainer_cls=trainer_cls)
     except ConfidentError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

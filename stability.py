@@ -8,21 +8,246 @@ that reads validation data only (results/stability/README.md).
     python stability.py report --runs results/stability/runs --out results/stability   # report.md, diagnostics.png
     python stability.py report --runs DIR_A,DIR_B --out OUT      # the arms of several folders in one report
 
-Each run is `python confident.py <scale flags> <arm flags> --seed S --output-dir <runs>/<arm>-s<S>`; a run
+    python stability.py train --method joint --d-sn ...     # one run: confident.py's flags and the stabilisers'
+
+Each run is `python stability.py train <scale flags> <arm flags> --seed S --output-dir <runs>/<arm>-s<S>`; a run
 whose results.json exists is not redone, so an interrupted study resumes where it stopped.
+
+The stabilisers of joint training other than confident.py's --g-ema, and the diagnostics of training, live here:
+StudyConfig adds their fields (and flags) to confident.Config, StudyTrainer implements them through the Trainer's
+hooks; each default is the paper's training, so `stability.py train` without them is `confident.py`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import confident
+from confident import ConfidentError, GAN_METHODS
+
 HERE = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------
+# The study's stabilisers and diagnostics on top of confident.py's Trainer
+
+@dataclass
+class StudyConfig(confident.Config):
+    gan_width: float = 0.0           # > 0: G's and D's width multiplier instead of `width` (beyond the paper:
+                                     # separates the classifier's capacity from the GAN's); 0: = width
+    # Diagnostics of training (every regime; G and D too in GAN regimes): logged, and in results.json.
+    diag_every: int = 0              # also every N steps (0: only at the end of each epoch)
+    # Stabilisers of joint training, beyond the paper (results/stability/README.md); each default is the paper's.
+    ema_raw_frac: float = 0.0        # with g_ema: this fraction of each KL batch comes from the raw G instead
+    g_ema_debias: bool = False       # with g_ema: average G's trained weights only, without its initialisation
+    d_sn: bool = False               # spectral normalisation on D's convolutions
+    d_lr_mult: float = 1.0           # D's learning rate = lr * this (two time-scale update)
+    gan_lr_mult: float = 1.0         # G's and D's learning rates = lr * this (D's times d_lr_mult); classifier's: lr
+    replay: int = 0                  # > 0: keep this many past G samples; half of each KL batch comes from them
+    r1: float = 0.0                  # > 0: R1 penalty (r1 / 2) * |grad_x D(x)|^2 on real images
+    clip_grad: float = 0.0           # > 0: clip the classifier's gradient to this global L2 norm
+    beta_warmup: int = 0             # > 0: beta ramps linearly from 0 over this many steps (G and classifier)
+
+    def check(self, name) -> None:
+        checks = [("gan_width", 0 <= self.gan_width <= 8, "0 (= width) or in (0, 8]"),
+                  ("diag_every", self.diag_every >= 0, ">= 0"),
+                  ("d_lr_mult", self.d_lr_mult > 0, "> 0"), ("gan_lr_mult", self.gan_lr_mult > 0, "> 0"),
+                  ("replay", self.replay >= 0, ">= 0"), ("r1", self.r1 >= 0, ">= 0"),
+                  ("beta_warmup", self.beta_warmup >= 0, ">= 0"), ("clip_grad", self.clip_grad >= 0, ">= 0"),
+                  ("ema_raw_frac", 0 <= self.ema_raw_frac <= 1, "in [0, 1]")]
+        for field, ok, want in checks:
+            if not ok:
+                raise ConfidentError(f"{name(field)} {getattr(self, field)!r}: expected {want}")
+        if self.ema_raw_frac and not self.g_ema:
+            raise ConfidentError(f"{name('ema_raw_frac')} {self.ema_raw_frac!r} mixes raw G samples into the EMA "
+                                 f"generator's: expected {name('g_ema')} > 0 too")
+        if self.g_ema_debias and not self.g_ema:
+            raise ConfidentError(f"{name('g_ema_debias')} corrects the EMA generator's average: expected "
+                                 f"{name('g_ema')} > 0 too")
+        if self.gan_width and self.method not in GAN_METHODS:
+            raise ConfidentError(f"{name('gan_width')} {self.gan_width!r} sets the GAN's width: expected "
+                                 f"{name('method')} conf-gan, joint or joint-pt, not {self.method} (it has no GAN)")
+        stabilisers = [n for n in ("d_sn", "replay", "r1", "beta_warmup", "clip_grad") if getattr(self, n)]
+        stabilisers += [n for n in ("d_lr_mult", "gan_lr_mult") if getattr(self, n) != 1.0]
+        if stabilisers and self.method not in ("joint", "joint-pt"):
+            raise ConfidentError(f"{name(stabilisers[0])} is a stabiliser of joint training: "
+                                 f"expected {name('method')} joint or joint-pt, not {self.method}")
+
+
+class StudyTrainer(confident.Trainer):
+    """confident.Trainer with StudyConfig's stabilisers and the diagnostics of training (TrainingProbe)."""
+
+    def __init__(self, cfg, num_classes, device=None, log=print, **kw):
+        if not isinstance(cfg, StudyConfig):
+            cfg = StudyConfig(**dataclasses.asdict(cfg))
+        super().__init__(cfg, num_classes, device, log, **kw)
+        self.replay = torch.empty(0, *self.image_shape, device=self.device)   # past G samples (--replay)
+        self.diagnostics = []                            # one dict per diagnostics point (TrainingProbe)
+        self.probe = None
+
+    def _gan_width(self):
+        return self.cfg.gan_width or self.cfg.width
+
+    def _discriminator(self, D):
+        if self.cfg.d_sn:                                # spectral norm on every conv of D
+            for mod in list(D.modules()):
+                for name, m in list(mod.named_children()):
+                    if isinstance(m, nn.Conv2d):
+                        setattr(mod, name, nn.utils.parametrizations.spectral_norm(m))
+        return D
+
+    def _gan_lrs(self):
+        lr = self.cfg.lr * self.cfg.gan_lr_mult
+        return lr, lr * self.cfg.d_lr_mult
+
+    def beta_now(self) -> float:
+        """beta, ramped linearly from 0 over the first --beta-warmup steps (the paper: no warm-up)."""
+        w = self.cfg.beta_warmup
+        return self.cfg.beta * (min(1.0, self.global_step / w) if w > 0 else 1.0)
+
+    def _real_input(self, x):
+        return x.detach().requires_grad_(True) if self.cfg.r1 > 0 else x
+
+    def _d_loss(self, d_loss, x_real, d_real):
+        r1 = self.cfg.r1
+        if r1 > 0:   # R1 penalty, (r1 / 2) * E |grad_x D(x)|^2 on real images (Mescheder et al. 2018)
+            (gx,) = torch.autograd.grad(d_real.float().sum(), x_real, create_graph=True)
+            d_loss = d_loss + r1 / 2 * gx.float().pow(2).flatten(1).sum(1).mean()
+        return d_loss
+
+    def _grad_norm(self):
+        if self.cfg.clip_grad > 0:                       # clipped to --clip-grad; the norm before clipping
+            return torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip_grad)
+        return super()._grad_norm()
+
+    def _ema_weight(self, g):
+        """With --g-ema-debias, Adam's bias correction (Kingma & Ba 2015, Alg. 1: m_t / (1 - beta1^t)) written as
+        one lerp: (1 - d) / (1 - d^t) after G's t-th update, so the EMA is the average of G's first t updated
+        weights, each s-th weighted by d^(t - s), with no share left to G's random initialisation (plain EMA: d^t
+        of it, 0.245 after the main job's 1,404 steps at 0.999). t is the count Adam keeps for G: on the device
+        under --cuda-graphs, so the captured graph reads it when replayed."""
+        d = self.cfg.g_ema
+        if not self.cfg.g_ema_debias:
+            return super()._ema_weight(g)
+        t = self.opts["G"].state[next(g.parameters())]["step"]
+        w = (1.0 - d) / (1.0 - d ** t)
+        return w.item() if w.device.type == "cpu" else w
+
+    def _kl_samples(self, B):
+        """Fresh samples of G or of its EMA copy (--g-ema; the last round(B * --ema-raw-frac) of them from the raw
+        G), and half of them replaced by past samples once the replay buffer holds enough (--replay)."""
+        with torch.no_grad(), self._amp():
+            x_out = (self.G_ema if self.G_ema is not None else self.G)(self._noise(B)).float()
+            k = round(B * self.cfg.ema_raw_frac)          # allowed only with --g-ema
+            if k:                                         # raw G's fresh samples in the batch's tail
+                x_out = torch.cat([x_out[:B - k], self.G(self._noise(k)).float()])
+        n = self.cfg.replay
+        if n > 0:
+            fresh = x_out
+            if len(self.replay) >= B // 2:
+                old = self.replay[torch.randint(len(self.replay), (B // 2,), device=self.device)]
+                x_out = torch.cat([fresh[:B - B // 2], old])
+            self.replay = torch.cat([fresh.detach(), self.replay])[:n]     # newest first, oldest dropped
+        return x_out
+
+    def state_dict(self):
+        return {**super().state_dict(), "replay": self.replay, "diagnostics": json.dumps(self.diagnostics)}
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.replay = sd.get("replay", self.replay).to(self.device)
+        self.diagnostics = json.loads(sd.get("diagnostics", "[]"))
+
+    # diagnostics: means of the step logs since the last point, and the probe, every --diag-every steps and at
+    # the end of each epoch
+    def watch(self, x_train, to_input, rank):
+        self.probe = TrainingProbe(x_train, self.cfg.nz, self.cfg.seed, self.device, to_input=to_input) \
+            if rank == 0 and x_train is not None else None
+        self._dsums, self._dn, self._dmax = {}, 0, None
+
+    def after_step(self, logs, epoch, i, steps):
+        if self.probe is None or "c" not in logs:         # conf-gan's GAN epochs train no classifier
+            return
+        self._dn += 1
+        for k in ("d_acc_real", "d_acc_fake", "c", "acc", "gnorm"):
+            if k in logs:
+                self._dsums[k] = self._dsums.get(k, 0.0) + logs[k]
+        if "gnorm" in logs:
+            self._dmax = logs["gnorm"] if self._dmax is None else torch.maximum(self._dmax, logs["gnorm"])
+        every = self.cfg.diag_every
+        if (every and (i + 1) % every == 0) or i + 1 == steps:
+            d = {"epoch": epoch + 1, "step": i + 1, "global_step": self.global_step, "beta": self.beta_now(),
+                 **{k: float(v) / self._dn for k, v in self._dsums.items()},
+                 **({"gnorm_max": float(self._dmax)} if self._dmax is not None else {}), **self.probe(self)}
+            self.diagnostics.append(d)
+            self._dsums, self._dn, self._dmax = {}, 0, None
+            self.log(f"diag epoch {epoch + 1} step {i + 1} | " + " ".join(
+                f"{k} {v:.3f}" for k, v in d.items() if k not in ("epoch", "step", "global_step", "beta")))
+
+    def results(self):
+        return {"diagnostics": self.diagnostics} if self.diagnostics else {}
+
+
+class TrainingProbe:
+    """Diagnostics of training at one point in time, without touching the run's randomness or state:
+    fixed latent codes (own generator), fixed real images (own permutation), G's BatchNorm buffers restored.
+    What the classifier (eval mode, as the detectors see it) says about G's samples and about real training
+    images, how far the samples sit from the data (nearest-neighbour RMS pixel distance to `n_ref` training
+    images; real images' own distance to them for scale) and how diverse they are (mean pairwise RMS distance,
+    as a fraction of the real images')."""
+
+    def __init__(self, x_train, nz: int, seed: int, device, n: int = 500, n_ref: int = 2000,
+                 to_input=confident.to_float):
+        g = torch.Generator().manual_seed(seed + 424_242)
+        n = max(1, min(n, len(x_train) // 4))                       # small training sets: a quarter probes
+        idx = torch.randperm(len(x_train), generator=g)[:n + n_ref]
+        self.real = to_input(confident._take(x_train, idx[:n]).to(device))                # (n, 3, 32, 32)
+        self.ref = to_input(confident._take(x_train, idx[n:]).to(device)).flatten(1)      # (n_ref, 3072)
+        self.z = torch.randn(n, nz, generator=g).to(device)
+
+    def _sample(self, G):
+        bufs = [b.clone() for b in G.buffers()]
+        fake = G(self.z).float()                                                 # train mode, as in training
+        for b, saved in zip(G.buffers(), bufs):
+            b.copy_(saved)
+        return fake
+
+    @staticmethod
+    def _rms(a, b):                                                              # (n, m) RMS pixel distances
+        return torch.cdist(a, b).div_(math.sqrt(a.shape[1]))
+
+    @torch.no_grad()
+    def __call__(self, tr) -> dict:
+        net, G = tr.raw["net"], tr.raw.get("G_ema", tr.raw.get("G"))             # the classifier's sample source
+        was = net.training
+        net.eval()
+        out = {}
+        for name, x in (("real", self.real),) if G is None else (("gen", self._sample(G)), ("real", self.real)):
+            z = net(x).float()[:, :tr.K]
+            out[f"maxsoftmax_{name}"] = float(F.softmax(z, 1).max(1).values.mean())
+            out[f"kl_{name}"] = float((torch.logsumexp(z, 1) - z.mean(1)).mean() - math.log(tr.K))
+        net.train(was)
+        if G is None:
+            return out
+        f, r = self._sample(G).flatten(1), self.real.flatten(1)
+        out["nn_dist_gen"] = float(self._rms(f, self.ref).min(1).values.mean())
+        out["nn_dist_real"] = float(self._rms(r, self.ref).min(1).values.mean())
+        n = len(f)
+        off = ~torch.eye(n, dtype=torch.bool, device=f.device)
+        out["diversity"] = float(self._rms(f, f)[off].mean() / self._rms(r, r)[off].mean())
+        return out
 
 # The README's main job (CPU-sized) and the paper's settings (full width, lr 2e-4, beta 1, batch 128).
 SCALES = {
@@ -96,7 +321,7 @@ def cmd_run(args):
             a, s = todo.pop(0)
             d = run_dir(runs, a, s)
             d.mkdir(parents=True, exist_ok=True)
-            cmd = ([sys.executable, str(HERE / "confident.py")] + SCALES[args.scale].split() + args.common.split()
+            cmd = ([sys.executable, str(HERE / "stability.py"), "train"] + SCALES[args.scale].split() + args.common.split()
                    + ARMS[a].split() + ["--seed", str(s), "--output-dir", str(d), "--device", args.device]
                    + args.extra.split())
             log = open(d / "train.log", "w")
@@ -350,8 +575,12 @@ def cmd_report(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:                            # one run: confident.py's CLI with StudyConfig's flags
+        return confident.main(argv[1:], StudyConfig, StudyTrainer, prog="stability.py train")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="one run: confident.py's flags and the stabilisers' (stability.py train --help)")
     r = sub.add_parser("run")
     r.add_argument("--arms", default="ce,joint")
     r.add_argument("--seeds", default="0-7")
@@ -360,7 +589,7 @@ def main(argv=None):
     r.add_argument("--jobs", type=int, default=1)
     r.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     r.add_argument("--device", default="auto")
-    r.add_argument("--extra", default="", help="more confident.py flags for every run")
+    r.add_argument("--extra", default="", help="more `stability.py train` flags for every run")
     r.add_argument("--common", default=COMMON, help=f"flags every run of the seed study adds (default {COMMON!r}; "
                    "'' runs the scale's command alone, as results/confirm/ does)")
     q = sub.add_parser("report")

@@ -24,10 +24,10 @@ def _set_rng_state(s: dict) -> None:
 
 def uncapturable(cfg, name=lambda f: "--" + f.replace("_", "-")) -> str | None:
     """Why cfg's step cannot be one CUDA graph (a graph replays fixed shapes and the numbers it was captured with);
-    name(field) names a Config field in the answer (the CLI: its flag)."""
-    if cfg.replay:
+    name(field) names a Config field in the answer (the CLI: its flag). replay and beta_warmup are stability.py's."""
+    if getattr(cfg, "replay", 0):
         return f"cannot capture {name('replay')} (its buffer changes size every step)"
-    if cfg.beta_warmup:
+    if getattr(cfg, "beta_warmup", 0):
         return (f"cannot capture {name('beta_warmup')} (beta is a number baked into the graph, and it changes "
                 "every step)")
     return None

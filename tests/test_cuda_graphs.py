@@ -17,6 +17,7 @@ import torch
 
 import confident as C
 from kernels import graphs
+from stability import StudyConfig, StudyTrainer          # the stabilisers of joint training (beyond the paper)
 
 gpu = pytest.mark.gpu
 
@@ -24,7 +25,11 @@ gpu = pytest.mark.gpu
 def _cfg(method="joint", **kw):
     base = dict(in_data="fashion-mnist", out_data="mnist", method=method, model="vgg13", width=0.0625,
                 batch_size=16, lr=1e-3, seed=0, epochs=1)
-    return C.Config(**{**base, **kw})
+    return StudyConfig(**{**base, **kw})
+
+
+def _train(*a, **kw):
+    return C.train(*a, trainer_cls=StudyTrainer, **kw)
 
 
 def _data(n=64, seed=0):
@@ -51,8 +56,8 @@ def test_flag_on_the_cpu_trains_eagerly_and_bit_identically():
     x, y = _data()
     cfg = _cfg("joint", d_sn=True, g_ema=0.9, log_every=2)
     lines = []
-    a = C.train(dataclasses.replace(cfg, cuda_graphs=True), x, y, log=lines.append)
-    b = C.train(cfg, x, y, log=lambda *_: None)
+    a = _train(dataclasses.replace(cfg, cuda_graphs=True), x, y, log=lines.append)
+    b = _train(cfg, x, y, log=lambda *_: None)
     assert [ln for ln in lines if "cuda-graphs" in ln] == ["--cuda-graphs needs a CUDA device: training eagerly"]
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -101,7 +106,7 @@ def test_a_failed_capture_says_why_and_trains_on_as_if_never_tried(monkeypatch):
     runs, lines = [], []
     for graphed in (True, False):
         torch.manual_seed(0)
-        tr = C.Trainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
+        tr = StudyTrainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
         step = tr.step
         if graphed:
             step = graphs.GraphedStep(tr, lines.append)
@@ -129,7 +134,7 @@ def test_warm_up_leaves_no_trace(method, extra, first_steps):
     runs = []
     for warm in (True, False):
         torch.manual_seed(0)
-        tr = C.Trainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
+        tr = StudyTrainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
         for _ in range(first_steps):
             tr.step(x, y)
         if warm:
@@ -165,13 +170,13 @@ def test_a_captured_runs_checkpoint_loads_into_eager_adam():
     """A --cuda-graphs checkpoint holds capturable Adam (step counts on the device); loading makes it eager."""
     cfg = _cfg("joint", batch_size=8)
     x, y = C.to_float(_data(8)[0]), _data(8)[1]
-    tr = C.Trainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
+    tr = StudyTrainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
     tr.step(x, y)
     sd = tr.state_dict()
     for o in sd["opts"].values():                     # as a captured run saves it
         for g in o["param_groups"]:
             g["capturable"] = True
-    tr2 = C.Trainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
+    tr2 = StudyTrainer(cfg, 10, torch.device("cpu"), log=lambda *_: None)
     tr2.load_state_dict(sd)
     for o in tr2.opts.values():
         assert all(not g["capturable"] for g in o.param_groups)
@@ -198,7 +203,7 @@ LOSSES = ("d", "g", "c")                              # compared closely; accura
 
 def _steps(cfg, batches, graphed, log=lambda *_: None):
     torch.manual_seed(cfg.seed)
-    tr = C.Trainer(cfg, 10, torch.device("cuda"), log=log)
+    tr = StudyTrainer(cfg, 10, torch.device("cuda"), log=log)
     step = graphs.GraphedStep(tr, log) if graphed else tr.step
     logs = [{k: v.clone() for k, v in step(*b).items()} for b in batches]
     torch.cuda.synchronize()
@@ -282,9 +287,9 @@ def test_lr_drop_recaptures_and_checkpoints_resume(tmp_path):
     cfg = _cfg("joint", width=0.125, batch_size=32, epochs=2, lr_drop_epoch=1, log_every=1, device="cuda")
     dev = torch.device("cuda")
     lines = []
-    g = C.train(dataclasses.replace(cfg, cuda_graphs=True), x, y, out_dir=tmp_path / "g", log=lines.append,
+    g = _train(dataclasses.replace(cfg, cuda_graphs=True), x, y, out_dir=tmp_path / "g", log=lines.append,
                 device=dev)
-    e = C.train(cfg, x, y, out_dir=tmp_path / "e", log=lambda *_: None, device=dev)
+    e = _train(cfg, x, y, out_dir=tmp_path / "e", log=lambda *_: None, device=dev)
     captures = [ln for ln in lines if "cuda-graphs" in ln]
     assert len(captures) == 2 and all("captured the joint step" in ln for ln in captures), captures
     assert [gr["lr"] for gr in g.opt.param_groups] == [pytest.approx(1e-4)]
@@ -296,13 +301,13 @@ def test_lr_drop_recaptures_and_checkpoints_resume(tmp_path):
         assert worst[0] < tol, f"{what}: {worst[1]} differs by {worst[0]:.2e} (relative)"
     close(g, e, "2 epochs captured vs eager")
     more = dict(epochs=3, resume=True)
-    g3 = C.train(dataclasses.replace(cfg, cuda_graphs=True, **more), x, y, out_dir=tmp_path / "g",
+    g3 = _train(dataclasses.replace(cfg, cuda_graphs=True, **more), x, y, out_dir=tmp_path / "g",
                  log=lambda *_: None, device=dev)
-    e3 = C.train(dataclasses.replace(cfg, **more), x, y, out_dir=tmp_path / "e", log=lambda *_: None, device=dev)
+    e3 = _train(dataclasses.replace(cfg, **more), x, y, out_dir=tmp_path / "e", log=lambda *_: None, device=dev)
     close(g3, e3, "resumed captured vs resumed eager")
     (tmp_path / "g2").mkdir()
     (tmp_path / "g2" / "train_state.pt").write_bytes((tmp_path / "g" / "train_state.pt").read_bytes())
-    mixed = C.train(dataclasses.replace(cfg, epochs=4, resume=True), x, y, out_dir=tmp_path / "g2",
+    mixed = _train(dataclasses.replace(cfg, epochs=4, resume=True), x, y, out_dir=tmp_path / "g2",
                     log=lambda *_: None, device=dev)              # a captured run's checkpoint, resumed eagerly
     assert all(not gr["capturable"] for gr in mixed.opt.param_groups) and mixed.epoch == 4
 

@@ -1,6 +1,8 @@
-"""Joint training's diagnostics and stabilisers (flags beyond the paper), and stability.py's report and selection
-rule. The stabilisers are checked against their definitions written out here, not against our own helpers."""
+"""Joint training's diagnostics and stabilisers (flags beyond the paper; stability.py's StudyConfig and
+StudyTrainer, on top of confident.py's Trainer), and stability.py's report and selection rule. The stabilisers
+are checked against their definitions written out here, not against our own helpers."""
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 import confident
 import stability
 from confident import Config, ConfidentError
+from stability import StudyConfig, StudyTrainer
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -29,12 +32,67 @@ def _cfg(**kw):
     base = dict(in_data="fashion-mnist", method="joint", width=0.0625, epochs=2, batch_size=32, log_every=10 ** 9,
                 impl="torch")
     base.update(kw)
-    return Config(**base)
+    return StudyConfig(**base)
 
 
 def _train(**kw):
     x, y = _data()
-    return confident.train(_cfg(**kw), x, y, log=_quiet)
+    return confident.train(_cfg(**kw), x, y, log=_quiet, trainer_cls=StudyTrainer)
+
+
+# ------------------------------------------------------------------------------------------------
+# The seam: the study's fields, flags and code outside confident.py
+
+MOVED = ("gan_width", "diag_every", "ema_raw_frac", "g_ema_debias", "d_sn", "d_lr_mult", "gan_lr_mult", "replay",
+         "r1", "clip_grad", "beta_warmup")
+
+
+def test_confident_holds_none_of_the_studys_fields_flags_or_probe():
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert fields.isdisjoint(MOVED) and "g_ema" in fields            # --g-ema stays: the study's remedy
+    flags = {a.dest for a in confident.build_parser()._actions}
+    assert flags.isdisjoint(MOVED) and "g_ema" in flags
+    assert not hasattr(confident, "TrainingProbe")
+    with pytest.raises(SystemExit) as e:                              # the CLI does not know the study's flags
+        confident.main(["--d-sn"])
+    assert e.value.code == 2
+    study = {f.name for f in dataclasses.fields(StudyConfig)}
+    assert study == fields | set(MOVED)
+
+
+def test_study_train_subcommand_names_the_studys_flags(capsys):
+    flags = {a.dest: a.option_strings for a in confident.build_parser(StudyConfig)._actions}
+    assert flags["d_sn"] == ["--d-sn", "--no-d-sn"] and flags["r1"] == ["--r1"] and flags["in_data"] == ["--in"]
+    with pytest.raises(SystemExit) as e:
+        stability.main(["train", "--in", "fashion-mnist", "--out", "mnist", "--method", "ce", "--d-sn"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --d-sn is a stabiliser of joint training: expected --method "
+                                               "joint or joint-pt, not ce")
+    help_text = " ".join(confident.build_parser(StudyConfig).format_help().split())
+    assert "R1 penalty (r1 / 2) * |grad_x D(x)|^2 on real images" in help_text     # StudyConfig's comments
+
+
+def test_study_trainer_at_the_papers_values_trains_as_confidents_trainer():
+    """The hooks' defaults are confident.py's training: StudyTrainer with every study field at its default gives
+    the same weights, bit for bit, as confident.Trainer (joint with --g-ema, the one stabiliser both have)."""
+    x, y = _data(64)
+    out = []
+    for cls, cfg_cls in ((confident.Trainer, Config), (StudyTrainer, StudyConfig)):
+        cfg = cfg_cls(in_data="fashion-mnist", method="joint", width=0.0625, epochs=1, batch_size=32, g_ema=0.9,
+                      log_every=10 ** 9, impl="torch")
+        out.append(confident.train(cfg, x, y, log=_quiet, trainer_cls=cls))
+    a, b = ({f"{k}.{n}": t for k, m in tr.raw.items() for n, t in m.state_dict().items()} for tr in out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_value_of_a_study_field_its_tensors_depend_on(tmp_path):
+    x, y = _data(64)
+    cfg = _cfg(epochs=1, d_sn=True, output_dir=str(tmp_path))
+    confident.train(cfg, x, y, out_dir=tmp_path, log=_quiet, trainer_cls=StudyTrainer)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    with pytest.raises(ConfidentError, match="was trained with --d-sn True; this run has --d-sn False"):
+        confident._check_resumable(dataclasses.replace(cfg, d_sn=False), tmp_path)
+    confident._check_resumable(cfg, tmp_path)                         # the same values resume it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,8 +116,8 @@ def test_diagnostics_leave_training_unchanged_and_cover_every_point():
 def test_probe_measures_what_it_says():
     """NN distance and diversity against a direct computation on the probe's own images and samples."""
     x, y = _data(64)
-    tr = confident.Trainer(_cfg(), 10, torch.device("cpu"), log=_quiet)
-    probe = confident.TrainingProbe(x, 100, seed=0, device=torch.device("cpu"), n=8, n_ref=40)
+    tr = StudyTrainer(_cfg(), 10, torch.device("cpu"), log=_quiet)
+    probe = stability.TrainingProbe(x, 100, seed=0, device=torch.device("cpu"), n=8, n_ref=40)
     with torch.no_grad():
         state = copy.deepcopy(tr.G.state_dict())
         fake = tr.G(probe.z).flatten(1)
@@ -84,11 +142,11 @@ def test_probe_measures_what_it_says():
 
 
 def test_results_json_has_diagnostics_and_validation(tmp_path):
-    cfg = Config(in_data="fashion-mnist", out_data="mnist", method="joint", width=0.0625, epochs=1, train_limit=128,
-                 eval_limit=150, val_size=50, batch_size=64, temperatures="1", epsilons="0", extra_ood="none",
-                 output_dir=str(tmp_path), impl="torch", data_root=str(DATA), val_ood="photos", diag_every=1,
-                 log_every=10 ** 9)
-    confident.run(cfg, log=_quiet)
+    cfg = StudyConfig(in_data="fashion-mnist", out_data="mnist", method="joint", width=0.0625, epochs=1,
+                      train_limit=128, eval_limit=150, val_size=50, batch_size=64, temperatures="1", epsilons="0", extra_ood="none",
+                      output_dir=str(tmp_path), impl="torch", data_root=str(DATA), val_ood="photos", diag_every=1,
+                      log_every=10 ** 9)
+    confident.run(cfg, log=_quiet, trainer_cls=StudyTrainer)
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["diagnostics"]) == 2                      # 128 / 64 = 2 steps, one point each
     v = res["validation"]
@@ -101,7 +159,7 @@ def test_results_json_has_diagnostics_and_validation(tmp_path):
 # Stabilisers, each against its definition
 
 def test_stabilisers_default_to_the_paper():
-    cfg = Config()
+    cfg = StudyConfig()
     assert (cfg.g_ema, cfg.d_sn, cfg.d_lr_mult, cfg.gan_lr_mult, cfg.replay, cfg.r1, cfg.beta_warmup) == \
         (0.0, False, 1.0, 1.0, 0, 0.0, 0)
 
@@ -110,13 +168,13 @@ def test_stabilisers_default_to_the_paper():
                                   dict(replay=10), dict(r1=1.0), dict(beta_warmup=5)])
 def test_stabilisers_refused_outside_joint_training(flag):
     with pytest.raises(ConfidentError, match="stabiliser of joint training"):
-        confident.resolve(Config(in_data="fashion-mnist", out_data="mnist", method="ce", **flag))
-    confident.resolve(Config(in_data="fashion-mnist", out_data="mnist", method="joint", **flag))
+        confident.resolve(StudyConfig(in_data="fashion-mnist", out_data="mnist", method="ce", **flag))
+    confident.resolve(StudyConfig(in_data="fashion-mnist", out_data="mnist", method="joint", **flag))
 
 
 def test_g_ema_is_an_exponential_moving_average():
     x, y = _data(32)
-    tr = confident.Trainer(_cfg(g_ema=0.9), 10, torch.device("cpu"), log=_quiet)
+    tr = StudyTrainer(_cfg(g_ema=0.9), 10, torch.device("cpu"), log=_quiet)
     ema0 = [p.detach().clone() for p in tr.G_ema.parameters()]
     tr.step(confident.to_float(x), y)
     for e0, e1, g in zip(ema0, tr.G_ema.parameters(), tr.G.parameters()):
@@ -132,14 +190,14 @@ def test_g_ema_debias_is_the_bias_corrected_average_of_the_updated_generators():
     # estimate m_t / (1 - d^t). Here g_t is G's weights after its t-th update; G's initialisation takes no part.
     x, y = _data(32)
     d = 0.9
-    tr = confident.Trainer(_cfg(g_ema=d, g_ema_debias=True), 10, torch.device("cpu"), log=_quiet)
+    tr = StudyTrainer(_cfg(g_ema=d, g_ema_debias=True), 10, torch.device("cpu"), log=_quiet)
     m = [torch.zeros_like(p) for p in tr.G.parameters()]
     for t in range(1, 5):
         tr.step(confident.to_float(x), y)
         m = [d * mi + (1 - d) * p.detach() for mi, p in zip(m, tr.G.parameters())]
         for mi, e in zip(m, tr.G_ema.parameters()):
             assert torch.allclose(e, mi / (1 - d ** t), atol=1e-6)
-    g0 = confident.Trainer(_cfg(g_ema=d), 10, torch.device("cpu"), log=_quiet)
+    g0 = StudyTrainer(_cfg(g_ema=d), 10, torch.device("cpu"), log=_quiet)
     g0.step(confident.to_float(x), y)                           # without the flag: 0.9 of the initialisation left
     assert not torch.allclose(next(g0.G_ema.parameters()), next(g0.G.parameters()))
     with pytest.raises(ConfidentError, match="--g-ema-debias .*expected --g-ema > 0"):
@@ -148,7 +206,7 @@ def test_g_ema_debias_is_the_bias_corrected_average_of_the_updated_generators():
 
 def test_ema_raw_frac_takes_the_batch_tail_from_the_raw_generator():
     x, y = _data(32)
-    tr = confident.Trainer(_cfg(g_ema=0.9, ema_raw_frac=0.25), 10, torch.device("cpu"), log=_quiet)
+    tr = StudyTrainer(_cfg(g_ema=0.9, ema_raw_frac=0.25), 10, torch.device("cpu"), log=_quiet)
     tr.step(confident.to_float(x), y)                           # G and its EMA now differ
     torch.manual_seed(5)
     out = tr._kl_samples(8)
@@ -165,7 +223,7 @@ def test_ema_raw_frac_takes_the_batch_tail_from_the_raw_generator():
 
 
 def test_spectral_norm_and_d_learning_rate():
-    tr = confident.Trainer(_cfg(d_sn=True, d_lr_mult=4.0, lr=1e-3), 10, torch.device("cpu"), log=_quiet)
+    tr = StudyTrainer(_cfg(d_sn=True, d_lr_mult=4.0, lr=1e-3), 10, torch.device("cpu"), log=_quiet)
     convs = [m for m in tr.D.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 4
     for m in convs:                                            # the weight's largest singular value is ~1
@@ -179,7 +237,7 @@ def test_spectral_norm_and_d_learning_rate():
 
 
 def test_gan_learning_rate_multiplier_leaves_the_classifier_alone():
-    tr = confident.Trainer(_cfg(gan_lr_mult=0.2, d_lr_mult=4.0, lr=1e-3), 10, torch.device("cpu"), log=_quiet)
+    tr = StudyTrainer(_cfg(gan_lr_mult=0.2, d_lr_mult=4.0, lr=1e-3), 10, torch.device("cpu"), log=_quiet)
     assert tr.opts["net"].param_groups[0]["lr"] == pytest.approx(1e-3)
     assert tr.opts["G"].param_groups[0]["lr"] == pytest.approx(2e-4)
     assert tr.opts["D"].param_groups[0]["lr"] == pytest.approx(8e-4)
@@ -191,14 +249,14 @@ def test_gan_width_sets_g_and_d_and_leaves_the_classifier_alone():
     # DCGAN's layer sizes (ngf = ndf = 64; the sizes asserted in test_models.py) times the GAN's width, 1/8 here:
     # G 100 -> 64 -> 32 -> 16 -> 3, D 3 -> 16 -> 32 -> 64 -> 1; the classifier keeps its own width, 1/4.
     torch.manual_seed(0)
-    tr = confident.Trainer(_cfg(width=0.25, gan_width=0.125, g_ema=0.9), 10, torch.device("cpu"), log=_quiet)
+    tr = StudyTrainer(_cfg(width=0.25, gan_width=0.125, g_ema=0.9), 10, torch.device("cpu"), log=_quiet)
     for G in (tr.G, tr.G_ema):
         assert [(m.in_channels, m.out_channels) for m in G.modules() if isinstance(m, torch.nn.ConvTranspose2d)] \
             == [(100, 64), (64, 32), (32, 16), (16, 3)]
     assert [(m.in_channels, m.out_channels) for m in tr.D.modules() if isinstance(m, torch.nn.Conv2d)] == \
         [(3, 16), (16, 32), (32, 64), (64, 1)]
     torch.manual_seed(0)                                    # the classifier is built first: the same initial weights
-    same = confident.Trainer(_cfg(width=0.25), 10, torch.device("cpu"), log=_quiet)
+    same = StudyTrainer(_cfg(width=0.25), 10, torch.device("cpu"), log=_quiet)
     assert all(torch.equal(a, b) for a, b in zip(tr.net.state_dict().values(), same.net.state_dict().values()))
     assert [m.out_channels for m in same.D.modules() if isinstance(m, torch.nn.Conv2d)][0] == 32   # default: = width
     with pytest.raises(ConfidentError, match="--gan-width 0.125 sets the GAN's width: expected .* not ce"):
@@ -209,7 +267,7 @@ def test_gan_width_sets_g_and_d_and_leaves_the_classifier_alone():
 
 def test_replay_buffer_fills_and_feeds_half_the_kl_batch():
     x, y = _data(32)
-    tr = confident.Trainer(_cfg(replay=40), 10, torch.device("cpu"), log=_quiet)
+    tr = StudyTrainer(_cfg(replay=40), 10, torch.device("cpu"), log=_quiet)
     xb = confident.to_float(x)
     tr.step(xb, y)
     assert len(tr.replay) == 32                              # first step: all fresh, all kept
@@ -227,7 +285,7 @@ def test_r1_penalty_adds_half_r1_times_squared_input_gradient():
     losses = {}
     for r1 in (0.0, 2.0):
         torch.manual_seed(0)
-        tr = confident.Trainer(_cfg(r1=r1), 10, torch.device("cpu"), log=_quiet)
+        tr = StudyTrainer(_cfg(r1=r1), 10, torch.device("cpu"), log=_quiet)
         D0 = copy.deepcopy(tr.D)
         torch.manual_seed(1)
         losses[r1] = float(tr._gan_step(xb, 1.0, 0.0)["d"])
@@ -238,7 +296,7 @@ def test_r1_penalty_adds_half_r1_times_squared_input_gradient():
 
 
 def test_beta_warmup_is_linear():
-    tr = confident.Trainer(_cfg(beta=0.5, beta_warmup=4), 10, torch.device("cpu"), log=_quiet)
+    tr = StudyTrainer(_cfg(beta=0.5, beta_warmup=4), 10, torch.device("cpu"), log=_quiet)
     seen = []
     x, y = _data(32)
     for _ in range(6):
@@ -250,9 +308,9 @@ def test_beta_warmup_is_linear():
 def test_stabiliser_state_survives_a_checkpoint(tmp_path):
     x, y = _data(64)
     cfg = _cfg(g_ema=0.99, replay=50, beta_warmup=100, epochs=1)
-    tr = confident.train(cfg, x, y, out_dir=tmp_path, log=_quiet)
+    tr = confident.train(cfg, x, y, out_dir=tmp_path, log=_quiet, trainer_cls=StudyTrainer)
     sd = torch.load(tmp_path / "train_state.pt", weights_only=True)
-    tr2 = confident.Trainer(cfg, 10, torch.device("cpu"), log=_quiet)
+    tr2 = StudyTrainer(cfg, 10, torch.device("cpu"), log=_quiet)
     tr2.load_state_dict(sd)
     assert tr2.global_step == tr.global_step == 2 and torch.equal(tr2.replay, tr.replay)
     assert tr2.diagnostics == tr.diagnostics and len(tr2.diagnostics) == 1
@@ -305,7 +363,7 @@ def test_clip_grad_bounds_the_classifier_gradient_and_logs_its_norm():
     norms = {}
     for clip in (0.0, 1e-3):
         torch.manual_seed(0)
-        tr = confident.Trainer(_cfg(clip_grad=clip), 10, torch.device("cpu"), log=_quiet)
+        tr = StudyTrainer(_cfg(clip_grad=clip), 10, torch.device("cpu"), log=_quiet)
         logs = tr.step(xb, y)
         g = torch.cat([p.grad.flatten() for p in tr.net.parameters() if p.grad is not None])
         norms[clip] = (float(logs["gnorm"]), float(g.norm()))
@@ -314,7 +372,7 @@ def test_clip_grad_bounds_the_classifier_gradient_and_logs_its_norm():
     assert norms[1e-3][0] == pytest.approx(unclipped, rel=1e-5)       # logged before clipping
     assert norms[1e-3][1] == pytest.approx(1e-3, rel=1e-3)            # the step used the clipped gradient
     with pytest.raises(ConfidentError, match="stabiliser of joint training"):
-        confident.resolve(Config(in_data="fashion-mnist", out_data="mnist", method="ce", clip_grad=1.0))
+        confident.resolve(StudyConfig(in_data="fashion-mnist", out_data="mnist", method="ce", clip_grad=1.0))
 
 
 def test_probe_runs_for_cross_entropy_too():
