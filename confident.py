@@ -3003,14 +3003,14 @@ def run(cfg: Config, log=print, trainer_cls=None) -> dict:
                 resumed_at = _check_resumable(cfg, out_dir, world)
             _clean_folder(out_dir, not cfg.resume, log0)
         return _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, out_dir, t0, x_tr, y_tr,
-                                x_te, y_te, x_ood_train, ood_test, val_sets, resumed_at)
+                                x_te, y_te, x_ood_train, ood_test, val_sets, resumed_at, trainer_cls)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, out_dir, t0, x_tr, y_tr, x_te, y_te,
-                     x_ood_train, ood_test, val_sets, resumed_at) -> dict:
+                     x_ood_train, ood_test, val_sets, resumed_at, trainer_cls=None) -> dict:
     """run()'s second half, with the folder's lock held: train (train_state.pt every epoch), evaluate, then the
     finished run's files, staged in out_dir/.new and moved over the previous run's together (_publish)."""
     # --select-epoch best: every epoch's evaluation, kept in epochs.json across a resume

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,35 +305,32 @@ def run_dir(runs: Path, arm: str, seed: int) -> Path:
     return runs / f"{arm}-s{seed}"
 
 
+def _launch(cmd: list, d: Path, threads: int, resume: bool) -> dict:
+    """One run as its own process (`threads` CPU threads), its output in <d>/train.log: confident.run_many's task."""
+    d.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(d / "train.log", "a" if resume else "w") as log:
+        rc = subprocess.call(cmd + (["--resume"] if resume else []), stdout=log, stderr=subprocess.STDOUT, env=env)
+    if rc != 0:
+        raise confident.ConfidentError(f"exit code {rc} (see {d / 'train.log'})")
+    return json.loads((d / "results.json").read_text())
+
+
 def cmd_run(args):
     runs = Path(args.runs)
     arms = args.arms.split(",")
     for a in arms:
         if a not in ARMS:
             sys.exit(f"error: unknown arm {a!r}: expected one of {', '.join(ARMS)}")
-    todo = [(a, s) for s in seeds_of(args.seeds) for a in arms
-            if not (run_dir(runs, a, s) / "results.json").exists()]
-    print(f"{len(todo)} run(s) to do, {args.jobs} at a time", flush=True)
-    t0, live = time.time(), []
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    while todo or live:
-        while todo and len(live) < args.jobs:
-            a, s = todo.pop(0)
+    tasks = []
+    for s in seeds_of(args.seeds):
+        for a in arms:
             d = run_dir(runs, a, s)
-            d.mkdir(parents=True, exist_ok=True)
-            cmd = ([sys.executable, str(HERE / "stability.py"), "train"] + SCALES[args.scale].split() + args.common.split()
-                   + ARMS[a].split() + ["--seed", str(s), "--output-dir", str(d), "--device", args.device]
-                   + args.extra.split())
-            log = open(d / "train.log", "w")
-            live.append((a, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        time.sleep(1)
-        for item in list(live):
-            a, s, p, log = item
-            if p.poll() is not None:
-                log.close()
-                live.remove(item)
-                print(f"  {a} seed {s}: {'done' if p.returncode == 0 else f'FAILED (rc {p.returncode})'} "
-                      f"({time.time() - t0:.0f}s)", flush=True)
+            cmd = ([sys.executable, str(HERE / "stability.py"), "train"] + SCALES[args.scale].split()
+                   + args.common.split() + ARMS[a].split() + ["--seed", str(s), "--output-dir", str(d),
+                                                              "--device", args.device] + args.extra.split())
+            tasks.append((d, functools.partial(_launch, cmd, d, args.threads)))
+    confident.run_many(tasks, jobs=args.jobs, log=lambda m: print(m, flush=True))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_study_trainer_at_the_papers_values_trains_as_confidents_trainer():
 
 def test_resume_refuses_another_value_of_a_study_field_its_tensors_depend_on(tmp_path):
     x, y = _data(64)
-    cfg = _cfg(epochs=1, d_sn=True, output_dir=str(tmp_path))
+    cfg = confident.with_defaults(_cfg(epochs=1, d_sn=True, output_dir=str(tmp_path)))   # as run() resolves it
     confident.train(cfg, x, y, out_dir=tmp_path, log=_quiet, trainer_cls=StudyTrainer)
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     with pytest.raises(ConfidentError, match="was trained with --d-sn True; this run has --d-sn False"):
@@ -449,3 +449,23 @@ def test_load_joins_several_folders_and_refuses_a_seed_twice(tmp_path):
         stability.load(f"{tmp_path / 'a'},{tmp_path / 'b'}")
     with pytest.raises(SystemExit, match="expected a folder of runs"):
         stability.load(str(tmp_path / "missing"))
+
+
+def test_run_goes_through_run_many_two_at_a_time_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
+    """`stability.py run` launches each (arm, seed) as `stability.py train` through confident.run_many: two
+    processes at a time, every run's results.json written; run again, nothing is redone."""
+    tiny = ("--in fashion-mnist --out mnist --width 0.0625 --epochs 1 --train-limit 256 --eval-limit 150 "
+            "--val-size 50 --extra-ood none --batch-size 64 --temperatures 1 --epsilons 0 --no-download")
+    monkeypatch.setitem(stability.SCALES, "tiny", tiny)
+    runs = tmp_path / "runs"
+    args = ["run", "--arms", "ce,joint-sn", "--seeds", "0", "--scale", "tiny", "--jobs", "2", "--common", "",
+            "--runs", str(runs)]
+    stability.main(args)
+    out = capsys.readouterr().out
+    assert "2 run(s) to do, 0 finished before; 2 at a time" in out, out
+    for arm in ("ce", "joint-sn"):
+        res = json.loads((runs / f"{arm}-s0" / "results.json").read_text())
+        assert res["config"]["seed"] == 0 and "mnist" in res["ood"]
+    assert json.loads((runs / "joint-sn-s0" / "config.json").read_text())["d_sn"] is True   # the study's flag ran
+    stability.main(args)
+    assert capsys.readouterr().out.count("finished before, not run again") == 2
