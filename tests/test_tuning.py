@@ -191,7 +191,7 @@ def test_select_epoch_best_resumes_with_its_epochs(best, tmp_path):
 def _fake_run(diverge):
     """A stand-in for `run`: a point whose beta is in `diverge` stops on a NaN loss, any other reports a validation
     error of beta / 10 (no training)."""
-    def run(cfg, log=print):
+    def run(cfg, log=print, trainer_cls=None):
         if cfg.beta in diverge:
             raise confident.TrainingDiverged(f"classifier loss (c) is nan at epoch 1 step 1 (method {cfg.method})")
         m = {k: 0.5 for k in METRICS}
