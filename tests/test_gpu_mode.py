@@ -117,7 +117,7 @@ def test_an_interrupted_run_resumes_and_a_finished_one_is_not_redone(gpu3, tiny_
     p = subprocess.run(["bash", "reproduce.sh", "--gpu", "gpu3", "--results", str(gpu3), "--jobs", "2"], cwd=ROOT,
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert f"1 run(s) to do, {len(runs) - 1} already finished" in p.stdout
+    assert f"1 run(s) to do, {len(runs) - 1} finished before" in p.stdout
     assert "resumed from" in (d / "train.log").read_text() and (d / "results.json").exists()
     assert before == {r.name: (R.run_dir(r, "gpu", gpu3) / "results.json").stat().st_mtime for r in runs[1:]}
     fresh = R.stage_runs("gpu1", "gpu")[0]
