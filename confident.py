@@ -46,7 +46,6 @@ import tarfile
 import tempfile
 import time
 import urllib.request
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -2743,10 +2742,6 @@ def _load_train_state(state: Path, device, mmap: bool = False) -> dict:
     if not isinstance(sd, dict) or not {"epoch", "models", "opts", "scheds", "rng"} <= set(sd):
         raise _not_resumable(state, ValueError("not the fields of a training state"))
     return sd
-
-
-def _flag(k: str) -> str:
-    return "--" + {"in_data": "in", "out_data": "out"}.get(k, k.replace("_", "-"))
 
 
 def _check_resumable(cfg: Config, out_dir: Path, world: int = 1) -> int:

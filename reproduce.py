@@ -1609,7 +1609,7 @@ def write_readme(mode, results, figstats, timings, from_csv=False):
         more = f"`bash reproduce.sh{'' if mode == 'full' else ' --' + mode} --seeds 0-11`"
         if not tested:
             lines += ["**No paired runs here yet**: every comparative claim is not testable until both of its arms "
-                      f"have finished a seed.", ""]
+                      "have finished a seed.", ""]
         elif max(ns, default=0) <= 1:
             lines += [f"**Every verdict here is n = 1**: this folder has one seed per claim (seeds "
                       f"{sorted(set(m['seeds']) | set(m['gan_seeds']))}), so nothing can be supported or contradicted; "
