@@ -3154,12 +3154,13 @@ def run_many(tasks, jobs: int = 1, log=print) -> dict:
     out, todo = {}, []
     for d, fn in tasks:
         d = Path(d)
-        if run_status(d) == "done":
+        status = run_status(d)
+        if status == "done":
             out[d] = json.loads((d / "results.json").read_text())
             log(f"{d.name}: finished before, not run again")
         else:
             out[d] = None
-            todo.append((d, fn, run_status(d) == "resume"))
+            todo.append((d, fn, status == "resume"))
     if not todo:
         return out
     log(f"{len(todo)} run(s) to do, {len(out) - len(todo)} finished before; {max(1, jobs)} at a time")
