@@ -1496,17 +1496,11 @@ def train(cfg: Config, x_train, y_train=None, x_ood=None, out_dir: Path | None =
         _set_global_rng_state(saved)
 
 
-def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_classes, after_epoch,
-           model, generator, discriminator, cli, trainer_cls=None) -> Trainer:
-    name = _flag if cli else _field                           # how errors name Config fields
-    cfg = check_config(cfg, name, model_given=model is not None)
-    # how errors name the data: the CLI's sets, or the caller's arguments
+def _check_train_data(cfg: Config, x_train, y_train, x_ood, num_classes, world: int, own: bool, cli: bool):
+    """train()'s refusals of its data, also made by run() before the output folder is touched: returns the
+    shape (C, H, W) of one training image and K. Errors name the CLI's flags and sets, or the caller's arguments."""
+    name = _flag if cli else _field
     xn, on = (cfg.in_data, cfg.out_data) if cli else ("x_train", "x_ood")
-    own = model is not None
-    if own and device is None:
-        device = _device_of(model)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    set_seed(cfg.seed)
     loader, dataset = _is_loader(x_train), _is_dataset(x_train)
     if loader or dataset:
         if y_train is not None:
@@ -1557,6 +1551,30 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
     if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
         raise ConfidentError(f"{name('method')} {cfg.method} needs OOD training images"
                              + (f" from --out {cfg.out_data}" if cli else ": expected x_ood (not empty)"))
+    if not _is_loader(x_train):
+        N, B = len(x_train), cfg.batch_size
+        if N < B * world:                                     # (--batch-size is per process under torchrun)
+            raise ConfidentError(f"{xn}: {N} training images"
+                                 + (f" (--train-limit {cfg.train_limit})" if cli and cfg.train_limit else "")
+                                 + f", fewer than one batch of {B}"
+                                 + (f" on each of {world} processes" if world > 1 else "") + f" ({name('batch_size')})")
+    return shape, num_classes
+
+
+def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_classes, after_epoch,
+           model, generator, discriminator, cli, trainer_cls=None) -> Trainer:
+    name = _flag if cli else _field                           # how errors name Config fields
+    cfg = check_config(cfg, name, model_given=model is not None)
+    # how errors name the data: the CLI's sets, or the caller's arguments
+    xn, on = (cfg.in_data, cfg.out_data) if cli else ("x_train", "x_ood")
+    own = model is not None
+    if own and device is None:
+        device = _device_of(model)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    set_seed(cfg.seed)
+    shape, num_classes = _check_train_data(cfg, x_train, y_train, x_ood, num_classes, world, own, cli)
+    loader, dataset = _is_loader(x_train), _is_dataset(x_train)
+    ood_loader = _is_loader(x_ood)
     if own:
         to_input = (lambda b: b.float().div_(255) if b.dtype == torch.uint8 else b)   # the data's own channels
         image_shape = shape
@@ -1583,9 +1601,6 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
         steps = len(x_train)
     else:
         N = len(x_train)
-        if N < B * world:                                     # (--batch-size is per process under torchrun)
-            raise ConfidentError(f"{xn}: {N} training images, fewer than one batch of {B}"
-                                 + (f" on each of {world} processes" if world > 1 else "") + f" ({name('batch_size')})")
         steps = N // (B * world)                              # drop the last partial batch (as a sampler would)
     if dataset or loader:
         x_train_dev = y_train_dev = None
@@ -2777,23 +2792,6 @@ def _check_resumable(cfg: Config, out_dir: Path, world: int = 1) -> int:
     return done
 
 
-def _check_trainable(cfg: Config, y_tr: torch.Tensor, x_ood, num_classes: int, world: int) -> None:
-    """train()'s refusals of the data, made by run() before the output folder is touched."""
-    if len(y_tr) == 0:
-        raise ConfidentError(f"{cfg.in_data}: no training images (an empty set)")
-    if num_classes < 2:
-        raise ConfidentError(f"{cfg.in_data}: {num_classes} class, expected at least 2 (with one class every "
-                             "prediction is certain and no detector can score)")
-    B = cfg.batch_size
-    if len(y_tr) < B * world:
-        raise ConfidentError(f"{cfg.in_data}: {len(y_tr)} training images"
-                             + (f" (--train-limit {cfg.train_limit})" if cfg.train_limit else "")
-                             + f", fewer than one batch of {B}"
-                             + (f" on each of {world} processes" if world > 1 else ""))
-    if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
-        raise ConfidentError(f"--method {cfg.method} needs OOD training images from --out {cfg.out_data}")
-
-
 def _check_ood_folders(cfg: Config) -> None:
     """An OOD folder inside the --in folder (or holding it) would score in-distribution images as OOD."""
     if not cfg.in_data.startswith("folder:"):
@@ -2981,7 +2979,7 @@ def run(cfg: Config, log=print, trainer_cls=None) -> dict:
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
     # every refusal comes before the output folder changes: the data above, training's own checks, the resume
-    _check_trainable(cfg, y_tr, x_ood_train, len(classes), world)
+    _check_train_data(cfg, x_tr, y_tr, x_ood_train, len(classes), world, own=False, cli=True)
     resumed_at = _check_resumable(cfg, out_dir, world) if cfg.resume else None
     if not cfg.resume and cfg.epochs == 0 and not (cfg.method == "conf-gan" and cfg.gan_epochs):
         log0("note: --epochs 0 trains nothing: the classifier is evaluated as initialised")
@@ -2998,17 +2996,23 @@ def run(cfg: Config, log=print, trainer_cls=None) -> dict:
             if cfg.resume:                          # (again, now that no other run can change it)
                 resumed_at = _check_resumable(cfg, out_dir, world)
             _clean_folder(out_dir, not cfg.resume, log0)
-        return _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, out_dir, t0, x_tr, y_tr,
-                                x_te, y_te, x_ood_train, ood_test, val_sets, resumed_at, trainer_cls)
+        return _train_and_write(cfg, out_dir, log0=log0, ddp=ddp, rank=rank, world=world, device=device, env=env,
+                                t0=t0, resumed_at=resumed_at, trainer_cls=trainer_cls, classes=classes, x_tr=x_tr,
+                                y_tr=y_tr, x_te=x_te, y_te=y_te, x_ood_train=x_ood_train, ood_test=ood_test,
+                                val_sets=val_sets)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_and_write(cfg, log0, master, ddp, rank, world, device, env, classes, out_dir, t0, x_tr, y_tr, x_te, y_te,
-                     x_ood_train, ood_test, val_sets, resumed_at, trainer_cls=None) -> dict:
+def _train_and_write(cfg, out_dir, *, log0, ddp, rank, world, device, env, t0, resumed_at, trainer_cls,
+                     classes, x_tr, y_tr, x_te, y_te, x_ood_train, ood_test, val_sets) -> dict:
     """run()'s second half, with the folder's lock held: train (train_state.pt every epoch), evaluate, then the
-    finished run's files, staged in out_dir/.new and moved over the previous run's together (_publish)."""
+    finished run's files, staged in out_dir/.new and moved over the previous run's together (_publish).
+    The process (rank of world, on device, under DDP or not; log0 prints on rank 0 only), the code (env), the
+    start (t0), the resume (the epoch it resumed at, or None); the data run() loaded: the in-set's splits, --out's
+    training images (conf, kplus1), the OOD test sets and the validation OOD sets, all uint8."""
+    master = rank == 0
     # --select-epoch best: every epoch's evaluation, kept in epochs.json across a resume
     evals = json.loads((out_dir / "epochs.json").read_text()) \
         if cfg.select_epoch == "best" and cfg.resume and (out_dir / "epochs.json").exists() else []
