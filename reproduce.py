@@ -1529,6 +1529,39 @@ def available(stage: str, mode: str, results: Path) -> bool:
     return renderable(stage, mode, results, have=lambda *a: load_result(*a) is not None)
 
 
+def confirm_section(results: Path) -> list:
+    """The confirmatory study's verdicts (results/confirm/verdicts.json, written by `reproduce.py confirm`), quoted
+    in this folder's README above the mode's own claims: those are one seed each, these are paired seeds."""
+    f = results / "confirm" / "verdicts.json"
+    if not f.exists():
+        return []
+    rec = json.loads(f.read_text())
+    fin = rec["seeds_finished"]
+    lines = [f"## The confirmatory study: the paper's central claims over paired seeds, {rec['status']}", "",
+             "From [confirm/verdicts.md](confirm/verdicts.md): cross-entropy, joint training and `--g-ema 0.999` at "
+             "the main job's settings (Fashion-MNIST in-distribution, VGG-13 at width 1/8, 3 epochs; OOD sets MNIST, "
+             "Gaussian and uniform noise, colour photos, none seen in training; see "
+             "[confirm/README.md](confirm/README.md), declared before its runs), seeds "
+             + ("none" if not fin else f"{fin[0]}-{fin[-1]}" if fin == list(range(fin[0], fin[-1] + 1)) else str(fin))
+             + " paired across the arms. The same rule as below (two-sided exact Wilcoxon signed-rank test of the "
+             f"paired difference minus theta, alpha {rec['alpha']}), Holm within each family: P, the paper's "
+             "claims; E, `--g-ema` (beyond the paper).", "",
+             "| # | Claim | n | Mean difference (theta) | Above / below | p (Holm-adjusted) | Verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for rows in rec["families"].values():
+        for r in rows:
+            if r.get("n") and r.get("mean_diff") is not None:
+                lines.append(f"| {r['id']} | {r['claim']} | {r['n']} | {r['mean_diff']:+.2f} ({r['theta']:+g}) | "
+                             f"{r['above']} / {r['below']} | {r['p']:.3g} ({r['holm_adjusted_p']:.3g}) | "
+                             f"{r['verdict']} |")
+            else:
+                lines.append(f"| {r['id']} | {r['claim']} | 0 | | | | {r['verdict']} |")
+    count = collections.Counter(r["verdict"].split(" (")[0] for rows in rec["families"].values() for r in rows)
+    lines += ["", ", ".join(f"**{count[v]} {v}**" for v in ("supported", "contradicted", "inconclusive",
+                                                             "not testable")) + ".", ""]
+    return lines
+
+
 def write_readme(mode, results, figstats, timings, from_csv=False):
     m = MODES[mode]
     r = ROLES[mode]
@@ -1600,6 +1633,7 @@ def write_readme(mode, results, figstats, timings, from_csv=False):
             lines.append(f"- {st}: " + ", ".join(f"[{x}]({x})" for x in have))
     lines += ["- every run: [runs.csv](runs.csv) (table, method, model, in, out, seen, detector, metric, value, seed, "
               "run, mode, commit, torch, python, device, seconds); per-run folders under `runs/` (not committed)", ""]
+    lines += confirm_section(results)
     cl = claims(mode, results, figstats)
     if cl:
         single = [c for c in cl if c[2].startswith("one run")]

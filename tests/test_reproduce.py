@@ -535,3 +535,19 @@ def test_confirm_cli(tmp_path):
     p = subprocess.run([sys.executable, "reproduce.py", "confirm", "--runs", str(runs), "--out", str(tmp_path / "o"),
                         "--earlier", ""], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "ce-s101/results.json: not a finished run's results.json" in p.stderr
+
+
+def test_results_readme_quotes_the_confirmatory_study(tmp_path):
+    """results/README.md carries the study's verdicts with n from confirm/verdicts.json, and nothing without it."""
+    assert R.confirm_section(tmp_path) == []
+    runs = tmp_path / "runs"
+    _write_study(runs, range(100, 112))
+    R.render_confirm(runs, tmp_path / "confirm", None)
+    text = "\n".join(R.confirm_section(tmp_path))
+    assert "paired seeds, complete (n = 12 of 12)" in text and "seeds 100-111 paired" in text
+    assert "| P1 | Figure 4: joint raises the baseline detector's TNR over ce (mnist) | 12 |" in text
+    assert "| P3 |" in text and "| not testable" in text                      # both arms at the ceiling: no n
+    assert "| E1 |" in text and "contradicted (n = 12)" in text
+    rec = json.loads((tmp_path / "confirm" / "verdicts.json").read_text())
+    verdicts = [r["verdict"].split(" (")[0] for rows in rec["families"].values() for r in rows]
+    assert f"**{verdicts.count('supported')} supported**" in text and verdicts.count("supported") > 0
