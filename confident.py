@@ -309,18 +309,37 @@ def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch
 
 # The optional kernels/ package: Triton kernels and the --cuda-graphs step, imported on first use.
 
+_KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+_kernels_found = []                                           # [the package or None], filled on first use
+
+
+def _kernels_package():
+    """kernels/ from beside this file, imported once; None when it is not there or fails to import. A package
+    named `kernels` from elsewhere (this file copied into a repo that has its own) is not used."""
+    if not _kernels_found:
+        k = None
+        if (_KERNELS_DIR / "__init__.py").is_file():
+            try:
+                import kernels as k
+            except Exception:                                 # (a failing import: no kernels, never a crash)
+                k = None
+            if k is not None and Path(getattr(k, "__file__", None) or "").resolve().parent != _KERNELS_DIR:
+                k = None
+        _kernels_found.append(k)
+    return _kernels_found[0]
+
+
 def _kernels():
-    """The optional Triton kernels (kernels/), imported lazily; None when they cannot be imported."""
-    try:
-        import kernels
-        return kernels if getattr(kernels, "AVAILABLE", False) else None
-    except ImportError:
-        return None
+    """The optional Triton kernels (kernels/), imported lazily; None when Triton or the package is missing."""
+    k = _kernels_package()
+    return k if getattr(k, "AVAILABLE", False) else None
 
 
 def _graphs_module(name=None):
     """kernels/graphs.py (--cuda-graphs: a training step captured into one CUDA graph), imported lazily."""
     try:
+        if _kernels_package() is None:
+            raise ImportError
         from kernels import graphs
         return graphs
     except ImportError:

@@ -153,3 +153,35 @@ def test_train_on_a_users_own_model_copied_alone(tmp_path):
                                                                                           "TRITON_INTERPRET")})
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.strip().endswith("ok")
+
+
+# Copied into a repo that has a `kernels` package of its own: one that fails to import (a missing shared library)
+# is not ours and not an error; one that imports is not used either (its functions are not this project's kernels).
+FOREIGN_SCRIPT = r"""
+import torch, confident as C
+assert C._kernels() is None and C._kernels_package() is None
+z = torch.randn(5, 10)
+assert torch.allclose(C.kl_to_uniform(z), (torch.logsumexp(z, 1) - z.mean(1)).mean() - torch.log(torch.tensor(10.0)))
+y = torch.tensor([0, 1, -1, -1, 2])
+assert torch.isfinite(C.confidence_loss(z, y, 1.0))
+print("ok")
+"""
+
+
+def test_a_foreign_kernels_package_is_not_used(tmp_path):
+    shutil.copy(ROOT / "confident.py", tmp_path / "confident.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("raise OSError('libfoo.so: cannot open shared object file')\n")
+    p = subprocess.run([sys.executable, "-c", FOREIGN_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
+    # a working package of that name elsewhere on the path, with none beside confident.py
+    shutil.rmtree(tmp_path / "kernels")
+    other = tmp_path / "elsewhere" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("AVAILABLE = True\ndef kl_uniform_mean(z):\n    raise RuntimeError('foreign')\n"
+                                       "def can_run(t):\n    return True\n")
+    p = subprocess.run([sys.executable, "-c", FOREIGN_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**env, "PYTHONPATH": str(tmp_path / "elsewhere")})
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
