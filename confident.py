@@ -95,7 +95,8 @@ class Config:
     download: bool = True            # allow downloading missing sets (never for the "auto" extras)
     output_dir: str = ""             # where config, checkpoint and results go ("": runs/<in>-<method>-s<seed>)
     resume: bool = False             # continue from output_dir/train_state.pt
-    device: str = "auto"             # auto | cpu | cuda | cuda:N (the CLI's; train() takes device=)
+    device: str = "auto"             # auto | cpu | cuda | cuda:N (auto: the CLI takes the GPU if there is one;
+                                     # train() your model's device, else the CPU; its device= overrides this)
     eval_batch_size: int = 500       # batch size for scoring
     amp: bool = False                # bf16 autocast for training (CUDA, or CPU)
     channels_last: str = "auto"      # auto | on | off: the built-in networks and their training batches in the
@@ -241,6 +242,7 @@ def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, im
         raise ConfidentError(f"confidence_loss: targets of shape {shape}"
                              f"{'' if not isinstance(targets, torch.Tensor) else ' and type ' + str(targets.dtype)}"
                              f", expected integers of shape ({B},): a class in [0, {K}) or -1 for OOD")
+    targets = targets.long()                                  # (int32 labels from numpy, say)
     if _use_triton(logits, impl):
         return _kernels().confidence_loss(logits, targets, beta)
     if _capturing(logits):
@@ -304,7 +306,7 @@ def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch
     """Eq. (5) (App. E): cross-entropy on in-distribution + cross-entropy towards the extra class K+1 on OOD."""
     K1 = logits_out.shape[1]
     ood = torch.full((logits_out.shape[0],), K1 - 1, dtype=torch.long, device=logits_out.device)
-    return F.cross_entropy(logits_in.float(), labels) + F.cross_entropy(logits_out.float(), ood)
+    return F.cross_entropy(logits_in.float(), labels.long()) + F.cross_entropy(logits_out.float(), ood)
 
 
 # The optional kernels/ package: Triton kernels and the --cuda-graphs step, imported on first use.
@@ -576,12 +578,27 @@ def _check_images(x: torch.Tensor, what: str = "x"):
                                  "[0, 1] (uint8 for 0-255 pixels)")
 
 
-def _odin_number(v, what: str) -> float:
-    """An ODIN temperature or epsilon as a float, or a ConfidentError naming it."""
+def _odin_number(v, what: str, detector: str = "ODIN") -> float:
+    """An ODIN (or energy) temperature or epsilon as a float, or a ConfidentError naming it; a string is
+    refused, not parsed."""
+    if isinstance(v, (str, bytes)):
+        raise ConfidentError(f"{detector} {what} {v!r}: a string, expected a number")
     try:
         return float(v)
     except (TypeError, ValueError):
-        raise ConfidentError(f"ODIN {what} {v!r}: expected a number") from None
+        raise ConfidentError(f"{detector} {what} {v!r}: expected a number") from None
+
+
+def _values(v, what: str) -> list:
+    """A list of numbers from a list, tuple, tensor or array, or one number alone; a string is refused."""
+    if isinstance(v, (str, bytes)):
+        raise ConfidentError(f"{what} {v!r}: a string, expected a list of numbers (e.g. [1, 1000])")
+    if isinstance(v, torch.Tensor):
+        return v.flatten().tolist()
+    try:
+        return list(v)
+    except TypeError:
+        return [v]                                            # one number
 
 
 def _image_batches(x, batch_size: int, what: str = "x"):
@@ -720,8 +737,10 @@ def energy_scores(model: nn.Module, x, temperature: float = 1.0, batch_size: int
     E(x; f) = -T * log sum_k exp(f_k(x) / T); the score is -E(x; f) = T * logsumexp(f(x) / T), higher for
     in-distribution inputs; T = 1 as in the paper. Inputs and `logits` as `baseline_scores`. Returns (N,) on
     CPU, float32 (float64 for a float64 model)."""
-    if not (math.isfinite(float(temperature)) and temperature > 0):
+    t = _odin_number(temperature, "temperature", "energy")
+    if not (math.isfinite(t) and t > 0):
         raise ConfidentError(f"energy temperature {temperature!r}: expected a finite value > 0")
+    temperature = t
     ood_class = getattr(model, "ood_class", False)
     return _logit_scores(model, x, batch_size, logits, lambda z: _energy_from_logits(z, temperature, ood_class))
 
@@ -787,7 +806,8 @@ def odin_grid(model: nn.Module, x, temperatures, epsilons, batch_size: int = 500
     forward-images, against 3 * nT * nE passes done point by point. Equal to `odin_scores` per point, and
     in the same dtypes (float64 scores for a float64 model, which always takes the torch path). Inputs, eps's
     units, `logits`, no_grad/inference_mode: as `odin_scores`."""
-    Ts, Es = [_odin_number(t, "temperature") for t in temperatures], [_odin_number(e, "epsilon") for e in epsilons]
+    Ts, Es = [_odin_number(t, "temperature") for t in _values(temperatures, "ODIN temperatures")], \
+        [_odin_number(e, "epsilon") for e in _values(epsilons, "ODIN epsilons")]
     if not Ts or not all(math.isfinite(t) and t > 0 for t in Ts):
         raise ConfidentError(f"ODIN temperatures {Ts}: expected a non-empty list of values > 0")
     if not Es or not all(math.isfinite(e) and e >= 0 for e in Es):
@@ -1024,7 +1044,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimising NLL of softmax(logits / T)."""
     from scipy.optimize import minimize_scalar
-    z, y = logits.double().cpu(), labels.cpu()
+    z, y = logits.double().cpu(), labels.cpu().long()
 
     def nll(log_t):
         return float(F.cross_entropy(z / math.exp(log_t), y))
@@ -1364,6 +1384,27 @@ class Trainer:
         with torch.no_grad(), self._amp():
             return (self.G_ema if self.G_ema is not None else self.G)(self._noise(B)).float()
 
+    def _check_step_inputs(self, x, y, x_out) -> torch.Tensor:
+        """step's inputs checked without reading the device (shapes and types only); the labels as int64."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+            raise ConfidentError(f"step: x {_shape(x)}{'' if not isinstance(x, torch.Tensor) else ' ' + str(x.dtype)}"
+                                 ": expected float images (B, C, H, W) in [0, 1] (train() converts uint8 itself)")
+        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point() \
+                or y.dtype == torch.bool:
+            raise ConfidentError(f"step: labels y {_shape(y)}"
+                                 f"{'' if not isinstance(y, torch.Tensor) else ' ' + str(y.dtype)}: expected "
+                                 f"integers of shape ({x.shape[0]},), one per image of x")
+        if self.cfg.method in GAN_METHODS and tuple(x.shape[1:]) != self.image_shape:
+            raise ConfidentError(f"step: x of shape {tuple(x.shape)}: the GAN makes and reads images of "
+                                 f"{self.image_shape} (Trainer(image_shape=), the shape of your batches)")
+        if x_out is not None and (not isinstance(x_out, torch.Tensor) or not x_out.is_floating_point()
+                                  or tuple(x_out.shape[1:]) != tuple(x.shape[1:])):
+            raise ConfidentError(f"step: x_out {_shape(x_out)}"
+                                 f"{'' if not isinstance(x_out, torch.Tensor) else ' ' + str(x_out.dtype)}: "
+                                 f"expected float OOD images (B', {', '.join(map(str, x.shape[1:]))}) in [0, 1], "
+                                 "the shape of x")
+        return y.long()
+
     def step(self, x, y, x_out=None) -> dict:
         """One mini-batch of the configured regime; returns its losses and statistics as 0-d tensors
         ("c": the classifier's loss, "acc", "gnorm"; GAN regimes also "d", "g", "d_acc_real", "d_acc_fake").
@@ -1380,6 +1421,7 @@ class Trainer:
         m = cfg.method
         if m in ("conf", "kplus1") and x_out is None:
             raise ConfidentError(f"step: Config.method {m!r} trains on real OOD images: expected a batch x_out")
+        y = self._check_step_inputs(x, y, x_out if m in ("conf", "kplus1") else None)
         gan_phase = m == "conf-gan" and self.epoch < cfg.gan_epochs
         logs = {}
         beta = self.beta_now()
@@ -1549,7 +1591,7 @@ def _check_train_data(cfg: Config, x_train, y_train, x_ood, num_classes, world: 
                                  f"{tuple(y_train.shape)} ({y_train.dtype}): expected (N, C, H, W) and (N,) integers")
         if len(y_train) == 0:
             raise ConfidentError(f"{xn}: no training images (an empty set)")
-        _check_image_dtype(x_train, f"{xn}: training images")
+        _check_images(x_train, f"{xn}: training images")       # uint8, or floats in [0, 1]
         num_classes = num_classes or int(y_train.max()) + 1
     if len(shape) != 3 or (not own and (shape[0] not in (1, 3) or shape[1:] != (32, 32))):
         raise ConfidentError(f"{xn}: training images of shape (N, {', '.join(map(str, shape))}): expected "
@@ -1560,7 +1602,8 @@ def _check_train_data(cfg: Config, x_train, y_train, x_ood, num_classes, world: 
         if not isinstance(x_ood, torch.Tensor) or x_ood.ndim != 4:
             raise ConfidentError(f"{on}: OOD training images: {_shape(x_ood)}, expected a tensor (N, C, H, W), "
                                  "a Dataset or a DataLoader")
-        _check_image_dtype(x_ood, f"{on}: OOD training images")           # refused here, before anything is written
+        if len(x_ood):                                        # (an empty one: refused below, by the regime)
+            _check_images(x_ood, f"{on}: OOD training images")
     if num_classes < 2:
         raise ConfidentError(f"{xn}: {num_classes} class, expected at least 2 (with one class every "
                              "prediction is certain and no detector can score)")
@@ -1570,6 +1613,10 @@ def _check_train_data(cfg: Config, x_train, y_train, x_ood, num_classes, world: 
     if cfg.method in ("conf", "kplus1") and (x_ood is None or len(x_ood) == 0):
         raise ConfidentError(f"{name('method')} {cfg.method} needs OOD training images"
                              + (f" from --out {cfg.out_data}" if cli else ": expected x_ood (not empty)"))
+    if cfg.method not in ("conf", "kplus1") and x_ood is not None:
+        raise ConfidentError(f"x_ood: {name('method')} {cfg.method} trains on no real OOD images"
+                             + (" (its OOD samples come from its GAN)" if cfg.method in GAN_METHODS else "")
+                             + ": expected x_ood=None (conf and kplus1 take them)")
     if not _is_loader(x_train):
         N, B = len(x_train), cfg.batch_size
         if N < B * world:                                     # (--batch-size is per process under torchrun)
@@ -1587,6 +1634,10 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
     # how errors name the data: the CLI's sets, or the caller's arguments
     xn, on = (cfg.in_data, cfg.out_data) if cli else ("x_train", "x_ood")
     own = model is not None
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if device is None and cfg.device != "auto":               # Config.device, where train()'s device= is not given
+        _check_device(cfg.device, name("device"))
+        device = cfg.device
     if own and device is None:
         device = _device_of(model)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -1624,24 +1675,30 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
     if dataset or loader:
         x_train_dev = y_train_dev = None
     else:
-        x_train_dev, y_train_dev = x_train.to(device), y_train.to(device)   # uint8 on the device, batched there
+        x_train_dev, y_train_dev = x_train.to(device), y_train.to(device).long()   # uint8 on the device, batched there
     x_ood_dev = x_ood.to(device) if isinstance(x_ood, torch.Tensor) else None
     ood_iter = None                                           # a DataLoader of OOD images, read cyclically
 
-    def next_ood_batch():
+    def next_ood_batch(i):
         nonlocal ood_iter
         for _ in range(2):
-            try:
-                return _image_of(next(ood_iter))
-            except (StopIteration, TypeError):
+            if ood_iter is None:
                 ood_iter = iter(x_ood)
+            try:
+                xb = torch.as_tensor(_image_of(next(ood_iter)))   # (the loader's own errors pass through)
+            except StopIteration:
+                ood_iter = None                               # read again from its start
+                continue
+            _check_images(xb, f"{on}: OOD training images (for batch {i + 1})")
+            return xb
         raise ConfidentError(f"{on}: the DataLoader gave no batch")
 
     def check_batch(x, y, i):                                 # a DataLoader's batch: shape and labels
-        if x.ndim != 4 or tuple(x.shape[1:]) != shape or y.shape != (len(x),):
-            raise ConfidentError(f"{xn}: batch {i + 1} of shape {tuple(x.shape)} with labels {tuple(y.shape)}: "
-                                 f"expected (B, {', '.join(map(str, shape))}) and (B,), as the first")
-        _check_image_dtype(x, f"{xn}: training images")
+        if x.ndim != 4 or tuple(x.shape[1:]) != shape or y.shape != (len(x),) or y.is_floating_point():
+            raise ConfidentError(f"{xn}: batch {i + 1} of shape {tuple(x.shape)} with labels {tuple(y.shape)} "
+                                 f"({y.dtype}): expected (B, {', '.join(map(str, shape))}) and (B,) integers, "
+                                 "as the first")
+        _check_images(x, f"{xn}: training images (batch {i + 1})")
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ConfidentError(f"{xn}: training labels in [{int(y.min())}, {int(y.max())}] in batch {i + 1}, "
                                  f"expected [0, {num_classes})")
@@ -1678,7 +1735,7 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
             x_out = None
             if cfg.method in ("conf", "kplus1"):
                 if ood_loader:
-                    x_out = to_input(torch.as_tensor(next_ood_batch()).to(device))
+                    x_out = to_input(next_ood_batch(i).to(device))
                 else:
                     # B OOD images on every rank, this rank's own ones, the permutation read cyclically
                     # (a set smaller than a batch repeats within it)
@@ -1795,12 +1852,13 @@ def _too_few_to_score(what: str, n: int, v: int, val_size: str = "--val-size") -
 DETECTORS = ("baseline", "odin", "energy", "maxlogit")   # --detectors: the choices, in the tables' order
 
 
-def parse_detectors(text: str) -> list[str]:
-    """--detectors "baseline,odin,...": the named detectors in DETECTORS order, each once."""
+def parse_detectors(text: str, what: str = "--detectors") -> list[str]:
+    """--detectors "baseline,odin,...": the named detectors in DETECTORS order, each once; `what` names the
+    value in errors (the flag, or Config.detectors)."""
     names = [n.strip() for n in str(text).split(",") if n.strip()]
     bad = [n for n in names if n not in DETECTORS]
     if bad or not names:
-        raise ConfidentError(f"--detectors {text!r}: expected a comma-separated list of {', '.join(DETECTORS)}")
+        raise ConfidentError(f"{what} {text!r}: expected a comma-separated list of {', '.join(DETECTORS)}")
     return [d for d in DETECTORS if d in names]
 
 
@@ -1818,9 +1876,17 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
     set's validation images is recorded whichever detectors are asked for ("baseline_val_detection_error"):
     --tune's grid point and --select-epoch best's epoch are chosen by it (paper App. B). Grayscale sets go into
     a model whose first convolution takes 3 channels (the built-in networks) as 3 equal channels."""
-    dets = parse_detectors(cfg.detectors)
+    dets = parse_detectors(cfg.detectors, "Config.detectors")
     Ts, Es = parse_floats(cfg.temperatures, "Config.temperatures"), parse_floats(cfg.epsilons, "Config.epsilons")
     v = cfg.val_size
+    for what, x in [("x_in", x_in), *((f"ood_sets[{n!r}]", x) for n, x in ood_sets.items()),
+                    *((f"val_sets[{n!r}]", x) for n, x in (val_sets or {}).items())]:
+        if not isinstance(x, torch.Tensor):                   # its first val_size images are split off by index
+            raise ConfidentError(f"evaluate: {what} is {_shape(x)}, expected a tensor (N, C, H, W) (the "
+                                 "detectors take any iterable of batches; evaluate splits each set by index)")
+        _check_images(x, f"evaluate: {what}")
+    if not isinstance(y_in, torch.Tensor) or y_in.shape != (len(x_in),) or y_in.is_floating_point():
+        raise ConfidentError(f"evaluate: labels y_in {_shape(y_in)}, expected integers of shape ({len(x_in)},)")
     if len(x_in) <= v:
         raise ConfidentError(_too_few_to_score("x_in", len(x_in), v, "Config.val_size") + " (the first val_size "
                              "images of each set tune ODIN and temperature scaling; the rest are scored)")
@@ -2462,6 +2528,15 @@ def _folder_order(name: str, x: torch.Tensor, y: torch.Tensor | None = None):
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
 
 
+def _one_pool(name: str) -> bool:
+    """True for the OOD sets whose train and test splits are the same images: TinyImageNet and LSUN (test sets
+    only) and an unlabelled folder."""
+    if name.startswith("folder:"):
+        f = _folder_path(name)
+        return not ((f / "train").is_dir() and (f / "test").is_dir())
+    return name in ("tinyimagenet", "lsun")
+
+
 def class_names(name: str) -> list[str]:
     """The class names of a labelled set (label i is the i-th): a named set's, or a labelled folder's."""
     if name.startswith("folder:"):
@@ -2642,6 +2717,9 @@ def resolve(cfg: Config) -> Config:
         tune_grid(cfg)                                        # a bad grid fails here, before anything runs
     if cfg.val_ood != "none":
         check_dataset_name(cfg.val_ood, "--val-ood")
+        if _same_set(cfg.val_ood, cfg.in_data):
+            raise ConfidentError(f"--val-ood {cfg.val_ood} is the in-distribution set (--in): its images would be "
+                                 "scored as OOD; expected another set, or none")
     if cfg.extra_ood not in ("auto", "none"):
         for n in cfg.extra_ood.split(","):
             check_dataset_name(n.strip(), "--extra-ood")
@@ -2655,7 +2733,7 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cpu")
 
 
-def _check_device(name: str) -> None:
+def _check_device(name: str, flag: str = "--device") -> None:
     """--device: auto, cpu, cuda or cuda:N, and a CUDA device only where there is one."""
     if name == "auto":
         return
@@ -2664,15 +2742,15 @@ def _check_device(name: str) -> None:
     except (RuntimeError, ValueError):
         d = None
     if d is None or d.type not in ("cpu", "cuda") or (d.type == "cpu" and d.index not in (None, 0)):
-        raise ConfidentError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+        raise ConfidentError(f"{flag} {name!r}: expected auto, cpu, cuda or cuda:N")
     if d.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise ConfidentError(f"--device {name}: no CUDA device here (this torch "
+            raise ConfidentError(f"{flag} {name}: no CUDA device here (this torch "
                                  f"{'has no CUDA support' if torch.version.cuda is None else 'finds none'}): "
                                  "expected auto or cpu")
         if d.index is not None and d.index >= n:
-            raise ConfidentError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+            raise ConfidentError(f"{flag} {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
 
 
 def parse_floats(text: str, what: str, positive=False, nonnegative=False) -> list[float]:
@@ -2960,9 +3038,14 @@ def run(cfg: Config, log=print, trainer_cls=None) -> dict:
         x_tr, y_tr = x_tr[:cfg.train_limit], y_tr[:cfg.train_limit]
     if cfg.eval_limit:
         x_te, y_te = x_te[:cfg.eval_limit], y_te[:cfg.eval_limit]
-    x_ood_train = None
+    x_ood_train, pool_split = None, None
     if cfg.method in ("conf", "kplus1"):                      # (resolve() refused --out = --in)
         x_ood_train = load(cfg.out_data, "train", cfg.download)[0]
+        if _one_pool(cfg.out_data):         # the same images for either split: train on the second half only,
+            pool_split = len(x_ood_train) // 2                # score the first, so no test image was trained on
+            x_ood_train = x_ood_train[pool_split:]
+            log0(f"--out {cfg.out_data}: one set of images for training and testing: trains on "
+                 f"{len(x_ood_train)} of them, tests on the other {pool_split}")
     # evaluation sets: --out, then every other set found locally (noise is always there); never the in-set itself
     names, optional = [cfg.out_data], []
     other = (lambda n: not _same_set(n, cfg.in_data) and not _same_set(n, cfg.out_data))
@@ -2982,6 +3065,8 @@ def run(cfg: Config, log=print, trainer_cls=None) -> dict:
             if not isinstance(e, DataNotFound):   # present but unusable: say so, then go on without it
                 log0(f"skipping OOD set {n!r}: {e}")
             continue
+        if n == cfg.out_data and pool_split is not None:
+            x = x[:pool_split]
         ood_test[n] = x[:cfg.eval_limit] if cfg.eval_limit else x
     # evaluation needs more than --val-size images of every set: say so now, not after training
     v = cfg.val_size

@@ -402,7 +402,7 @@ def test_evaluate_scores_every_requested_detector_on_the_held_out_images():
                               log=quiet)["ood"]["mine"]
     assert "odin" not in only and "baseline" not in only and only["energy"] == r["energy"]
     assert only["baseline_val_detection_error"] == r["baseline_val_detection_error"]   # --tune's criterion stays
-    with pytest.raises(ConfidentError, match="--detectors"):
+    with pytest.raises(ConfidentError, match="Config.detectors .odin,mahalanobis.: expected"):
         confident.evaluate(model, x_in, y_in, {"mine": x_out}, dataclasses.replace(cfg, detectors="odin,mahalanobis"))
 
 

@@ -787,7 +787,7 @@ def test_pull_away_term_refuses_fewer_than_two_samples():
 def test_evaluate_refuses_empty_or_too_small_ood_set(tiny_model, tmp_path):
     cfg = _tiny_cfg(tmp_path, val_size=5, temperatures="1", epsilons="0")
     x, y = _tiny_data(20)
-    with pytest.raises(ConfidentError, match="OOD set"):
+    with pytest.raises(ConfidentError, match=r"evaluate: ood_sets\['empty'\]: an empty set"):
         confident.evaluate(tiny_model, x, y, {"empty": x[:0]}, cfg, log=lambda *a: None)
     with pytest.raises(ConfidentError, match="no images"):
         confident.load_uint8(f"folder:{tmp_path}", "test")              # an empty folder is not an OOD set
@@ -1154,7 +1154,44 @@ def test_detectors_refuse_other_sizes_unscaled_floats_and_non_numbers(tiny_model
         confident.baseline_scores(tiny_model, torch.rand(2, 3, 64, 64))
     with pytest.raises(ConfidentError, match=r"values in \[.*\], expected \[0, 1\]"):
         confident.baseline_scores(tiny_model, torch.rand(2, 3, 32, 32) * 255)
-    with pytest.raises(ConfidentError, match="ODIN temperature 'abc': expected a number"):
+    with pytest.raises(ConfidentError, match="ODIN temperature 'abc': a string, expected a number"):
         confident.odin_scores(tiny_model, torch.rand(2, 3, 32, 32), "abc", 0.0)
     with pytest.raises(ConfidentError, match="ODIN epsilon"):
         confident.odin_grid(tiny_model, torch.rand(2, 3, 32, 32), [1], [None])
+
+
+def test_conf_on_an_unlabelled_ood_folder_never_tests_on_its_training_images(pngs, tmp_path, capsys, monkeypatch):
+    """An unlabelled folder has one set of images for both splits: conf trains on one half and is scored on the
+    other, disjoint (and says so); an evaluation-only run keeps every image."""
+    from PIL import Image
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(44):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(ood / f"{i:03d}.png")
+    seen = {}
+    train, evaluate = confident.train, confident.evaluate
+    monkeypatch.setattr(confident, "train", lambda cfg, x, y, x_ood=None, *a, **k: (
+        seen.__setitem__("train", x_ood), train(cfg, x, y, x_ood, *a, **k))[1])
+    monkeypatch.setattr(confident, "evaluate", lambda model, xi, yi, sets, *a, **k: (
+        seen.__setitem__("test", dict(sets)), evaluate(model, xi, yi, sets, *a, **k))[1])
+    args = _folder_args(pngs, tmp_path / "run")
+    for flag, value in (("--out", f"folder:{ood}"), ("--method", "conf"), ("--eval-limit", "0")):
+        args[args.index(flag) + 1] = value
+    code, out, err = _main(args, capsys)
+    assert code == 0, err
+    assert "one set of images for training and testing: trains on 22 of them, tests on the other 22" in out
+    x_train, x_test = seen["train"], seen["test"][f"folder:{ood}"]
+    assert len(x_train) == 22 and len(x_test) == 22
+    rows = lambda t: {bytes(r.numpy().tobytes()) for r in t}                     # noqa: E731
+    assert not rows(x_train) & rows(x_test) and len(rows(x_train) | rows(x_test)) == 44
+    args[args.index("--method") + 1] = "ce"                                     # nothing trained on it: all 44
+    args[args.index("--output-dir") + 1] = str(tmp_path / "ce")
+    assert _main(args, capsys)[0] == 0
+    assert len(seen["test"][f"folder:{ood}"]) == 44
+
+
+def test_val_ood_that_is_the_in_set_is_refused(pngs, tmp_path, capsys):
+    _refused(_folder_args(pngs, tmp_path / "o", "--val-ood", f"folder:{pngs}"), capsys,
+             "is the in-distribution set (--in)")
+    assert not (tmp_path / "o").exists()

@@ -59,7 +59,8 @@ def test_every_regime_trains_the_callers_model_in_place(method):
     x, y = _data()
     net = SmallNet(k=3 + (method == "kplus1"))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    tr = confident.train(_cfg(method), x, y, x_ood=torch.rand(20, 3, 32, 32), model=net, log=_quiet)
+    ood = torch.rand(20, 3, 32, 32) if method in ("conf", "kplus1") else None
+    tr = confident.train(_cfg(method), x, y, x_ood=ood, model=net, log=_quiet)
     assert tr.raw["net"] is net and net.training
     assert not torch.equal(before["body.0.weight"], net.body[0].weight)
     assert getattr(net, "ood_class", False) == (method == "kplus1")
@@ -223,3 +224,118 @@ def test_global_random_state_is_given_back_also_on_failure():
         confident.train(_cfg("kplus1"), x, y, x_ood=x, model=b, log=_quiet)
     after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
     assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# What a caller's data and arguments commonly look like: int32 labels, 0-255 floats, a str folder, a wrong device,
+# batches for Trainer.step by hand, a DataLoader that fails, detector grids as one number or a string.
+
+@pytest.mark.parametrize("method", ["ce", "conf", "joint"])
+def test_int32_labels_train_exactly_as_int64(method):
+    x, y = _data()
+    ood = torch.rand(16, 3, 32, 32) if method == "conf" else None
+    a, b = SmallNet(), SmallNet()
+    b.load_state_dict(a.state_dict())
+    confident.train(_cfg(method), x, y, x_ood=ood, model=a, log=_quiet)
+    confident.train(_cfg(method), x, y.int(), x_ood=ood, model=b, log=_quiet)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    loader = DataLoader(TensorDataset(x, y.int()), batch_size=8)
+    confident.train(_cfg("ce"), loader, model=SmallNet(), num_classes=3, log=_quiet)
+
+
+def test_losses_and_calibration_take_int32_labels():
+    z, y = torch.randn(6, 4), torch.tensor([0, 3, -1, 1, -1, 2])
+    assert torch.equal(confident.confidence_loss(z, y.int(), 0.5), confident.confidence_loss(z, y, 0.5))
+    assert torch.equal(confident.kplus1_loss(z[:3], y[:2].abs().int().repeat(2)[:3], z[3:]),
+                       confident.kplus1_loss(z[:3], y[:2].abs().repeat(2)[:3], z[3:]))
+    lab = torch.tensor([0, 3, 1, 1, 2, 2])
+    assert confident.fit_temperature(z, lab.int()) == confident.fit_temperature(z, lab)
+
+
+def test_float_images_outside_0_1_are_refused_before_training():
+    x, y = _data()
+    with pytest.raises(ConfidentError, match=r"x_train: training images: float images with values in \[.*, 255\]"):
+        confident.train(_cfg("ce"), x * 255, y, model=SmallNet(), log=_quiet)
+    with pytest.raises(ConfidentError, match=r"x_ood: OOD training images: float images with values in \[-"):
+        confident.train(_cfg("conf"), x, y, x_ood=x - 0.5, model=SmallNet(), log=_quiet)
+    with pytest.raises(ConfidentError, match=r"x_train: training images \(batch 1\): float images"):
+        confident.train(_cfg("ce"), DataLoader(TensorDataset(x * 255, y), batch_size=8), model=SmallNet(),
+                        num_classes=3, log=_quiet)
+    with pytest.raises(ConfidentError, match=r"x_ood: OOD training images \(for batch 1\): float images"):
+        confident.train(_cfg("conf"), x, y, x_ood=DataLoader(TensorDataset(x * 255), batch_size=8),
+                        model=SmallNet(), log=_quiet)
+
+
+def test_an_ood_loaders_own_error_is_not_hidden():
+    class Broken(torch.utils.data.Dataset):                   # e.g. images left as PIL images: collate fails
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return object()
+    x, y = _data()
+    with pytest.raises(TypeError, match="default_collate"):
+        confident.train(_cfg("conf"), x, y, x_ood=DataLoader(Broken(), batch_size=8), model=SmallNet(), log=_quiet)
+
+
+def test_out_dir_as_a_string_and_config_device(tmp_path):
+    x, y = _data()
+    confident.train(_cfg("ce"), x, y, out_dir=str(tmp_path), model=SmallNet(), log=_quiet)
+    assert (tmp_path / "train_state.pt").is_file()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfidentError, match="Config.device cuda:7: no CUDA device here"):
+            confident.train(_cfg("ce", device="cuda:7"), x, y, log=_quiet)
+    with pytest.raises(ConfidentError, match="Config.device 'gpu': expected auto, cpu, cuda or cuda:N"):
+        confident.train(_cfg("ce", device="gpu"), x, y, log=_quiet)
+    tr = confident.train(_cfg("ce", device="cpu"), x, y, log=_quiet)
+    assert next(tr.raw["net"].parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("method", ["ce", "joint", "conf-gan"])
+def test_x_ood_is_refused_where_the_regime_does_not_use_it(method):
+    x, y = _data()
+    with pytest.raises(ConfidentError, match=f"x_ood: Config.method {method} trains on no real OOD images"):
+        confident.train(_cfg(method), x, y, x_ood=x, model=SmallNet(), log=_quiet)
+
+
+def test_trainer_step_checks_its_batches():
+    x, y = _data(n=8)
+    tr = confident.Trainer(_cfg("joint"), 3, model=SmallNet(), log=_quiet)
+    assert set(tr.step(x, y.int())) >= {"c", "g", "d"}                      # int32 labels
+    with pytest.raises(ConfidentError, match=r"step: x \(8, 3, 32, 32\) torch.uint8: expected float images"):
+        tr.step((x * 255).to(torch.uint8), y)
+    with pytest.raises(ConfidentError, match=r"step: labels y \(7,\)"):
+        tr.step(x, y[:7])
+    gray = confident.Trainer(_cfg("joint"), 3, model=SmallNet(c=1), log=_quiet)
+    with pytest.raises(ConfidentError, match=r"the GAN makes and reads images of \(3, 32, 32\) \(Trainer\(image_shape"):
+        gray.step(x[:, :1], y)
+    ok = confident.Trainer(_cfg("joint"), 3, model=SmallNet(c=1), image_shape=(1, 32, 32), log=_quiet)
+    assert "c" in ok.step(x[:, :1], y)
+    conf = confident.Trainer(_cfg("conf"), 3, model=SmallNet(), log=_quiet)
+    with pytest.raises(ConfidentError, match=r"step: x_out \(8, 3, 32, 32\) torch.uint8: expected float OOD"):
+        conf.step(x, y, (x * 255).to(torch.uint8))
+    with pytest.raises(ConfidentError, match=r"step: x_out \(8, 3, 16, 16\).*the shape of x"):
+        conf.step(x, y, x[:, :, :16, :16])
+
+
+def test_detector_grids_take_one_number_and_refuse_strings():
+    net = SmallNet().eval()
+    x = _data(n=6)[0]
+    assert torch.equal(confident.odin_grid(net, x, 1000, 0.001), confident.odin_grid(net, x, [1000], [0.001]))
+    assert torch.equal(confident.odin_grid(net, x, torch.tensor([1.0, 10.0]), np.array([0.0])),
+                       confident.odin_grid(net, x, [1, 10], [0]))
+    with pytest.raises(ConfidentError, match=r"ODIN temperatures '1,10': a string, expected a list of numbers"):
+        confident.odin_grid(net, x, "1,10", [0])
+    with pytest.raises(ConfidentError, match=r"energy temperature '1': a string, expected a number"):
+        confident.energy_scores(net, x, temperature="1")
+
+
+def test_evaluate_takes_tensors_and_names_a_loader():
+    net = SmallNet().eval()
+    x, y = _data(n=30)
+    cfg = _cfg("ce", val_size=10, temperatures="1", epsilons="0")
+    with pytest.raises(ConfidentError, match=r"evaluate: ood_sets\['n'\] is a DataLoader, expected a tensor"):
+        confident.evaluate(net, x, y, {"n": DataLoader(TensorDataset(x), batch_size=10)}, cfg, log=_quiet)
+    with pytest.raises(ConfidentError, match=r"evaluate: ood_sets\['n'\]: float images with values"):
+        confident.evaluate(net, x, y, {"n": x * 255}, cfg, log=_quiet)
+    assert "n" in confident.evaluate(net, x, y.int(), {"n": torch.rand(30, 3, 32, 32)}, cfg, log=_quiet)["ood"]
