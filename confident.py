@@ -312,22 +312,23 @@ def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch
 # The optional kernels/ package: Triton kernels and the --cuda-graphs step, imported on first use.
 
 _KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
-_kernels_found = []                                           # [the package or None], filled on first use
+_kernels_found, _kernels_why = [], []                         # [the package or None], [why None], on first use
 
 
 def _kernels_package():
     """kernels/ from beside this file, imported once; None when it is not there or fails to import. A package
     named `kernels` from elsewhere (this file copied into a repo that has its own) is not used."""
     if not _kernels_found:
-        k = None
+        k, why = None, f"no {_KERNELS_DIR.name}/ beside {Path(__file__).name}"
         if (_KERNELS_DIR / "__init__.py").is_file():
             try:
                 import kernels as k
-            except Exception:                                 # (a failing import: no kernels, never a crash)
-                k = None
+            except Exception as e:                            # (a failing import: no kernels, never a crash)
+                k, why = None, f"importing it failed: {type(e).__name__}: {e}"
             if k is not None and Path(getattr(k, "__file__", None) or "").resolve().parent != _KERNELS_DIR:
-                k = None
+                k, why = None, f"`import kernels` gives another package, {getattr(k, '__file__', None)}"
         _kernels_found.append(k)
+        _kernels_why.append(why)
     return _kernels_found[0]
 
 
@@ -339,13 +340,14 @@ def _kernels():
 
 def _graphs_module(name=None):
     """kernels/graphs.py (--cuda-graphs: a training step captured into one CUDA graph), imported lazily."""
+    why = "" if _kernels_package() is not None else f" ({_kernels_why[0]})"
     try:
-        if _kernels_package() is None:
+        if why:
             raise ImportError
         from kernels import graphs
         return graphs
     except ImportError:
-        raise ConfidentError(f"{(name or _field)('cuda_graphs')} needs kernels/graphs.py beside confident.py "
+        raise ConfidentError(f"{(name or _field)('cuda_graphs')} needs kernels/graphs.py beside confident.py{why} "
                              "(the CUDA-graph step lives there); without it training runs eagerly: drop it") from None
 
 
@@ -576,6 +578,15 @@ def _check_images(x: torch.Tensor, what: str = "x"):
         if not (float(lo) >= 0 and float(hi) <= 1):           # (NaN fails too)
             raise ConfidentError(f"{what}: float images with values in [{float(lo):.4g}, {float(hi):.4g}], expected "
                                  "[0, 1] (uint8 for 0-255 pixels)")
+
+
+def _check_batch_images(x: torch.Tensor, what: str) -> None:
+    """A loader's batch during training: the values of a CPU batch are read (cheap); a batch on the GPU has only
+    its type checked (reading its values would stall every step)."""
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+        _check_image_dtype(x, what)
+    else:
+        _check_images(x, what)
 
 
 def _odin_number(v, what: str, detector: str = "ODIN") -> float:
@@ -1092,7 +1103,8 @@ def _as_created(tmp: str) -> None:
 def _run_settings(cfg: Config) -> dict:
     """What a training checkpoint records of its run (--resume compares it): every setting, and the number of
     processes (under torchrun --batch-size is per process: the batch is batch_size x world)."""
-    return {**dataclasses.asdict(cfg), "world": int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1}
+    return {**dataclasses.asdict(cfg), "world": int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1,
+            "ood_halves": split_sets(cfg)}
 
 
 def _write_failed(path: Path, e: OSError) -> ConfidentError:
@@ -1689,7 +1701,7 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
             except StopIteration:
                 ood_iter = None                               # read again from its start
                 continue
-            _check_images(xb, f"{on}: OOD training images (for batch {i + 1})")
+            _check_batch_images(xb, f"{on}: OOD training images (for batch {i + 1})")
             return xb
         raise ConfidentError(f"{on}: the DataLoader gave no batch")
 
@@ -1698,7 +1710,7 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
             raise ConfidentError(f"{xn}: batch {i + 1} of shape {tuple(x.shape)} with labels {tuple(y.shape)} "
                                  f"({y.dtype}): expected (B, {', '.join(map(str, shape))}) and (B,) integers, "
                                  "as the first")
-        _check_images(x, f"{xn}: training images (batch {i + 1})")
+        _check_batch_images(x, f"{xn}: training images (batch {i + 1})")
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ConfidentError(f"{xn}: training labels in [{int(y.min())}, {int(y.max())}] in batch {i + 1}, "
                                  f"expected [0, {num_classes})")
@@ -1885,7 +1897,8 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
             raise ConfidentError(f"evaluate: {what} is {_shape(x)}, expected a tensor (N, C, H, W) (the "
                                  "detectors take any iterable of batches; evaluate splits each set by index)")
         _check_images(x, f"evaluate: {what}")
-    if not isinstance(y_in, torch.Tensor) or y_in.shape != (len(x_in),) or y_in.is_floating_point():
+    if not isinstance(y_in, torch.Tensor) or y_in.shape != (len(x_in),) or y_in.is_floating_point() \
+            or y_in.dtype == torch.bool:
         raise ConfidentError(f"evaluate: labels y_in {_shape(y_in)}, expected integers of shape ({len(x_in)},)")
     if len(x_in) <= v:
         raise ConfidentError(_too_few_to_score("x_in", len(x_in), v, "Config.val_size") + " (the first val_size "
@@ -1897,6 +1910,9 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
     bs = cfg.eval_batch_size
     logits = _sharded(lambda x: predict_logits(model, x, bs), x_in)
     K = logits.shape[1] - int(ood_class)
+    if int(y_in.min()) < 0 or int(y_in.max()) >= K:
+        raise ConfidentError(f"evaluate: labels y_in in [{int(y_in.min())}, {int(y_in.max())}], expected [0, {K}) "
+                             f"for a model with {K} classes")
     probs = F.softmax(logits[:, :K], dim=1)
     acc = float((logits[v:, :K].argmax(1) == y_in[v:]).float().mean())
     T_cal = fit_temperature(logits[:v, :K], y_in[:v]) if v > 0 else 1.0
@@ -2537,6 +2553,14 @@ def _one_pool(name: str) -> bool:
     return name in ("tinyimagenet", "lsun")
 
 
+def split_sets(cfg: Config) -> list:
+    """The one-pool sets (_one_pool) that a run uses beyond scoring them: --out (conf and kplus1 train on it;
+    split for every method, so that every method is scored on the same images) and --val-ood. run() scores only
+    their first half and trains on or validates with the second, so no scored image was trained on or chosen
+    with; every other OOD set is scored whole."""
+    return [n for n in dict.fromkeys((cfg.out_data, cfg.val_ood)) if n and n != "none" and _one_pool(n)]
+
+
 def class_names(name: str) -> list[str]:
     """The class names of a labelled set (label i is the i-th): a named set's, or a labelled folder's."""
     if name.startswith("folder:"):
@@ -2877,6 +2901,9 @@ def _check_resumable(cfg: Config, out_dir: Path, world: int = 1) -> int:
     diff = [k for k in now if k not in free and before.get(k, defaults[k]) != now[k]]
     if "batch_size" in diff and before["batch_size"] * before.get("world", 1) == cfg.batch_size * world:
         diff.remove("batch_size")                             # the same batch, split over another number of processes
+    if before.get("ood_halves", []) != split_sets(cfg):     # (checkpoints from before the split record none)
+        raise ConfidentError(f"--resume: {state} was trained with the sets {before.get('ood_halves', [])} split in "
+                             f"halves, this run splits {split_sets(cfg)}: its OOD images differ; drop --resume")
     if diff:
         raise ConfidentError(f"--resume: {state} was trained with " + ", ".join(
             f"{_flag(k)} {before.get(k, defaults[k])!r}" for k in diff) + "; this run has " + ", ".join(
@@ -3038,14 +3065,21 @@ def run(cfg: Config, log=print, trainer_cls=None) -> dict:
         x_tr, y_tr = x_tr[:cfg.train_limit], y_tr[:cfg.train_limit]
     if cfg.eval_limit:
         x_te, y_te = x_te[:cfg.eval_limit], y_te[:cfg.eval_limit]
-    x_ood_train, pool_split = None, None
+    halves = split_sets(cfg)        # sets with one pool of images for every split, used beyond scoring
+
+    def half(name, x, seen: bool):  # their first half is scored, the second trained on or validated with
+        if not any(_same_set(name, h) for h in halves):
+            return x
+        return x[len(x) // 2:] if seen else x[:len(x) // 2]
+
+    for h in halves:
+        uses = ["trained on"] if h == cfg.out_data and cfg.method in ("conf", "kplus1") else []
+        uses += ["validated with (--val-ood)"] if h == cfg.val_ood else []
+        log0(f"{h}: one set of images for every split: its first half is scored, its second "
+             + (" and ".join(uses) or "held out (every method is scored on the same half)"))
+    x_ood_train = None
     if cfg.method in ("conf", "kplus1"):                      # (resolve() refused --out = --in)
-        x_ood_train = load(cfg.out_data, "train", cfg.download)[0]
-        if _one_pool(cfg.out_data):         # the same images for either split: train on the second half only,
-            pool_split = len(x_ood_train) // 2                # score the first, so no test image was trained on
-            x_ood_train = x_ood_train[pool_split:]
-            log0(f"--out {cfg.out_data}: one set of images for training and testing: trains on "
-                 f"{len(x_ood_train)} of them, tests on the other {pool_split}")
+        x_ood_train = half(cfg.out_data, load(cfg.out_data, "train", cfg.download)[0], seen=True)
     # evaluation sets: --out, then every other set found locally (noise is always there); never the in-set itself
     names, optional = [cfg.out_data], []
     other = (lambda n: not _same_set(n, cfg.in_data) and not _same_set(n, cfg.out_data))
@@ -3065,8 +3099,7 @@ def run(cfg: Config, log=print, trainer_cls=None) -> dict:
             if not isinstance(e, DataNotFound):   # present but unusable: say so, then go on without it
                 log0(f"skipping OOD set {n!r}: {e}")
             continue
-        if n == cfg.out_data and pool_split is not None:
-            x = x[:pool_split]
+        x = half(n, x, seen=False)
         ood_test[n] = x[:cfg.eval_limit] if cfg.eval_limit else x
     # evaluation needs more than --val-size images of every set: say so now, not after training
     v = cfg.val_size
@@ -3078,8 +3111,8 @@ def run(cfg: Config, log=print, trainer_cls=None) -> dict:
                 raise ConfidentError(_too_few_to_score(f"OOD set {n!r}", len(ood_test[n]), v))
             log0("skipping " + _too_few_to_score(f"OOD set {n!r}", len(ood_test.pop(n)), v))
     val_sets = {}
-    if cfg.val_ood != "none":     # a validation OOD source: its train split, never a test image
-        val_sets[cfg.val_ood] = load(cfg.val_ood, "train", cfg.download)[0]
+    if cfg.val_ood != "none":     # a validation OOD source: its train split (or second half), never a test image
+        val_sets[cfg.val_ood] = half(cfg.val_ood, load(cfg.val_ood, "train", cfg.download)[0], seen=True)
     log0(f"data: {cfg.in_data} train {len(x_tr)} test {len(x_te)} | OOD test: "
          + ", ".join(f"{n} {len(x)}" for n, x in ood_test.items()) + f" ({time.time() - t0:.1f}s)")
     # every refusal comes before the output folder changes: the data above, training's own checks, the resume
@@ -3149,7 +3182,8 @@ def _train_and_write(cfg, out_dir, *, log0, ddp, rank, world, device, env, t0, r
             name: {"epoch": e, "accuracy": by_epoch[e]["accuracy"], **by_epoch[e]["ood"][name]}
             for name, e in pick_by_validation([(e["epoch"], e["ood"]) for e in evals]).items()})
     if master:
-        res.update(classes=classes, config=dataclasses.asdict(cfg), env=env, seconds=time.time() - t0)
+        res.update(classes=classes, config=dataclasses.asdict(cfg), ood_halves=split_sets(cfg), env=env,
+                   seconds=time.time() - t0)
         if resumed_at is not None:
             res["resumed_at_epoch"] = resumed_at
         res.update(tr.results())
@@ -3161,7 +3195,8 @@ def _train_and_write(cfg, out_dir, *, log0, ddp, rank, world, device, env, t0, r
         md = markdown_table(res, cfg, seen)
         log0("\n" + md + "\n")                                # on stdout first, whatever happens to the disk
         new = out_dir / ".new"
-        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2), new / "config.json")
+        atomic_write_text(json.dumps({**dataclasses.asdict(cfg), "ood_halves": split_sets(cfg)}, indent=2),
+                          new / "config.json")
         atomic_write_text(buf.getvalue(), new / "results.csv")
         atomic_write_text(md + "\n", new / "results.md")
         atomic_write_text(json.dumps(res, indent=2), new / "results.json")
@@ -3230,9 +3265,10 @@ def _check_same_point(cfg: Config, folder: Path) -> None:
     """A grid point's folder from an earlier --tune is reused only if it was run with the same settings."""
     if not (folder / "config.json").exists():
         return
-    old, new = json.loads((folder / "config.json").read_text()), dataclasses.asdict(cfg)
+    old, new = json.loads((folder / "config.json").read_text()), {**dataclasses.asdict(cfg),
+                                                                    "ood_halves": split_sets(cfg)}
     for k, v in new.items():
-        if k not in RUN_ONLY and old.get(k) != v:
+        if k not in RUN_ONLY and old.get(k, [] if k == "ood_halves" else None) != v:
             raise ConfidentError(f"{folder}: run with --{k.replace('_', '-')} {old.get(k)!r}, this tuning has {v!r}: "
                                  "expected the same settings (or another --output-dir)")
 

@@ -1160,9 +1160,11 @@ def test_detectors_refuse_other_sizes_unscaled_floats_and_non_numbers(tiny_model
         confident.odin_grid(tiny_model, torch.rand(2, 3, 32, 32), [1], [None])
 
 
-def test_conf_on_an_unlabelled_ood_folder_never_tests_on_its_training_images(pngs, tmp_path, capsys, monkeypatch):
-    """An unlabelled folder has one set of images for both splits: conf trains on one half and is scored on the
-    other, disjoint (and says so); an evaluation-only run keeps every image."""
+def test_an_unlabelled_ood_folder_is_split_so_no_scored_image_was_trained_on(pngs, tmp_path, capsys, monkeypatch):
+    """An unlabelled folder has one set of images for every split: as --out it is split in halves for every method
+    (conf trains on the second, every method is scored on the first, the same images); as --val-ood its second
+    half validates; named by --extra-ood alone it is scored whole. A checkpoint that did not split it is not
+    resumed into a run that does."""
     from PIL import Image
     ood = tmp_path / "ood"
     ood.mkdir()
@@ -1173,22 +1175,43 @@ def test_conf_on_an_unlabelled_ood_folder_never_tests_on_its_training_images(png
     train, evaluate = confident.train, confident.evaluate
     monkeypatch.setattr(confident, "train", lambda cfg, x, y, x_ood=None, *a, **k: (
         seen.__setitem__("train", x_ood), train(cfg, x, y, x_ood, *a, **k))[1])
-    monkeypatch.setattr(confident, "evaluate", lambda model, xi, yi, sets, *a, **k: (
-        seen.__setitem__("test", dict(sets)), evaluate(model, xi, yi, sets, *a, **k))[1])
-    args = _folder_args(pngs, tmp_path / "run")
-    for flag, value in (("--out", f"folder:{ood}"), ("--method", "conf"), ("--eval-limit", "0")):
-        args[args.index(flag) + 1] = value
-    code, out, err = _main(args, capsys)
-    assert code == 0, err
-    assert "one set of images for training and testing: trains on 22 of them, tests on the other 22" in out
-    x_train, x_test = seen["train"], seen["test"][f"folder:{ood}"]
-    assert len(x_train) == 22 and len(x_test) == 22
+    monkeypatch.setattr(confident, "evaluate", lambda model, xi, yi, sets, cfg, log, val=None: (
+        seen.update(test=dict(sets), val=dict(val or {})), evaluate(model, xi, yi, sets, cfg, log, val))[1])
     rows = lambda t: {bytes(r.numpy().tobytes()) for r in t}                     # noqa: E731
-    assert not rows(x_train) & rows(x_test) and len(rows(x_train) | rows(x_test)) == 44
-    args[args.index("--method") + 1] = "ce"                                     # nothing trained on it: all 44
-    args[args.index("--output-dir") + 1] = str(tmp_path / "ce")
-    assert _main(args, capsys)[0] == 0
-    assert len(seen["test"][f"folder:{ood}"]) == 44
+    name = f"folder:{ood}"
+
+    def cli(out, **flags):
+        args = _folder_args(pngs, tmp_path / out)
+        for flag, value in {"--out": name, "--eval-limit": "0", "--impl": "torch", **flags}.items():
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        code, stdout, err = _main(args, capsys)
+        assert code == 0, err
+        return stdout
+
+    out = cli("conf", **{"--method": "conf"})
+    assert f"{name}: one set of images for every split: its first half is scored, its second trained on" in out
+    x_train, conf_test = seen["train"], seen["test"][name]
+    assert len(x_train) == 22 and len(conf_test) == 22
+    assert not rows(x_train) & rows(conf_test) and len(rows(x_train) | rows(conf_test)) == 44
+    assert json.loads((tmp_path / "conf" / "results.json").read_text())["ood_halves"] == [name]
+    cli("ce")                                                                   # the same 22 for every method
+    assert rows(seen["test"][name]) == rows(conf_test)
+    cli("val", **{"--out": "gaussian", "--val-ood": name, "--extra-ood": name})
+    assert rows(seen["val"][name]) == rows(x_train) and rows(seen["test"][name]) == rows(conf_test)
+    cli("whole", **{"--out": "gaussian", "--extra-ood": name})                  # only scored: every image
+    assert len(seen["test"][name]) == 44
+    # a checkpoint from before the split (its settings record none) is not resumed into a split run
+    state = tmp_path / "conf" / "train_state.pt"
+    sd = torch.load(state, weights_only=True)
+    sd["config"] = json.dumps({k: v for k, v in json.loads(sd["config"]).items() if k != "ood_halves"})
+    torch.save(sd, state)
+    args = _folder_args(pngs, tmp_path / "conf", "--resume")
+    for flag, value in (("--out", name), ("--method", "conf"), ("--eval-limit", "0")):
+        args[args.index(flag) + 1] = value
+    _refused(args, capsys, f"split in halves, this run splits ['{name}']: its OOD images differ")
 
 
 def test_val_ood_that_is_the_in_set_is_refused(pngs, tmp_path, capsys):

@@ -164,6 +164,10 @@ z = torch.randn(5, 10)
 assert torch.allclose(C.kl_to_uniform(z), (torch.logsumexp(z, 1) - z.mean(1)).mean() - torch.log(torch.tensor(10.0)))
 y = torch.tensor([0, 1, -1, -1, 2])
 assert torch.isfinite(C.confidence_loss(z, y, 1.0))
+try:
+    C._graphs_module()
+except C.ConfidentError as e:
+    print("graphs:", e)
 print("ok")
 """
 
@@ -176,6 +180,7 @@ def test_a_foreign_kernels_package_is_not_used(tmp_path):
     p = subprocess.run([sys.executable, "-c", FOREIGN_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env=env)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
+    assert "(importing it failed: OSError: libfoo.so: cannot open shared object file)" in p.stdout   # says why
     # a working package of that name elsewhere on the path, with none beside confident.py
     shutil.rmtree(tmp_path / "kernels")
     other = tmp_path / "elsewhere" / "kernels"
@@ -185,3 +190,4 @@ def test_a_foreign_kernels_package_is_not_used(tmp_path):
     p = subprocess.run([sys.executable, "-c", FOREIGN_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env={**env, "PYTHONPATH": str(tmp_path / "elsewhere")})
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
+    assert "(no kernels/ beside confident.py)" in p.stdout

@@ -339,3 +339,9 @@ def test_evaluate_takes_tensors_and_names_a_loader():
     with pytest.raises(ConfidentError, match=r"evaluate: ood_sets\['n'\]: float images with values"):
         confident.evaluate(net, x, y, {"n": x * 255}, cfg, log=_quiet)
     assert "n" in confident.evaluate(net, x, y.int(), {"n": torch.rand(30, 3, 32, 32)}, cfg, log=_quiet)["ood"]
+    bad = y.clone()
+    bad[0] = 5
+    with pytest.raises(ConfidentError, match=r"evaluate: labels y_in in \[0, 5\], expected \[0, 3\)"):
+        confident.evaluate(net, x, bad, {"n": torch.rand(30, 3, 32, 32)}, cfg, log=_quiet)
+    with pytest.raises(ConfidentError, match=r"evaluate: labels y_in \(30,\)"):
+        confident.evaluate(net, x, y > 0, {"n": torch.rand(30, 3, 32, 32)}, cfg, log=_quiet)
