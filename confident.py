@@ -105,8 +105,9 @@ class Config:
     cuda_graphs: bool = False        # capture each training step into a CUDA graph (CUDA only)
     impl: str = "auto"               # auto | torch | triton: implementation of the KL / ODIN kernels
     log_every: int = 50              # print progress every N steps
-    val_ood: str = "none"            # a validation OOD set: its *train* split is scored against the in-set's
-                                     # validation images (results.json "validation"; reported as seen)
+    val_ood: str = "none"            # a validation OOD set: its *train* split (a one-pool set's second half,
+                                     # split_sets) is scored against the in-set's validation images
+                                     # (results.json "validation"; reported as seen)
     # Beyond the paper: the one stabiliser of joint training that removed its collapses over seeds
     # (results/stability/README.md; the study's other stabilisers are in stability.py). 0: the paper's training.
     g_ema: float = 0.0               # > 0: the classifier's KL samples come from an EMA of G with this decay
