@@ -317,20 +317,44 @@ _kernels_found, _kernels_why = [], []                         # [the package or 
 
 
 def _kernels_package():
-    """kernels/ from beside this file, imported once; None when it is not there or fails to import. A package
-    named `kernels` from elsewhere (this file copied into a repo that has its own) is not used."""
+    """kernels/ from beside this file, imported once; None when it is not there or fails to import. It is
+    imported as `kernels` where that name finds it; otherwise (this file imported from a package, or another
+    `kernels` on the path: a repo with its own) from its folder under a private name, and the other package is
+    never imported."""
     if not _kernels_found:
         k, why = None, f"no {_KERNELS_DIR.name}/ beside {Path(__file__).name}"
-        if (_KERNELS_DIR / "__init__.py").is_file():
+        init = _KERNELS_DIR / "__init__.py"
+        if init.is_file():
+            import importlib.util
             try:
-                import kernels as k
+                spec = importlib.util.find_spec("kernels")
+            except (ImportError, ValueError):
+                spec = None
+            try:
+                if spec is not None and spec.origin and Path(spec.origin).resolve() == init.resolve():
+                    import kernels as k
+                else:
+                    k = _kernels_by_path(importlib.util, init)
             except Exception as e:                            # (a failing import: no kernels, never a crash)
                 k, why = None, f"importing it failed: {type(e).__name__}: {e}"
-            if k is not None and Path(getattr(k, "__file__", None) or "").resolve().parent != _KERNELS_DIR:
-                k, why = None, f"`import kernels` gives another package, {getattr(k, '__file__', None)}"
         _kernels_found.append(k)
         _kernels_why.append(why)
     return _kernels_found[0]
+
+
+def _kernels_by_path(util, init: Path):
+    """kernels/ imported from its folder as the module `_confident_kernels` (its submodules below that name)."""
+    name = "_confident_kernels"
+    if name not in sys.modules:
+        spec = util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+        mod = util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def _kernels():
@@ -345,8 +369,8 @@ def _graphs_module(name=None):
     try:
         if why:
             raise ImportError
-        from kernels import graphs
-        return graphs
+        import importlib
+        return importlib.import_module(_kernels_package().__name__ + ".graphs")
     except ImportError:
         raise ConfidentError(f"{(name or _field)('cuda_graphs')} needs kernels/graphs.py beside confident.py{why} "
                              "(the CUDA-graph step lives there); without it training runs eagerly: drop it") from None

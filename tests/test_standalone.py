@@ -191,3 +191,40 @@ def test_a_foreign_kernels_package_is_not_used(tmp_path):
                        timeout=120, env={**env, "PYTHONPATH": str(tmp_path / "elsewhere")})
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
     assert "(no kernels/ beside confident.py)" in p.stdout
+
+
+# kernels/ copied beside confident.py is found however confident.py is imported: as a module of a package of the
+# user's (its folder not on sys.path), or with another `kernels` package ahead of it on the path (never imported).
+FOUND_SCRIPT = r"""
+import importlib, os, sys, torch
+sys.path[:0] = sys.argv[2:]                     # another folder ahead of everything on the path
+C = importlib.import_module(sys.argv[1])
+k = C._kernels_package()
+assert k is not None and os.path.dirname(k.__file__) == os.path.join(os.path.dirname(C.__file__), "kernels"), k
+assert C._graphs_module().__name__ == k.__name__ + ".graphs"
+assert "foreign" not in sys.modules and not os.path.exists("foreign-imported")
+z = torch.randn(5, 10)
+assert torch.isfinite(C.confidence_loss(z, torch.tensor([0, 1, -1, -1, 2]), 1.0))
+print("ok", k.__name__)
+"""
+
+
+def test_kernels_beside_the_module_are_found_from_a_package_or_behind_another(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    shutil.copy(ROOT / "confident.py", pkg / "confident.py")
+    shutil.copytree(ROOT / "kernels", pkg / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    p = subprocess.run([sys.executable, "-c", FOUND_SCRIPT, "mypkg.confident"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "ok _confident_kernels", p.stdout + p.stderr
+    other = tmp_path / "elsewhere" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("open('foreign-imported', 'w').close()\nAVAILABLE = True\n")
+    p = subprocess.run([sys.executable, "-c", FOUND_SCRIPT, "confident", str(tmp_path / "elsewhere")], cwd=pkg,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "ok _confident_kernels", p.stdout + p.stderr
+    p = subprocess.run([sys.executable, "-c", FOUND_SCRIPT, "confident"], cwd=pkg, capture_output=True, text=True,
+                       timeout=120, env=env)                           # the usual case: imported as `kernels`
+    assert p.returncode == 0 and p.stdout.strip() == "ok kernels", p.stdout + p.stderr
