@@ -33,6 +33,7 @@ import functools
 import errno
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -237,12 +238,9 @@ def confidence_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float, im
     target -1 are OOD (KL to uniform). Mean CE over in rows + beta * mean KL over OOD rows."""
     B, K = _check_logits(logits, "confidence_loss")
     _check_beta(beta, "confidence_loss")
-    if not isinstance(targets, torch.Tensor) or targets.shape != (B,) or targets.is_floating_point() \
-            or targets.dtype == torch.bool or targets.is_complex():
-        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise ConfidentError(f"confidence_loss: targets of shape {shape}"
-                             f"{'' if not isinstance(targets, torch.Tensor) else ' and type ' + str(targets.dtype)}"
-                             f", expected integers of shape ({B},): a class in [0, {K}) or -1 for OOD")
+    if not _are_labels(targets, B):
+        raise ConfidentError(f"confidence_loss: targets {_described(targets)}, expected integers of shape ({B},): "
+                             f"a class in [0, {K}) or -1 for OOD")
     targets = targets.long()                                  # (int32 labels from numpy, say)
     if _use_triton(logits, impl):
         return _kernels().confidence_loss(logits, targets, beta)
@@ -313,48 +311,40 @@ def kplus1_loss(logits_in: torch.Tensor, labels: torch.Tensor, logits_out: torch
 # The optional kernels/ package: Triton kernels and the --cuda-graphs step, imported on first use.
 
 _KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
-_kernels_found, _kernels_why = [], []                         # [the package or None], [why None], on first use
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_import() -> tuple:
+    """(kernels/ from beside this file, or None; why None), imported once. It is imported as `kernels` where that
+    name finds it; otherwise (this file imported from a package, or another `kernels` on the path: a repo with
+    its own) from its folder as `_confident_kernels`, and the other package is never imported."""
+    init = _KERNELS_DIR / "__init__.py"
+    if not init.is_file():
+        return None, f"no {_KERNELS_DIR.name}/ beside {Path(__file__).name}"
+    try:
+        spec = importlib.util.find_spec("kernels")
+    except (ImportError, ValueError):
+        spec = None
+    try:
+        if spec is not None and spec.origin and Path(spec.origin).resolve() == init.resolve():
+            return importlib.import_module("kernels"), ""
+        name = "_confident_kernels"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(_KERNELS_DIR)])
+            sys.modules[name] = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(sys.modules[name])
+            except BaseException:
+                del sys.modules[name]
+                raise
+        return sys.modules[name], ""
+    except Exception as e:                                    # (a failing import: no kernels, never a crash)
+        return None, f"importing it failed: {type(e).__name__}: {e}"
 
 
 def _kernels_package():
-    """kernels/ from beside this file, imported once; None when it is not there or fails to import. It is
-    imported as `kernels` where that name finds it; otherwise (this file imported from a package, or another
-    `kernels` on the path: a repo with its own) from its folder under a private name, and the other package is
-    never imported."""
-    if not _kernels_found:
-        k, why = None, f"no {_KERNELS_DIR.name}/ beside {Path(__file__).name}"
-        init = _KERNELS_DIR / "__init__.py"
-        if init.is_file():
-            import importlib.util
-            try:
-                spec = importlib.util.find_spec("kernels")
-            except (ImportError, ValueError):
-                spec = None
-            try:
-                if spec is not None and spec.origin and Path(spec.origin).resolve() == init.resolve():
-                    import kernels as k
-                else:
-                    k = _kernels_by_path(importlib.util, init)
-            except Exception as e:                            # (a failing import: no kernels, never a crash)
-                k, why = None, f"importing it failed: {type(e).__name__}: {e}"
-        _kernels_found.append(k)
-        _kernels_why.append(why)
-    return _kernels_found[0]
-
-
-def _kernels_by_path(util, init: Path):
-    """kernels/ imported from its folder as the module `_confident_kernels` (its submodules below that name)."""
-    name = "_confident_kernels"
-    if name not in sys.modules:
-        spec = util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-        mod = util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
+    """The kernels/ package beside this file, or None (_kernels_import)."""
+    return _kernels_import()[0]
 
 
 def _kernels():
@@ -365,15 +355,14 @@ def _kernels():
 
 def _graphs_module(name=None):
     """kernels/graphs.py (--cuda-graphs: a training step captured into one CUDA graph), imported lazily."""
-    why = "" if _kernels_package() is not None else f" ({_kernels_why[0]})"
-    try:
-        if why:
-            raise ImportError
-        import importlib
-        return importlib.import_module(_kernels_package().__name__ + ".graphs")
-    except ImportError:
-        raise ConfidentError(f"{(name or _field)('cuda_graphs')} needs kernels/graphs.py beside confident.py{why} "
-                             "(the CUDA-graph step lives there); without it training runs eagerly: drop it") from None
+    k, why = _kernels_import()
+    if k is not None:
+        try:
+            return importlib.import_module(k.__name__ + ".graphs")
+        except ImportError as e:
+            why = str(e)
+    raise ConfidentError(f"{(name or _field)('cuda_graphs')} needs kernels/graphs.py beside confident.py ({why}) "
+                         "(the CUDA-graph step lives there); without it training runs eagerly: drop it")
 
 
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
@@ -1175,6 +1164,17 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
 
 
+def _described(t) -> str:
+    """A value for an error message: a tensor's shape and dtype, or another object's type."""
+    return f"{_shape(t)} {t.dtype}" if isinstance(t, torch.Tensor) else _shape(t)
+
+
+def _are_labels(y, n: int) -> bool:
+    """y is a tensor of n integer labels (any integer dtype; not float, complex or bool)."""
+    return isinstance(y, torch.Tensor) and y.shape == (n,) and not (
+        y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+
+
 def _has_batch_statistics(m: nn.Module) -> bool:
     """True when m normalises with statistics of the whole batch in train mode (BatchNorm and its kin)."""
     return any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
@@ -1424,22 +1424,18 @@ class Trainer:
     def _check_step_inputs(self, x, y, x_out) -> torch.Tensor:
         """step's inputs checked without reading the device (shapes and types only); the labels as int64."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-            raise ConfidentError(f"step: x {_shape(x)}{'' if not isinstance(x, torch.Tensor) else ' ' + str(x.dtype)}"
-                                 ": expected float images (B, C, H, W) in [0, 1] (train() converts uint8 itself)")
-        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point() \
-                or y.dtype == torch.bool:
-            raise ConfidentError(f"step: labels y {_shape(y)}"
-                                 f"{'' if not isinstance(y, torch.Tensor) else ' ' + str(y.dtype)}: expected "
-                                 f"integers of shape ({x.shape[0]},), one per image of x")
+            raise ConfidentError(f"step: x {_described(x)}: expected float images (B, C, H, W) in [0, 1] (train() "
+                                 "converts uint8 itself)")
+        if not _are_labels(y, x.shape[0]):
+            raise ConfidentError(f"step: labels y {_described(y)}: expected integers of shape ({x.shape[0]},), one "
+                                 "per image of x")
         if self.cfg.method in GAN_METHODS and tuple(x.shape[1:]) != self.image_shape:
             raise ConfidentError(f"step: x of shape {tuple(x.shape)}: the GAN makes and reads images of "
                                  f"{self.image_shape} (Trainer(image_shape=), the shape of your batches)")
         if x_out is not None and (not isinstance(x_out, torch.Tensor) or not x_out.is_floating_point()
                                   or tuple(x_out.shape[1:]) != tuple(x.shape[1:])):
-            raise ConfidentError(f"step: x_out {_shape(x_out)}"
-                                 f"{'' if not isinstance(x_out, torch.Tensor) else ' ' + str(x_out.dtype)}: "
-                                 f"expected float OOD images (B', {', '.join(map(str, x.shape[1:]))}) in [0, 1], "
-                                 "the shape of x")
+            raise ConfidentError(f"step: x_out {_described(x_out)}: expected float OOD images "
+                                 f"(B', {', '.join(map(str, x.shape[1:]))}) in [0, 1], the shape of x")
         return y.long()
 
     def step(self, x, y, x_out=None) -> dict:
@@ -1623,7 +1619,7 @@ def _check_train_data(cfg: Config, x_train, y_train, x_ood, num_classes, world: 
             raise ConfidentError(f"{xn}: {type(x_train).__name__} images and {type(y_train).__name__} labels: "
                                  "expected tensors (N, C, H, W) and (N,), or a Dataset / DataLoader of (x, y)")
         shape = tuple(x_train.shape[1:])
-        if x_train.ndim != 4 or y_train.ndim != 1 or len(x_train) != len(y_train) or y_train.is_floating_point():
+        if x_train.ndim != 4 or not _are_labels(y_train, len(x_train)):
             raise ConfidentError(f"{xn}: training images of shape {tuple(x_train.shape)} and labels of shape "
                                  f"{tuple(y_train.shape)} ({y_train.dtype}): expected (N, C, H, W) and (N,) integers")
         if len(y_train) == 0:
@@ -1731,7 +1727,7 @@ def _train(cfg, x_train, y_train, x_ood, out_dir, log, device, rank, world, num_
         raise ConfidentError(f"{on}: the DataLoader gave no batch")
 
     def check_batch(x, y, i):                                 # a DataLoader's batch: shape and labels
-        if x.ndim != 4 or tuple(x.shape[1:]) != shape or y.shape != (len(x),) or y.is_floating_point():
+        if x.ndim != 4 or tuple(x.shape[1:]) != shape or not _are_labels(y, len(x)):
             raise ConfidentError(f"{xn}: batch {i + 1} of shape {tuple(x.shape)} with labels {tuple(y.shape)} "
                                  f"({y.dtype}): expected (B, {', '.join(map(str, shape))}) and (B,) integers, "
                                  "as the first")
@@ -1922,9 +1918,8 @@ def evaluate(model: nn.Module, x_in, y_in, ood_sets: dict, cfg: Config, log=prin
             raise ConfidentError(f"evaluate: {what} is {_shape(x)}, expected a tensor (N, C, H, W) (the "
                                  "detectors take any iterable of batches; evaluate splits each set by index)")
         _check_images(x, f"evaluate: {what}")
-    if not isinstance(y_in, torch.Tensor) or y_in.shape != (len(x_in),) or y_in.is_floating_point() \
-            or y_in.dtype == torch.bool:
-        raise ConfidentError(f"evaluate: labels y_in {_shape(y_in)}, expected integers of shape ({len(x_in)},)")
+    if not _are_labels(y_in, len(x_in)):
+        raise ConfidentError(f"evaluate: labels y_in {_described(y_in)}, expected integers of shape ({len(x_in)},)")
     if len(x_in) <= v:
         raise ConfidentError(_too_few_to_score("x_in", len(x_in), v, "Config.val_size") + " (the first val_size "
                              "images of each set tune ODIN and temperature scaling; the rest are scored)")
